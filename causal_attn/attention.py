@@ -1,0 +1,231 @@
+"""`attention(q, k, v, adjacency)`: causal attention that also returns the causal mass per row.
+
+All fast backends sit behind one pair of ``torch.library`` custom ops,
+``causal_attn::attention_fwd`` / ``causal_attn::attention_bwd``, with fake (meta) implementations and a
+registered autograd formula, so ``torch.compile`` sees a single op and non-reentrant checkpointing
+recomputes it like any other op. The op takes the backend name as an argument and looks it up in
+:data:`BACKENDS`; a backend is a pair of plain functions::
+
+    forward(q, k, v, packed, key_padding_mask, scale, attn_map, attn_map_weight) -> (out, lse, mass)
+    backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale) -> (dq, dk, dv)
+
+``lse`` (B, Hq, T) fp32 is private to the backend (its own log base, +inf on rows without keys);
+``mass`` is an empty tensor when ``packed`` is None; ``dmass`` may be None.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import blocked
+from .graph import CausalGraph, as_graph, check_key_padding_mask
+from .reference import reference_forward
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Backend:
+    forward: Callable
+    backward: Callable
+
+
+BACKENDS: dict[str, Backend] = {"torch": Backend(blocked.forward, blocked.backward)}
+_LOADERS: dict[str, Callable[[], Optional[Backend]]] = {}
+_warned: set[str] = set()
+
+
+def register_backend(name: str, backend: Backend | None = None, *, loader: Callable[[], Optional[Backend]] | None = None):
+    """Add a backend, either now or lazily through ``loader`` (called on first use; may return None
+    when the backend is unavailable, e.g. no compiler for the C++ extension)."""
+    if backend is not None:
+        BACKENDS[name] = backend
+    elif loader is not None:
+        _LOADERS[name] = loader
+    else:
+        raise ValueError("register_backend needs a backend or a loader")
+
+
+def get_backend(name: str) -> Optional[Backend]:
+    if name not in BACKENDS and name in _LOADERS:
+        loaded = _LOADERS.pop(name)()
+        if loaded is not None:
+            BACKENDS[name] = loaded
+    return BACKENDS.get(name)
+
+
+def _triton_loader():
+    try:
+        from .kernels import flash_mass  # noqa: F401  (registers itself)
+    except Exception as e:  # triton missing or incompatible
+        _warn_once("triton", f"Triton backend unavailable ({type(e).__name__}: {e})")
+        return None
+    return BACKENDS.get("triton")
+
+
+def _cpp_loader():
+    try:
+        from . import cpp_backend  # noqa: F401  (registers itself when the extension builds / loads)
+    except Exception as e:
+        _warn_once("cpp", f"C++ CPU extension unavailable ({type(e).__name__}: {e}); using the PyTorch CPU path")
+        return None
+    return BACKENDS.get("cpp")
+
+
+register_backend("triton", loader=_triton_loader)
+register_backend("cpp", loader=_cpp_loader)
+
+
+def _warn_once(key: str, msg: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+@torch.library.custom_op("causal_attn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, packed: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  scale: float, backend: str, want_map: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out, lse, mass, head-summed P (B, T, T) fp32 if want_map else empty)."""
+    B, _, T, _ = q.shape
+    pmap = q.new_zeros(B, T, T, dtype=torch.float32) if want_map else None
+    out, lse, mass = BACKENDS[backend].forward(q, k, v, packed, key_padding_mask, scale, pmap, 1.0)
+    return out, lse, mass, (pmap if want_map else q.new_empty(0, dtype=torch.float32))
+
+
+@attention_fwd.register_fake
+def _(q, k, v, packed, key_padding_mask, scale, backend, want_map):
+    B, Hq, T, D = q.shape
+    out = q.new_empty(B, Hq, T, D)
+    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
+    mass = q.new_empty(B, Hq, T, dtype=torch.float32) if packed is not None else q.new_empty(0, dtype=torch.float32)
+    pmap = q.new_empty(B, T, T, dtype=torch.float32) if want_map else q.new_empty(0, dtype=torch.float32)
+    return out, lse, mass, pmap
+
+
+@torch.library.custom_op("causal_attn::attention_bwd", mutates_args=())
+def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mass: Tensor, dout: Tensor,
+                  dmass: Optional[Tensor], packed: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = BACKENDS[backend].backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale)
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, packed, kpm, scale, backend, _want_map = inputs
+    out, lse, mass, _pmap = output
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, lse, mass, packed, kpm)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, dout, dlse, dmass, dpmap):
+    q, k, v, out, lse, mass, packed, kpm = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if packed is None or mass.numel() == 0:
+        dmass = None
+    dq, dk, dv = attention_bwd(q, k, v, out, lse, mass, dout.contiguous() if dout.dtype == out.dtype else dout.to(out.dtype),
+                               dmass, packed, kpm, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- API
+def check_inputs(q, k, v, key_padding_mask=None):
+    """Validate shapes, dtypes and devices; returns the checked key padding mask (or None)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, T, D); got shape {tuple(t.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Tk, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch size or head dim")
+    if Tk != T:
+        raise ValueError(f"q has T={T} but k/v have T={Tk}; attention() is full-sequence causal attention "
+                         "(for KV-cache decoding use the model's own attention)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"number of query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {q.dtype}; use float16, bfloat16, float32 or float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if T == 0 or B == 0:
+        raise ValueError(f"empty input: B={B}, T={T}")
+    if key_padding_mask is not None:
+        key_padding_mask = check_key_padding_mask(key_padding_mask, B, T, q.device)
+    return key_padding_mask
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map the public backend names to an implementation name in :data:`BACKENDS`."""
+    if backend == "auto":
+        if device.type == "cuda" and get_backend("triton") is not None:
+            return "triton"
+        backend = "cpu"
+    if backend == "cpu":
+        if device.type == "cpu" and os.environ.get("CAUSAL_ATTN_DISABLE_CPP") != "1" and get_backend("cpp") is not None:
+            return "cpp"
+        return "torch"
+    if backend in ("triton", "cpp", "torch"):
+        if get_backend(backend) is None:
+            raise RuntimeError(f"backend {backend!r} is not available here (see the warning above); "
+                               "use backend='auto'")
+        return backend
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'cpu', 'torch' or 'reference'")
+
+
+def attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, backend="auto",
+              attn_map=None, attn_map_weight=1.0):
+    """Causal attention with the causal mass of each row (SPEC §2, §3).
+
+    Args:
+        q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with Hq % Hkv == 0 (any strides).
+        adjacency: :class:`CausalGraph` or bool (B, T, T), row-aligned; None for plain attention.
+        key_padding_mask: bool (B, T), True = real token.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: "auto" (Triton on CUDA, CPU implementation otherwise), "triton", "cpu", "torch"
+            (the pure-PyTorch blocked path) or "reference" (eager, materialises the maps).
+        attn_map: optional (B, T, T) float32 buffer (diagnostics, no gradient); receives
+            ``attn_map_weight * sum over heads of P``.
+
+    Returns:
+        ``(out, mass)``: out (B, Hq, T, D) in q's dtype; mass (B, Hq, T) float32 or None.
+    """
+    kpm = check_inputs(q, k, v, key_padding_mask)
+    B, Hq, T, D = q.shape
+    graph = as_graph(adjacency, B, T, q.device)
+    scale = float(D ** -0.5 if scale is None else scale)
+    if attn_map is not None:
+        if attn_map.shape != (B, T, T) or attn_map.dtype != torch.float32 or attn_map.device != q.device:
+            raise ValueError(f"attn_map must be a float32 ({B}, {T}, {T}) tensor on {q.device}; got "
+                             f"{attn_map.dtype} {tuple(attn_map.shape)} on {attn_map.device}")
+    if backend == "reference":
+        out, mass, p = reference_forward(q, k, v, graph, kpm, scale)
+        if attn_map is not None:
+            attn_map += attn_map_weight * p.detach().sum(1).float()
+        return out, mass
+    name = resolve_backend(backend, q.device)
+    packed = graph.packed if graph is not None else None
+    out, _lse, mass, pmap = attention_fwd(q, k, v, packed, kpm, scale, name, attn_map is not None)
+    if attn_map is not None:
+        attn_map += attn_map_weight * pmap.detach()
+    return out, (mass if graph is not None else None)

@@ -1,0 +1,118 @@
+"""Flash-style attention with causal mass in plain PyTorch (any device; the CPU fallback).
+
+Forward, per block of ``block`` query rows (SPEC §2):
+    s = scale * q_blk k[:end]^T          (B, Hkv, G, bq, end), fp32; keys past the block are never read
+    P = softmax(s) over allowed keys     allowed = causal & key padding; rows without keys give P = 0
+    O = P v,  mass = rowsum(P * A),  LSE = logsumexp(s)   (LSE = +inf on rows without keys)
+A query block's whole key range fits in memory, so the row softmax is exact in one pass; the peak
+extra memory is O(B * Hq * block * T), never a (T x T) stack per head.
+
+Backward recomputes P = exp(s - LSE) per block and applies
+    dP = dO v^T + g * A,   D = rowsum(dO * O) + g * mass,   dS = P (dP - D)
+    dQ = scale dS k,  dK += scale dS^T q,  dV += P^T dO       (dK, dV summed over the G query heads)
+Grouped-query attention views q as (B, Hkv, G, T, D) so K/V are broadcast, never repeated.
+"""
+from __future__ import annotations
+
+import torch
+
+from .graph import unpack_bits
+
+DEFAULT_BLOCK = 128
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _block_masks(T, start, stop, packed, kpm, device):
+    """allowed (B|1, 1, 1, bq, stop) and adjacency tile (B, 1, 1, bq, stop) or None."""
+    rows = torch.arange(start, stop, device=device)
+    cols = torch.arange(stop, device=device)
+    allowed = (cols[None, :] <= rows[:, None])[None]
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, :stop]
+    allowed = allowed[:, None, None]
+    adj = None
+    if packed is not None:
+        adj = unpack_bits(packed[:, start:stop, : (stop + 31) // 32], stop)[:, None, None] & allowed
+    return allowed, adj
+
+
+def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=None, attn_map_weight=1.0,
+            block: int = DEFAULT_BLOCK):
+    """Returns ``(out, lse, mass)``; ``mass`` is an empty tensor when ``packed`` is None.
+    With ``attn_map`` (B, T, T) fp32, adds ``attn_map_weight * sum over heads of P`` into it."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    acc = _acc_dtype(q)
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.reshape(B, Hkv, G, T, D)
+    kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # (B, Hkv, 1, T, D)
+    out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
+    mass = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device) if packed is not None else None
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        allowed, adj = _block_masks(T, start, stop, packed, key_padding_mask, q.device)
+        s = torch.matmul(qg[:, :, :, start:stop].to(acc), kf[:, :, :, :stop].transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        has_key = m > float("-inf")
+        m = torch.where(has_key, m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        l_safe = torch.where(has_key, l, torch.ones_like(l))
+        p = p / l_safe
+        out[:, :, :, start:stop] = torch.matmul(p, vf[:, :, :, :stop]).to(q.dtype)
+        lse[:, :, :, start:stop] = torch.where(has_key, m + torch.log(l_safe), torch.full_like(m, float("inf"))).squeeze(-1)
+        if adj is not None:
+            mass[:, :, :, start:stop] = (p * adj).sum(-1)
+        if attn_map is not None:
+            attn_map[:, start:stop, :stop] += attn_map_weight * p.sum((1, 2)).to(attn_map.dtype)
+    out = out.reshape(B, Hq, T, D)
+    lse = lse.reshape(B, Hq, T)
+    mass = mass.reshape(B, Hq, T) if mass is not None else lse.new_empty(0)
+    return out, lse, mass
+
+
+def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask=None, scale=None,
+             block: int = DEFAULT_BLOCK):
+    """Returns ``(dq, dk, dv)`` in the input dtypes; ``dmass`` may be None (no mass gradient)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    acc = _acc_dtype(q)
+    scale = D ** -0.5 if scale is None else scale
+    use_mass = packed is not None and dmass is not None
+    qg = q.reshape(B, Hkv, G, T, D)
+    kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
+    dog = dout.reshape(B, Hkv, G, T, D)
+    og = out.reshape(B, Hkv, G, T, D)
+    lseg = lse.reshape(B, Hkv, G, T, 1)
+    if use_mass:
+        gg = dmass.reshape(B, Hkv, G, T, 1).to(acc)
+        mg = mass.reshape(B, Hkv, G, T, 1).to(acc)
+    dq = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
+    dv = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        allowed, adj = _block_masks(T, start, stop, packed, key_padding_mask, q.device)
+        qb = qg[:, :, :, start:stop].to(acc)
+        dob = dog[:, :, :, start:stop].to(acc)
+        s = torch.matmul(qb, kf[:, :, :, :stop].transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.exp(s - lseg[:, :, :, start:stop].to(acc))  # +inf LSE (no keys) -> 0
+        dp = torch.matmul(dob, vf[:, :, :, :stop].transpose(-1, -2))
+        d = (dob * og[:, :, :, start:stop].to(acc)).sum(-1, keepdim=True)
+        if use_mass:
+            g = gg[:, :, :, start:stop]
+            dp = dp + g * adj
+            d = d + g * mg[:, :, :, start:stop]
+        ds = p * (dp - d)
+        dq[:, :, :, start:stop] = (torch.matmul(ds, kf[:, :, :, :stop]) * scale).to(q.dtype)
+        dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), qb).sum(2) * scale
+        dv[:, :, :stop] += torch.matmul(p.transpose(-1, -2), dob).sum(2)
+    return dq.reshape(B, Hq, T, D), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,230 @@
+"""CausalGraph: the row-aligned token adjacency of a batch, bit-packed.
+
+Row ``i`` is the position whose output predicts token ``i+1`` (SPEC §2); ``A[b, i, j]`` says that
+row ``i`` of sample ``b`` should attend to key ``j``. Only ``j <= i`` can be an edge. Storage is one
+``int32`` word per 32 columns: bit ``j % 32`` of word ``j // 32`` in row ``i``, shape
+``(B, T, ceil(T/32))``, shared by every layer and head. ``row_counts`` (B, T) keeps ``c_i`` beside it.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+WORD = 32
+
+
+def num_words(T: int) -> int:
+    return (T + WORD - 1) // WORD
+
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """bool (..., T) -> int32 (..., ceil(T/32)), bit j%32 of word j//32."""
+    T = dense.shape[-1]
+    W = num_words(T)
+    pad = W * WORD - T
+    d = torch.nn.functional.pad(dense.to(torch.int64), (0, pad)) if pad else dense.to(torch.int64)
+    d = d.reshape(*dense.shape[:-1], W, WORD)
+    shifts = torch.arange(WORD, device=dense.device, dtype=torch.int64)
+    words = (d << shifts).sum(-1)  # 0 .. 2^32-1
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, T: int) -> torch.Tensor:
+    """int32 (..., W) -> bool (..., T)."""
+    shifts = torch.arange(WORD, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * WORD)[..., :T].bool()
+
+
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Number of set bits per int32 word, summed over the last dim -> int32."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = (x * 0x01010101) & 0xFFFFFFFF
+    return (x >> 24).sum(-1).to(torch.int32)
+
+
+class CausalGraph:
+    """Bit-packed row-aligned adjacency for a batch of ``B`` samples of length ``T``.
+
+    Build with :meth:`from_dense` or :meth:`from_edges`; ``strict=False`` drops invalid entries
+    (edges to the future or out of range) and counts them in ``.dropped`` instead of raising.
+    """
+
+    def __init__(self, packed: torch.Tensor, seq_len: int, *, row_counts: torch.Tensor | None = None,
+                 dropped: int = 0):
+        if packed.dim() != 3 or packed.dtype != torch.int32:
+            raise ValueError(f"packed adjacency must be int32 (B, T, ceil(T/32)); got {packed.dtype} "
+                             f"{tuple(packed.shape)}")
+        if packed.shape[1] != seq_len or packed.shape[2] != num_words(seq_len):
+            raise ValueError(f"packed shape {tuple(packed.shape)} does not fit T={seq_len} "
+                             f"(expected (B, {seq_len}, {num_words(seq_len)}))")
+        self.packed = packed
+        self.seq_len = int(seq_len)
+        self.row_counts = popcount(packed) if row_counts is None else row_counts
+        self.dropped = int(dropped)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, *, strict: bool = True) -> "CausalGraph":
+        """``dense``: bool (B, T, T) or (T, T), row-aligned. Entries with col > row are an error
+        (``strict=False``: dropped and counted)."""
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"adjacency must be a torch.Tensor, got {type(dense).__name__}")
+        if dense.dtype != torch.bool:
+            raise TypeError(f"dense adjacency must be torch.bool, got {dense.dtype}; "
+                            "convert with `adj.bool()` if it holds 0/1 values")
+        if dense.dim() == 2:
+            dense = dense.unsqueeze(0)
+        if dense.dim() != 3 or dense.shape[1] != dense.shape[2]:
+            raise ValueError(f"dense adjacency must have shape (B, T, T) or (T, T); got {tuple(dense.shape)}")
+        T = dense.shape[1]
+        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=dense.device), diagonal=1)
+        bad = dense & future
+        dropped = 0
+        if bad.any():
+            if strict:
+                b, i, j = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(f"sample {b}: edge (row={i}, col={j}) points to the future (col > row); "
+                                 f"{int(bad.sum())} such entries in total. Rows are row-aligned (row i "
+                                 "predicts token i+1) and may only attend to cols <= i; pass strict=False "
+                                 "to drop them")
+            dropped = int(bad.sum())
+            dense = dense & ~future
+        return cls(pack_bits(dense), T, dropped=dropped)
+
+    @classmethod
+    def from_edges(cls, edges: Sequence[Iterable[tuple[int, int]]], seq_len: int, *, strict: bool = True,
+                   device: torch.device | str | None = None) -> "CausalGraph":
+        """``edges``: one iterable of ``(row, col)`` per sample; ``seq_len``: T."""
+        T = int(seq_len)
+        if T < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        B = len(edges)
+        dense = torch.zeros(B, T, T, dtype=torch.bool)
+        dropped = 0
+        for b, sample in enumerate(edges):
+            rows, cols = [], []
+            for e in sample:
+                try:
+                    i, j = (int(x) for x in e)
+                except (TypeError, ValueError):
+                    raise ValueError(f"sample {b}: edge {e!r} is not a (row, col) pair of ints") from None
+                if not (0 <= i < T and 0 <= j < T) or j > i:
+                    if strict:
+                        why = (f"outside [0, {T})" if not (0 <= i < T and 0 <= j < T)
+                               else "points to the future (col > row)")
+                        raise ValueError(f"sample {b}: edge (row={i}, col={j}) {why}; pass strict=False "
+                                         "to drop and count such edges")
+                    dropped += 1
+                    continue
+                rows.append(i)
+                cols.append(j)
+            if rows:
+                dense[b, rows, cols] = True
+        g = cls(pack_bits(dense), T, dropped=dropped)
+        return g.to(device) if device is not None else g
+
+    @staticmethod
+    def cat(graphs: Sequence["CausalGraph"], *, side: str = "right") -> "CausalGraph":
+        """Concatenate along the batch; shorter graphs are padded to the longest (see :meth:`pad_to`)."""
+        if not graphs:
+            raise ValueError("CausalGraph.cat needs at least one graph")
+        T = max(g.seq_len for g in graphs)
+        gs = [g.pad_to(T, side=side) for g in graphs]
+        return CausalGraph(torch.cat([g.packed for g in gs]), T,
+                           row_counts=torch.cat([g.row_counts for g in gs]),
+                           dropped=sum(g.dropped for g in gs))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def batch_size(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.row_counts.sum())
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __getitem__(self, idx) -> "CausalGraph":
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        return CausalGraph(self.packed[idx], self.seq_len, row_counts=self.row_counts[idx])
+
+    def __repr__(self) -> str:
+        return f"CausalGraph(B={self.batch_size}, T={self.seq_len}, edges={self.num_edges}, device={self.device})"
+
+    def to_dense(self) -> torch.Tensor:
+        return unpack_bits(self.packed, self.seq_len)
+
+    def to(self, device) -> "CausalGraph":
+        return CausalGraph(self.packed.to(device), self.seq_len, row_counts=self.row_counts.to(device),
+                           dropped=self.dropped)
+
+    def pad_to(self, seq_len: int, *, side: str = "right") -> "CausalGraph":
+        """Grow to ``seq_len`` with edge-free rows/cols. ``side="left"`` shifts every edge by the
+        padding (for left-padded batches)."""
+        if seq_len < self.seq_len:
+            raise ValueError(f"cannot pad a T={self.seq_len} graph down to {seq_len}")
+        if side not in ("right", "left"):
+            raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+        if seq_len == self.seq_len:
+            return self
+        p = seq_len - self.seq_len
+        dense = self.to_dense()
+        pads = (0, p, 0, p) if side == "right" else (p, 0, p, 0)
+        dense = torch.nn.functional.pad(dense, pads)
+        return CausalGraph(pack_bits(dense), seq_len, dropped=self.dropped)
+
+    def counts(self, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, n)`` int32 (B, T): annotated allowed keys and all allowed keys per row (SPEC §2).
+
+        Allowed = ``j <= i`` and key ``j`` is real (``key_padding_mask`` True)."""
+        B, T = self.batch_size, self.seq_len
+        if key_padding_mask is None:
+            n = torch.arange(1, T + 1, device=self.device, dtype=torch.int32).expand(B, T)
+            return self.row_counts, n.contiguous()
+        kpm = check_key_padding_mask(key_padding_mask, B, T, self.device)
+        c = popcount(self.packed & pack_bits(kpm).unsqueeze(1))
+        n = torch.cumsum(kpm.to(torch.int32), dim=1, dtype=torch.int32)
+        return c, n
+
+
+def check_key_padding_mask(mask: torch.Tensor, B: int, T: int, device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor (B, T), got {type(mask).__name__}")
+    if mask.shape != (B, T):
+        raise ValueError(f"key_padding_mask must have shape (B, T) = ({B}, {T}); got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point:
+            raise TypeError(f"key_padding_mask must be bool (True = real token), got {mask.dtype}")
+        mask = mask.bool()
+    if mask.device != torch.device(device):
+        raise ValueError(f"key_padding_mask is on {mask.device} but the inputs are on {device}")
+    return mask
+
+
+def as_graph(adjacency, B: int, T: int, device) -> CausalGraph | None:
+    """Accept a CausalGraph or a dense bool (B, T, T) tensor; check B, T and device."""
+    if adjacency is None:
+        return None
+    if isinstance(adjacency, torch.Tensor):
+        adjacency = CausalGraph.from_dense(adjacency)
+    if not isinstance(adjacency, CausalGraph):
+        raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
+    if adjacency.batch_size != B or adjacency.seq_len != T:
+        raise ValueError(f"adjacency is for B={adjacency.batch_size}, T={adjacency.seq_len} but the inputs have "
+                         f"B={B}, T={T}; build it for this batch (CausalGraph.pad_to pads a shorter one)")
+    if adjacency.device != torch.device(device):
+        raise ValueError(f"adjacency is on {adjacency.device} but the inputs are on {device}; use graph.to(device)")
+    return adjacency

@@ -1,0 +1,46 @@
+"""Eager statement of SPEC §2: causal attention plus the causal mass of every row.
+
+Materialises the full (B, Hq, T, T) map; the readable definition, a fallback, and what the
+fast backends are compared with. Differentiable through plain autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from .graph import CausalGraph
+
+
+def allowed_mask(T: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """bool (B or 1, T, T): key j is allowed for row i iff j <= i and key j is real."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril().unsqueeze(0)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :]
+    return allowed
+
+
+def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scale: float):
+    """(out, mass, P) with P the (B, Hq, T, T) attention map in float32 (float64 for float64 input)."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kr = k.repeat_interleave(G, dim=1).to(acc)
+    vr = v.repeat_interleave(G, dim=1).to(acc)
+    s = torch.matmul(q.to(acc), kr.transpose(-1, -2)) * scale
+    allowed = allowed_mask(T, key_padding_mask, q.device).unsqueeze(1)  # (B|1, 1, T, T)
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_has_key = allowed.any(-1, keepdim=True)
+    # rows with no allowed key (left padding) get P = 0: softmax of a finite dummy, then zeroed
+    p = torch.softmax(s.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+    out = torch.matmul(p, vr).to(q.dtype)
+    mass = None
+    if graph is not None:
+        a = graph.to_dense().unsqueeze(1) & allowed
+        mass = (p * a).sum(-1)
+    return out, mass, p
+
+
+def reference_attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, backend="reference"):
+    """Same contract as :func:`causal_attn.attention`, computed eagerly."""
+    from .attention import attention
+
+    return attention(q, k, v, adjacency, key_padding_mask=key_padding_mask, scale=scale, backend="reference")
