@@ -101,9 +101,10 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, packed: Optional[Tensor], key
 @attention_fwd.register_fake
 def _(q, k, v, packed, key_padding_mask, scale, backend, want_map):
     B, Hq, T, D = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(B, Hq, T, D)
-    lse = q.new_empty(B, Hq, T, dtype=torch.float32)
-    mass = q.new_empty(B, Hq, T, dtype=torch.float32) if packed is not None else q.new_empty(0, dtype=torch.float32)
+    lse = q.new_empty(B, Hq, T, dtype=stat)
+    mass = q.new_empty(B, Hq, T, dtype=stat) if packed is not None else q.new_empty(0, dtype=stat)
     pmap = q.new_empty(B, T, T, dtype=torch.float32) if want_map else q.new_empty(0, dtype=torch.float32)
     return out, lse, mass, pmap
 
@@ -208,7 +209,8 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, bac
             ``attn_map_weight * sum over heads of P``.
 
     Returns:
-        ``(out, mass)``: out (B, Hq, T, D) in q's dtype; mass (B, Hq, T) float32 or None.
+        ``(out, mass)``: out (B, Hq, T, D) in q's dtype; mass (B, Hq, T) float32 (float64 for float64
+        inputs) or None.
     """
     kpm = check_inputs(q, k, v, key_padding_mask)
     B, Hq, T, D = q.shape

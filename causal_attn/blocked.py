@@ -51,8 +51,9 @@ def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=No
     qg = q.reshape(B, Hkv, G, T, D)
     kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # (B, Hkv, 1, T, D)
     out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
-    mass = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device) if packed is not None else None
+    stat = torch.float32 if acc == torch.float32 else acc  # float64 inputs keep float64 statistics (gradcheck)
+    lse = torch.empty(B, Hkv, G, T, dtype=stat, device=q.device)
+    mass = torch.empty(B, Hkv, G, T, dtype=stat, device=q.device) if packed is not None else None
     for start in range(0, T, block):
         stop = min(start + block, T)
         allowed, adj = _block_masks(T, start, stop, packed, key_padding_mask, q.device)

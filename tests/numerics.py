@@ -1,0 +1,119 @@
+"""Shared numerics for the oracle tests: random cases, eager low-precision baselines, the FA2 tolerance rule."""
+import math
+import random
+
+import torch
+
+from oracle import oracle_attention
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_case(B, Hq, Hkv, T, D, dtype, *, padding="none", adjacency="random", logit_scale=1.0, seed=None,
+              device="cpu"):
+    """Random q, k, v (requires_grad), dense adjacency (or None), key padding mask (or None)."""
+    seed = fresh_seed() if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, T, D, generator=g) * math.sqrt(logit_scale)).to(device=device, dtype=dtype)
+    k = (torch.randn(B, Hkv, T, D, generator=g) * math.sqrt(logit_scale)).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(device=device, dtype=dtype)
+    kpm = None
+    if padding != "none":
+        kpm = torch.ones(B, T, dtype=torch.bool)
+        for b in range(B):
+            p = int(torch.randint(0, max(T // 2, 1) + 1, (1,), generator=g)) if b else min(T, max(1, T // 3))
+            if padding == "left":
+                kpm[b, :p] = False
+            else:
+                kpm[b, T - p:] = False
+        if B > 2:
+            kpm[-1] = False  # one sample entirely padding
+        kpm = kpm.to(device)
+    tril = torch.ones(T, T, dtype=torch.bool).tril()
+    if adjacency == "none":
+        adj = None
+    elif adjacency == "empty":
+        adj = torch.zeros(B, T, T, dtype=torch.bool)
+    elif adjacency == "full":
+        adj = tril.expand(B, T, T).clone()
+    else:
+        adj = (torch.rand(B, T, T, generator=g) < 0.3) & tril
+    if adj is not None:
+        adj = adj.to(device)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    return q, k, v, adj, kpm, seed
+
+
+def eager_low_precision(q, k, v, adj, kpm, scale=None):
+    """What PyTorch's own eager attention computes in q's dtype (HF style: softmax in fp32, cast back)."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = torch.matmul(q, kr.transpose(-1, -2)) * scale
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    s = s.float().masked_fill(~allowed, float("-inf"))
+    has = allowed.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~has, 0.0), -1) * has
+    out = torch.matmul(p.to(q.dtype), vr)
+    mass = (p.to(q.dtype).float() * (adj[:, None] & allowed)).sum(-1) if adj is not None else None
+    return out, mass
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def outputs_and_grads(fn, q, k, v, w_out, w_mass):
+    """Run fn -> (out, mass); return out, mass and grads of <w_out,out> + <w_mass,mass> wrt q, k, v."""
+    out, mass = fn(q, k, v)
+    obj = (out.double() * w_out).sum()
+    if mass is not None:
+        obj = obj + (mass.double() * w_mass).sum()
+    grads = torch.autograd.grad(obj, (q, k, v))
+    return out.detach(), (mass.detach() if mass is not None else None), grads
+
+
+def assert_fa_rule(name, ours, eager, exact, atol, seed, factor=2.0):
+    """FlashAttention's rule: |ours - fp64| <= factor * |eager same dtype - fp64| + atol."""
+    e_ours, e_eager = max_err(ours, exact), max_err(eager, exact)
+    assert not torch.isnan(ours).any() and not torch.isinf(ours).any(), f"{name}: NaN/inf (seed {seed})"
+    assert e_ours <= factor * e_eager + atol, (f"{name}: error vs fp64 {e_ours:.3e} > {factor} x eager's "
+                                               f"{e_eager:.3e} + {atol:.1e} (seed {seed})")
+    return e_ours, e_eager
+
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float64: 1e-10}
+
+
+def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None):
+    """Compare ``run(q, k, v) -> (out, mass)`` with the fp64 oracle and eager in the same dtype.
+
+    Returns {quantity: (our error, eager error)}."""
+    dtype = q.dtype
+    g = torch.Generator().manual_seed(seed + 1)
+    w_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.device)
+    w_mass = torch.randn(q.shape[:3], generator=g, dtype=torch.float64).to(q.device)
+    exact = outputs_and_grads(lambda a, b, c: oracle_attention(a, b, c, adj, kpm, scale), q, k, v, w_out, w_mass)
+    eager = outputs_and_grads(lambda a, b, c: eager_low_precision(a, b, c, adj, kpm, scale), q, k, v, w_out, w_mass)
+    ours = outputs_and_grads(run, q, k, v, w_out, w_mass)
+    assert ours[0].dtype == dtype and ours[0].shape == q.shape
+    if adj is None:
+        assert ours[1] is None
+    else:
+        assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
+    names = ["out", "mass", "dq", "dk", "dv"]
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    errs = {}
+    for name, o, e, x in zip(names, flat(ours), flat(eager), flat(exact)):
+        if x is None:
+            continue
+        # gradients sum over up to T terms of magnitude ~|w|: scale the absolute slack with T
+        atol = ATOL[dtype] * (1 if name in ("out", "mass") else max(4.0, q.shape[2] ** 0.5))
+        errs[name] = assert_fa_rule(name, o, e, x, atol, seed)
+    return errs

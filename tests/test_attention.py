@@ -1,0 +1,162 @@
+"""attention(): outputs and gradients through both outputs vs the independent fp64 oracle, per backend."""
+import itertools
+
+import pytest
+import torch
+
+import causal_attn
+from causal_attn.attention import get_backend
+from numerics import check_against_oracle, make_case
+
+CPU_BACKENDS = ["reference", "torch", "cpp"]
+
+
+def _require(backend):
+    if backend == "cpp" and get_backend("cpp") is None:
+        pytest.skip("C++ CPU extension not built here")
+
+
+def _run(backend, adj, kpm, scale=None):
+    return lambda q, k, v: causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, scale=scale, backend=backend)
+
+
+# (B, Hq, Hkv, T, D, padding, adjacency, logit_scale): covers T {1, 7, 64, 129}, Hq/Hkv {1, 2, 4},
+# D {16, 64, 128}, both paddings (with a fully padded sample at B=3), empty/full/random/no adjacency, x30 logits
+SHAPES = [
+    (1, 1, 1, 1, 16, "none", "random", 1.0),
+    (2, 2, 1, 7, 16, "left", "full", 1.0),
+    (3, 4, 2, 64, 64, "right", "random", 1.0),
+    (3, 4, 1, 129, 64, "left", "random", 1.0),
+    (2, 4, 4, 129, 128, "none", "empty", 1.0),
+    (2, 4, 2, 64, 16, "right", "none", 1.0),
+    (3, 2, 2, 129, 16, "left", "random", 30.0),
+    (2, 4, 1, 7, 128, "none", "full", 30.0),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}/{}-T{}-D{}-{}-{}-x{:g}".format(*s))
+def test_matches_fp64_oracle(backend, dtype, shape):
+    _require(backend)
+    B, Hq, Hkv, T, D, padding, adjacency, logit_scale = shape
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, D, dtype, padding=padding, adjacency=adjacency,
+                                        logit_scale=logit_scale)
+    check_against_oracle(_run(backend, adj, kpm), q, k, v, adj, kpm, seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scale_argument_and_causal_graph_input(backend):
+    _require(backend)
+    q, k, v, adj, kpm, seed = make_case(2, 4, 2, 33, 32, torch.float32, padding="right")
+    graph = causal_attn.CausalGraph.from_dense(adj)
+    check_against_oracle(_run(backend, graph, kpm, scale=0.37), q, k, v, adj, kpm, seed, scale=0.37)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs_like_transformers(backend):
+    """transformers hands q/k/v as transposes of (B, T, H, D): non-contiguous."""
+    _require(backend)
+    q, k, v, adj, kpm, seed = make_case(2, 4, 2, 40, 16, torch.float32, padding="left")
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    assert not qt.is_contiguous()
+    check_against_oracle(_run(backend, adj, kpm), qt, kt, vt, adj, kpm, seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_nan_on_fully_padded_rows_and_large_logits(backend):
+    _require(backend)
+    q, k, v, adj, kpm, seed = make_case(3, 2, 1, 50, 16, torch.bfloat16, padding="left", logit_scale=900.0)
+    out, mass = causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend=backend)
+    (out.float().sum() + mass.sum()).backward()
+    for t in (out, mass, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t.float()).all(), f"non-finite values (seed {seed})"
+    no_key = ~kpm.cumsum(1).bool()  # rows with no allowed key
+    assert (out.float()[no_key[:, None].expand(-1, 2, -1)] == 0).all()
+    assert (mass[no_key[:, None].expand(-1, 2, -1)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_float64(backend):
+    _require(backend)
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D = 2, 2, 1, 6, 4
+    q = torch.randn(B, Hq, T, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    adj = (torch.rand(B, T, T) < 0.5) & torch.ones(T, T, dtype=torch.bool).tril()
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[1, :2] = False
+    fn = lambda a, b, c: causal_attn.attention(a, b, c, adj, key_padding_mask=kpm, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_attention_map_diagnostic_matches_oracle_average():
+    q, k, v, adj, kpm, seed = make_case(2, 4, 2, 37, 16, torch.float32, padding="right")
+    for backend in ("reference", "torch"):
+        buf = torch.zeros(2, 37, 37)
+        with torch.no_grad():
+            causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend=backend, attn_map=buf,
+                                  attn_map_weight=0.25)
+        # one layer, 4 heads, weight 1/4: the head average; its row sums are 1 where the row has keys
+        rows = buf.sum(-1)
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5), backend
+        # averaged map times adjacency equals the head-averaged mass
+        _, mass = causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="reference")
+        assert torch.allclose((buf * adj).sum(-1), mass.mean(1).detach(), atol=1e-5), backend
+
+
+def test_auto_backend_on_cpu_is_a_cpu_implementation():
+    from causal_attn.attention import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) in ("cpp", "torch")
+    assert resolve_backend("cpu", torch.device("cpu")) in ("cpp", "torch")
+
+
+# ----------------------------------------------------------------------------------- bad input
+def _qkv(B=2, Hq=4, Hkv=2, T=8, D=16, dtype=torch.float32):
+    return torch.randn(B, Hq, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, k, v: (q[0], k, v), "rank 4"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), "T=8 but k/v have T=5"),
+    (lambda q, k, v: (q[:, :3], k, v), "multiple of key/value heads"),
+    (lambda q, k, v: (q, k.double(), v.double()), "share a dtype"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "unsupported dtype"),
+    (lambda q, k, v: (q, k[:1], v[:1]), "disagree on batch size"),
+    (lambda q, k, v: (q, k, v[..., :8]), "same shape"),
+])
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises((ValueError, TypeError), match=match):
+        causal_attn.attention(q, k, v)
+
+
+def test_bad_adjacency_and_mask():
+    q, k, v = _qkv()
+    future = torch.zeros(2, 8, 8, dtype=torch.bool)
+    future[1, 2, 5] = True
+    with pytest.raises(ValueError, match=r"sample 1: edge \(row=2, col=5\) points to the future"):
+        causal_attn.attention(q, k, v, future)
+    with pytest.raises(ValueError, match="B=2, T=7"):
+        causal_attn.attention(q, k, v, torch.zeros(2, 7, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="torch.bool"):
+        causal_attn.attention(q, k, v, torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        causal_attn.attention(q, k, v, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        causal_attn.attention(q, k, v, key_padding_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="unknown backend"):
+        causal_attn.attention(q, k, v, backend="cuda-magic")
+
+
+def test_every_shape_family_is_covered():
+    """Guard the parametrisation above against silent shrinkage."""
+    Ts = {s[3] for s in SHAPES}
+    ratios = {s[1] // s[2] for s in SHAPES}
+    assert {1, 7, 64, 129} <= Ts and {1, 2, 4} <= ratios and {16, 64, 128} <= {s[4] for s in SHAPES}
+    assert {"left", "right", "none"} <= {s[5] for s in SHAPES}
+    assert {"empty", "full", "random", "none"} <= {s[6] for s in SHAPES}
+    assert any(s[7] >= 30 for s in SHAPES) and len(list(itertools.product(CPU_BACKENDS, DTYPES, SHAPES))) == 72
