@@ -18,7 +18,15 @@ import torch
 
 from .graph import unpack_bits
 
-DEFAULT_BLOCK = 128
+TILE_BYTES = 4 * 2**20  # target size of one fp32 score tile (B, Hq, block, T); bounds the extra memory
+
+
+def block_rows(B: int, Hq: int, T: int, block: int | None = None) -> int:
+    """Query rows per block: the given ``block``, or as many as keep one score tile near TILE_BYTES."""
+    if block is not None:
+        return block
+    rows = TILE_BYTES // (4 * B * Hq * max(T, 1))
+    return int(min(256, max(16, rows)))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,7 +48,7 @@ def _block_masks(T, start, stop, packed, kpm, device):
 
 
 def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=None, attn_map_weight=1.0,
-            block: int = DEFAULT_BLOCK):
+            block: int | None = None):
     """Returns ``(out, lse, mass)``; ``mass`` is an empty tensor when ``packed`` is None.
     With ``attn_map`` (B, T, T) fp32, adds ``attn_map_weight * sum over heads of P`` into it."""
     B, Hq, T, D = q.shape
@@ -54,18 +62,20 @@ def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=No
     stat = torch.float32 if acc == torch.float32 else acc  # float64 inputs keep float64 statistics (gradcheck)
     lse = torch.empty(B, Hkv, G, T, dtype=stat, device=q.device)
     mass = torch.empty(B, Hkv, G, T, dtype=stat, device=q.device) if packed is not None else None
+    block = block_rows(B, Hq, T, block)
     for start in range(0, T, block):
         stop = min(start + block, T)
         allowed, adj = _block_masks(T, start, stop, packed, key_padding_mask, q.device)
-        s = torch.matmul(qg[:, :, :, start:stop].to(acc), kf[:, :, :, :stop].transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
+        # in-place from here on: one (B, Hq, block, stop) tile alive at a time
+        s = torch.matmul(qg[:, :, :, start:stop].to(acc), kf[:, :, :, :stop].transpose(-1, -2)).mul_(scale)
+        s.masked_fill_(~allowed, float("-inf"))
         m = s.amax(-1, keepdim=True)
         has_key = m > float("-inf")
         m = torch.where(has_key, m, torch.zeros_like(m))
-        p = torch.exp(s - m)
+        p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         l_safe = torch.where(has_key, l, torch.ones_like(l))
-        p = p / l_safe
+        p.div_(l_safe)
         out[:, :, :, start:stop] = torch.matmul(p, vf[:, :, :, :stop]).to(q.dtype)
         lse[:, :, :, start:stop] = torch.where(has_key, m + torch.log(l_safe), torch.full_like(m, float("inf"))).squeeze(-1)
         if adj is not None:
@@ -79,7 +89,7 @@ def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=No
 
 
 def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask=None, scale=None,
-             block: int = DEFAULT_BLOCK):
+             block: int | None = None):
     """Returns ``(dq, dk, dv)`` in the input dtypes; ``dmass`` may be None (no mass gradient)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -98,22 +108,24 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask
     dq = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
     dv = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
+    block = block_rows(B, Hq, T, block)
     for start in range(0, T, block):
         stop = min(start + block, T)
         allowed, adj = _block_masks(T, start, stop, packed, key_padding_mask, q.device)
         qb = qg[:, :, :, start:stop].to(acc)
         dob = dog[:, :, :, start:stop].to(acc)
-        s = torch.matmul(qb, kf[:, :, :, :stop].transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.exp(s - lseg[:, :, :, start:stop].to(acc))  # +inf LSE (no keys) -> 0
+        s = torch.matmul(qb, kf[:, :, :, :stop].transpose(-1, -2)).mul_(scale)
+        s.masked_fill_(~allowed, float("-inf"))
+        p = s.sub_(lseg[:, :, :, start:stop].to(acc)).exp_()  # +inf LSE (no keys) -> 0
+        dv[:, :, :stop] += torch.matmul(p.transpose(-1, -2), dob).sum(2)
         dp = torch.matmul(dob, vf[:, :, :, :stop].transpose(-1, -2))
         d = (dob * og[:, :, :, start:stop].to(acc)).sum(-1, keepdim=True)
         if use_mass:
             g = gg[:, :, :, start:stop]
-            dp = dp + g * adj
+            dp.addcmul_(adj.to(acc), g)
             d = d + g * mg[:, :, :, start:stop]
-        ds = p * (dp - d)
+        ds = p.mul_(dp.sub_(d))
+        del dp
         dq[:, :, :, start:stop] = (torch.matmul(ds, kf[:, :, :, :stop]) * scale).to(q.dtype)
-        dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), qb).sum(2) * scale
-        dv[:, :, :stop] += torch.matmul(p.transpose(-1, -2), dob).sum(2)
+        dk[:, :, :stop] += torch.matmul(ds.transpose(-1, -2), qb).sum(2).mul_(scale)
     return dq.reshape(B, Hq, T, D), dk.to(k.dtype), dv.to(v.dtype)
