@@ -1,0 +1,70 @@
+"""Backend "cpp": the fused C++ CPU kernel of csrc/ (flash-style attention with causal mass).
+
+The compiled library ``causal_attn._cpp_attention`` (built by setup.py) registers the operators
+``torch.ops.causal_attn_cpp.forward`` / ``backward`` through ``TORCH_LIBRARY``; this module loads it and
+registers the pair as backend "cpp" with :func:`causal_attn.attention.register_backend`. When the
+library is missing (no compiler at install time) importing this module raises ImportError and
+``attention()`` falls back to the PyTorch CPU path with a one-time warning.
+
+float32, bfloat16 and float16 run in the kernel (fp32 accumulation); float64 is routed to the
+PyTorch blocked path, which computes in float64.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from . import blocked
+from .attention import Backend, register_backend
+
+LIBRARY = "causal_attn._cpp_attention"
+
+
+def _load() -> Path:
+    spec = importlib.util.find_spec(LIBRARY)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{LIBRARY} is not built (reinstall with a C++ compiler: "
+                          "pip install --no-build-isolation -e .)")
+    torch.ops.load_library(spec.origin)
+    return Path(spec.origin)
+
+
+LIBRARY_PATH = _load()
+
+
+def _check_cpu(*tensors):
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"the C++ backend runs on CPU tensors only; got a tensor on {t.device}")
+
+
+def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=None, attn_map_weight=1.0):
+    """``(out, lse, mass)`` per the backend contract of :mod:`causal_attn.attention`."""
+    _check_cpu(q, k, v, packed, key_padding_mask, attn_map)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.dtype == torch.float64:
+        return blocked.forward(q, k, v, packed, key_padding_mask, scale, attn_map, attn_map_weight)
+    out, lse, mass = torch.ops.causal_attn_cpp.forward(
+        q, k, v, _contiguous(packed), _contiguous(key_padding_mask), float(scale), attn_map,
+        float(attn_map_weight))
+    return out, lse, mass
+
+
+def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask=None, scale=None):
+    """``(dq, dk, dv)`` in the input dtypes; ``dmass`` may be None."""
+    _check_cpu(q, k, v, dout, packed, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.dtype == torch.float64:
+        return blocked.backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale)
+    dq, dk, dv = torch.ops.causal_attn_cpp.backward(
+        q, k, v, out, lse, mass, dout, dmass, _contiguous(packed), _contiguous(key_padding_mask), float(scale))
+    return dq, dk, dv
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+register_backend("cpp", Backend(forward, backward))

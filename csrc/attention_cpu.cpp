@@ -1,0 +1,299 @@
+// Fused CPU attention with causal mass (SPEC §2), flash style, no T x T buffer.
+//
+// Forward: one task per (batch, query head, block of BQ query rows), run with at::parallel_for. For each
+// key block of BK columns left of the diagonal: S = scale Q K^T (BLAS), mask (causal, key padding),
+// online softmax with running max m, sum l and mass accumulator macc (rescaled like l), O += P V (BLAS).
+// At the end O /= l, mass = macc / l, LSE = m + log l (+inf and zeros on rows without keys).
+//
+// Backward: one task per (batch, key/value head), so dK and dV of a GQA group are summed without races.
+// For each query head of the group and each query block: delta = rowsum(dO * O) + g * mass, then per key
+// block recompute P = exp(S - LSE) and
+//   dV += P^T dO,  dP = dO V^T + g * A,  dS = P (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
+//
+// Inputs other than fp32 with unit last stride are converted to fp32 once; accumulation is fp32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gemm.h"
+#include "row_ops.h"
+
+namespace causal_attn_cpu {
+namespace {
+
+constexpr int64_t BQ = 64;   // query rows per tile
+constexpr int64_t BK = 256;  // key columns per tile (multiple of 32: tiles start on packed-word bounds)
+
+// fp32 view with unit stride along D; converts (copies) only when needed.
+at::Tensor as_f32_rows(const at::Tensor& x) {
+  at::Tensor y = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  return y.stride(3) == 1 ? y : y.contiguous();
+}
+
+// Strided fp32 matrix rows of one (batch, head): row t starts at base + t * ld.
+struct Rows {
+  const float* base;
+  int64_t ld;
+  const float* row(int64_t t) const { return base + t * ld; }
+};
+
+Rows head_rows(const at::Tensor& x, int64_t b, int64_t h) {
+  return {x.data_ptr<float>() + b * x.stride(0) + h * x.stride(1), x.stride(2)};
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, G, T, D, W;
+  float scale;
+  const int32_t* packed;  // (B, T, W) or nullptr
+  const uint8_t* kpm;     // (B, T) or nullptr
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& packed,
+                     const std::optional<at::Tensor>& kpm, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be (B, H, T, D)");
+  Problem p{q.size(0), q.size(1), k.size(1), 0, q.size(2), q.size(3), (q.size(2) + 31) / 32,
+            static_cast<float>(scale), nullptr, nullptr};
+  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "Hq must be a multiple of Hkv");
+  p.G = p.Hq / p.Hkv;
+  if (packed.has_value()) {
+    const auto& a = *packed;
+    TORCH_CHECK(a.scalar_type() == at::kInt && a.is_contiguous() && a.dim() == 3 && a.size(0) == p.B &&
+                    a.size(1) == p.T && a.size(2) == p.W,
+                "packed adjacency must be contiguous int32 (B, T, ceil(T/32))");
+    p.packed = a.data_ptr<int32_t>();
+  }
+  if (kpm.has_value()) {
+    const auto& m = *kpm;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() && m.size(0) == p.B && m.size(1) == p.T,
+                "key_padding_mask must be contiguous bool (B, T)");
+    p.kpm = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+  }
+  return p;
+}
+
+// Query block of a task index: consecutive tasks alternate between short (early) and long (late) blocks
+// so that the contiguous task ranges at::parallel_for hands each thread carry similar causal work.
+int64_t balanced_block(int64_t t, int64_t nblocks) {
+  return (t % 2 == 0) ? t / 2 : nblocks - 1 - t / 2;
+}
+
+// ------------------------------------------------------------------------------------------- forward
+void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V, float* O, float* lse,
+                  float* mass, int64_t b, int64_t i0, int64_t i1, float* S, float* m, float* l, float* macc) {
+  const int64_t bq = i1 - i0, D = P.D;
+  const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
+  const int32_t* adj = P.packed ? P.packed + b * P.T * P.W : nullptr;
+  std::fill(O, O + bq * D, 0.0f);
+  std::fill(m, m + bq, kNegInf);
+  std::fill(l, l + bq, 0.0f);
+  std::fill(macc, macc + bq, 0.0f);
+  for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+    const int64_t bk = std::min(BK, i1 - j0);
+    gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
+    for (int64_t r = 0; r < bq; ++r) {
+      const int64_t i = i0 + r;
+      float* s = S + r * BK;
+      const int64_t n = std::clamp<int64_t>(i - j0 + 1, 0, bk);
+      const float bmax = mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
+      const float m_new = std::max(m[r], bmax);
+      if (m_new == kNegInf) {  // no key for this row yet: P row is zero, nothing to rescale
+        std::fill(s, s + bk, 0.0f);
+        continue;
+      }
+      const float alpha = fast_exp(m[r] - m_new);
+      const float rowsum = exp_shift_sum(s, bk, m_new);
+      if (alpha != 1.0f) scale_row(O + r * D, D, alpha);
+      l[r] = l[r] * alpha + rowsum;
+      if (adj) macc[r] = macc[r] * alpha + masked_bits_sum(s, n, adj + i * P.W, j0);
+      m[r] = m_new;
+    }
+    gemm_rm(false, false, bq, D, bk, 1.0f, S, BK, V.row(j0), V.ld, 1.0f, O, D);
+  }
+  for (int64_t r = 0; r < bq; ++r) {
+    if (l[r] > 0.0f) {
+      scale_row(O + r * D, D, 1.0f / l[r]);
+      lse[r] = m[r] + std::log(l[r]);
+      if (mass) mass[r] = macc[r] / l[r];
+    } else {
+      std::fill(O + r * D, O + (r + 1) * D, 0.0f);
+      lse[r] = std::numeric_limits<float>::infinity();
+      if (mass) mass[r] = 0.0f;
+    }
+  }
+}
+
+// attn_map[b, i, :] += weight * sum over heads of P[b, h, i, :], one task per (batch, query block) so
+// that no two threads write the same map rows. P is recomputed from the saved LSE.
+void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, const float* lse,
+                    at::Tensor& attn_map, float weight) {
+  const int64_t nqb = (P.T + BQ - 1) / BQ;
+  float* map = attn_map.data_ptr<float>();
+  at::parallel_for(0, P.B * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(BQ * BK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ), bq = i1 - i0;
+      const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
+      for (int64_t h = 0; h < P.Hq; ++h) {
+        const Rows Q = head_rows(q, b, h), K = head_rows(k, b, h / P.G);
+        const float* L = lse + (b * P.Hq + h) * P.T + i0;
+        for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+          const int64_t bk = std::min(BK, i1 - j0);
+          gemm_rm(false, true, bq, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S.data(), BK);
+          for (int64_t r = 0; r < bq; ++r) {
+            float* s = S.data() + r * BK;
+            const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
+            mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
+            exp_shift_sum(s, n, L[r]);  // LSE = +inf (no keys) gives zeros
+            scale_row(s, n, weight);
+            float* dst = map + (b * P.T + i0 + r) * P.T + j0;
+            for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& packed,
+    const std::optional<at::Tensor>& kpm, double scale, const std::optional<at::Tensor>& attn_map,
+    double attn_map_weight) {
+  const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in);
+  const Problem P = make_problem(q, k, packed, kpm, scale);
+  TORCH_CHECK(P.D <= 1024, "head dim above 1024 is not supported by the C++ backend");
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32);
+  at::Tensor lse = at::empty({P.B, P.Hq, P.T}, f32);
+  at::Tensor mass = P.packed ? at::empty({P.B, P.Hq, P.T}, f32) : at::empty({0}, f32);
+  const int64_t nqb = (P.T + BQ - 1) / BQ;
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  float* mass_p = P.packed ? mass.data_ptr<float>() : nullptr;
+  at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(BQ * BK), m(BQ), l(BQ), macc(BQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
+      const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
+      const int64_t row0 = bh * P.T + i0;
+      forward_task(P, head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G),
+                   out_p + row0 * P.D, lse_p + row0, mass_p ? mass_p + row0 : nullptr, b, i0, i1, S.data(),
+                   m.data(), l.data(), macc.data());
+    }
+  });
+  if (attn_map.has_value()) {
+    at::Tensor map = *attn_map;
+    TORCH_CHECK(map.scalar_type() == at::kFloat && map.is_contiguous() && map.numel() == P.B * P.T * P.T,
+                "attn_map must be a contiguous float32 (B, T, T) tensor");
+    accumulate_map(P, q, k, lse_p, map, static_cast<float>(attn_map_weight));
+  }
+  if (q_in.scalar_type() != at::kFloat) out = out.to(q_in.scalar_type());
+  return {out, lse, mass};
+}
+
+// ------------------------------------------------------------------------------------------ backward
+struct BackwardBuffers {
+  std::vector<float> S, dP, delta;
+  BackwardBuffers() : S(BQ * BK), dP(BQ * BK), delta(BQ) {}
+};
+
+// One query block of one query head against all its keys; accumulates into dQ rows (bq x D, zeroed
+// here) and the group's dK, dV (T x D).
+void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& V, const Rows& O, const Rows& dO,
+                    const float* lse, const float* mass, const float* gmass, float* dQ, float* dK, float* dV,
+                    int64_t b, int64_t i0, int64_t i1, BackwardBuffers& buf) {
+  const int64_t bq = i1 - i0, D = P.D;
+  const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
+  const int32_t* adj = (P.packed && gmass) ? P.packed + b * P.T * P.W : nullptr;
+  for (int64_t r = 0; r < bq; ++r) {
+    buf.delta[r] = dot_row(dO.row(i0 + r), O.row(i0 + r), D) + (adj ? gmass[r] * mass[r] : 0.0f);
+  }
+  std::fill(dQ, dQ + bq * D, 0.0f);
+  float* S = buf.S.data();
+  float* dS = buf.dP.data();
+  for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+    const int64_t bk = std::min(BK, i1 - j0);
+    gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
+    for (int64_t r = 0; r < bq; ++r) {
+      float* s = S + r * BK;
+      const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
+      mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
+      exp_shift_sum(s, bk, lse[r]);  // masked and no-key rows (LSE = +inf) give P = 0
+    }
+    gemm_rm(true, false, bk, D, bq, 1.0f, S, BK, dO.row(i0), dO.ld, 1.0f, dV + j0 * D, D);
+    gemm_rm(false, true, bq, bk, D, 1.0f, dO.row(i0), dO.ld, V.row(j0), V.ld, 0.0f, dS, BK);
+    for (int64_t r = 0; r < bq; ++r) {
+      softmax_grad_row(S + r * BK, dS + r * BK, bk, buf.delta[r], adj ? gmass[r] : 0.0f,
+                       adj ? adj + (i0 + r) * P.W : nullptr, j0);
+    }
+    gemm_rm(false, false, bq, D, bk, P.scale, dS, BK, K.row(j0), K.ld, 1.0f, dQ, D);
+    gemm_rm(true, false, bk, D, bq, P.scale, dS, BK, Q.row(i0), Q.ld, 1.0f, dK + j0 * D, D);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, const at::Tensor& mass_in, const at::Tensor& dout_in,
+    const std::optional<at::Tensor>& dmass_in, const std::optional<at::Tensor>& packed,
+    const std::optional<at::Tensor>& kpm, double scale) {
+  const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in);
+  const at::Tensor o = as_f32_rows(out_in), dout = as_f32_rows(dout_in);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const Problem P = make_problem(q, k, packed, kpm, scale);
+  const bool use_mass = P.packed != nullptr && dmass_in.has_value() && mass_in.numel() > 0;
+  at::Tensor mass, gmass;
+  if (use_mass) {
+    mass = mass_in.to(at::kFloat).contiguous();
+    gmass = dmass_in->to(at::kFloat).contiguous();
+  }
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);
+  at::Tensor dk = at::zeros({P.B, P.Hkv, P.T, P.D}, f32);
+  at::Tensor dv = at::zeros({P.B, P.Hkv, P.T, P.D}, f32);
+  const int64_t nqb = (P.T + BQ - 1) / BQ;
+  at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+    BackwardBuffers buf;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / P.Hkv, hk = t % P.Hkv;
+      const Rows K = head_rows(k, b, hk), V = head_rows(v, b, hk);
+      float* dK = dk.data_ptr<float>() + t * P.T * P.D;
+      float* dV = dv.data_ptr<float>() + t * P.T * P.D;
+      for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+        const int64_t bh = b * P.Hq + h;
+        const float* L = lse.data_ptr<float>() + bh * P.T;
+        const float* M = use_mass ? mass.data_ptr<float>() + bh * P.T : nullptr;
+        const float* Gm = use_mass ? gmass.data_ptr<float>() + bh * P.T : nullptr;
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BQ, i1 = std::min(P.T, i0 + BQ);
+          backward_block(P, head_rows(q, b, h), K, V, head_rows(o, b, h), head_rows(dout, b, h), L + i0,
+                         M ? M + i0 : nullptr, Gm ? Gm + i0 : nullptr,
+                         dq.data_ptr<float>() + (bh * P.T + i0) * P.D, dK, dV, b, i0, i1, buf);
+        }
+      }
+    }
+  });
+  auto cast = [](const at::Tensor& x, const at::Tensor& like) {
+    return like.scalar_type() == at::kFloat ? x : x.to(like.scalar_type());
+  };
+  return {cast(dq, q_in), cast(dk, k_in), cast(dv, v_in)};
+}
+
+}  // namespace
+}  // namespace causal_attn_cpu
+
+TORCH_LIBRARY(causal_attn_cpp, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? packed, Tensor? key_padding_mask, float scale, "
+        "Tensor(a!)? attn_map, float attn_map_weight) -> (Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mass, Tensor dout, "
+        "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("has_blas() -> bool", []() { return causal_attn_cpu::have_blas(); });
+}
+
+TORCH_LIBRARY_IMPL(causal_attn_cpp, CPU, m) {
+  m.impl("forward", &causal_attn_cpu::attention_forward);
+  m.impl("backward", &causal_attn_cpu::attention_backward);
+}
