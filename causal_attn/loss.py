@@ -40,18 +40,26 @@ def _stack(masses) -> torch.Tensor:
     return torch.stack(masses)
 
 
+def loss_rows(graph: CausalGraph, key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, c, n)``: the bool (B, T) rows that enter the loss (``0 < c_i < n_i``, not padding) and
+    the int32 counts. Needs only the graph and the padding, so a trainer can count rows before a forward."""
+    kpm = None if key_padding_mask is None else check_key_padding_mask(
+        key_padding_mask, graph.batch_size, graph.seq_len, graph.device)
+    c, n = graph.counts(kpm)
+    rows = (c > 0) & (c < n)
+    if kpm is not None:
+        rows = rows & kpm
+    return rows, c, n
+
+
 def causal_ratio(masses, adjacency, *, key_padding_mask=None, eps: float = EPS) -> RatioStats:
     """The per-row statistics behind the loss: ``R_i``, ``C_i``, ``N_i`` and the eligible rows."""
     m = _stack(masses)
     L, B, H, T = m.shape
     graph = as_graph(adjacency, B, T, m.device)
-    kpm = None if key_padding_mask is None else check_key_padding_mask(key_padding_mask, B, T, m.device)
-    c, n = graph.counts(kpm)
+    rows, c, n = loss_rows(graph, key_padding_mask)
     c, n = c.float(), n.float()
     mbar = m.float().mean(dim=(0, 2))  # (B, T)
-    rows = (c > 0) & (c < n)
-    if kpm is not None:
-        rows = rows & kpm
     c_safe = torch.where(rows, c, torch.ones_like(c))
     nc_safe = torch.where(rows, n - c, torch.ones_like(c))
     causal = mbar / c_safe
