@@ -58,7 +58,9 @@ def random_batch(vocab: int, B: int, T: int, *, padding: str = "none", seed: int
     """Random ``input_ids``, ``attention_mask`` (1 = real) and ``labels`` (-100 on padding), all (B, T).
 
     ``padding``: "none", "left" or "right"; with padding, sample 0 keeps all T tokens and the others
-    lose a random number of positions (at most T // 2)."""
+    lose a random number of positions (at most T // 2). A label counts only where the position before it
+    is real: a left-padded sample's first token would be predicted from a padding row, whose output is
+    arbitrary (eager attention spreads it uniformly, fused kernels give zeros)."""
     if padding not in ("none", "left", "right"):
         raise ValueError(f"padding must be 'none', 'left' or 'right', got {padding!r}")
     g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
@@ -72,7 +74,8 @@ def random_batch(vocab: int, B: int, T: int, *, padding: str = "none", seed: int
             else:
                 mask[b, T - p:] = 0
     ids = ids.masked_fill(mask == 0, PAD_ID)
-    labels = ids.masked_fill(mask == 0, -100)
+    prev_real = torch.cat([torch.ones(B, 1, dtype=torch.long), mask[:, :-1]], dim=1)
+    labels = ids.masked_fill((mask == 0) | (prev_real == 0), -100)
     return ids, mask, labels
 
 

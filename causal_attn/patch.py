@@ -1,0 +1,292 @@
+"""`patch_model`: CAT attention inside Hugging Face Llama / Qwen2 / Qwen3 / Mistral models.
+
+How it plugs in (transformers 5.x, SPEC §8):
+
+* One attention function and one mask function are registered under :data:`ATTN_NAME` with
+  ``AttentionInterface`` / ``AttentionMaskInterface``; the model is switched to that name with
+  ``set_attn_implementation`` (``unpatch`` switches back).
+* The mask function hands the model's own 2D padding mask through (bool (B, T), True = real token, or
+  None without padding) when the forward is a plain causal full-sequence pass; anything else (KV-cache
+  decode steps, sliding windows shorter than the sequence, packed sequences) gets the materialised 4D
+  bool mask of ``sdpa_mask``.
+* The attention function runs :func:`causal_attn.attention` (attention + causal mass per row) on
+  full-sequence passes with an adjacency, and ``torch`` SDPA otherwise (no mass, no overhead).
+* Per forward, a forward pre-hook on the decoder opens a fresh record in the handle (thread-local),
+  checks the adjacency against the sequence and puts it into the forward's keyword arguments, so
+  non-reentrant checkpointing replays the layer with the very same graph. Each patched layer stores
+  its mass in the record once: replays during backward store nothing and compute exactly what the
+  first pass computed (same saved tensors). Reentrant checkpointing runs the layer under ``no_grad``,
+  which would silently cut the loss's gradient, so it raises.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+from .attention import attention
+from .graph import CausalGraph
+from .loss import re_attention_loss
+
+ATTN_NAME = "causal_attn"  # must not contain "flash", "sdpa" or "flex" (transformers treats those specially)
+_HANDLE_ATTR = "_causal_attn_handle"
+
+
+# ---------------------------------------------------------------------------------------------- mask
+def cat_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+             attention_mask=None, **kwargs):
+    """Mask function for ``AttentionMaskInterface``.
+
+    Plain causal full-sequence pass -> the 2D padding mask (bool (B, T)) or None when nothing is padded.
+    Otherwise -> the 4D bool mask (B, 1, T, S) that ``sdpa_mask`` materialises (True = attend)."""
+    full = (not isinstance(q_offset, torch.Tensor) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+            and (attention_mask is None or attention_mask.shape[-1] == kv_length))
+    pad = attention_mask.bool() if attention_mask is not None else None
+    if full and mask_function is causal_mask_function:
+        return None if pad is None or bool(pad.all()) else pad
+    kwargs.pop("allow_is_causal_skip", None)
+    mask4 = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                      allow_is_causal_skip=False, **kwargs)
+    if full:  # e.g. a sliding window at least as long as the sequence: plain causal after all
+        plain = torch.ones(q_length, kv_length, dtype=torch.bool, device=mask4.device).tril()[None, None]
+        if pad is not None:
+            plain = plain & pad[:, None, None, :]
+        if torch.equal(mask4.expand_as(plain), plain.expand_as(mask4)):
+            return None if pad is None or bool(pad.all()) else pad
+    return mask4
+
+
+def plain_attention(q, k, v, mask, scale, dropout=0.0):
+    """torch SDPA for the unpatched cases; ``mask`` None, 2D padding (B, S) or 4D (B, 1, T, S).
+
+    The query block is the last ``T`` of the ``S`` key positions. A row without any allowed key attends
+    to every key uniformly, as eager attention with an additive mask does."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+    if mask is None or mask.dim() == 2:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, -S:].bool()
+    elif mask.dtype == torch.bool:
+        allowed = mask
+    else:  # an additive float mask the caller prepared
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def cat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function for ``AttentionInterface``: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, T, Hq, D)."""
+    handle = getattr(module, _HANDLE_ATTR, None)
+    graph = kwargs.get("adjacency") if handle is not None else None
+    full = query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2)
+    rec = handle._record() if handle is not None else None
+    want_map = rec is not None and handle.collect_attention_map and full
+    if graph is None and not want_map:
+        out = plain_attention(query, key, value, attention_mask, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    if not full:
+        if query.shape[2] == key.shape[2]:
+            raise ValueError("CAT attention needs plain causal attention over the full sequence, but this model's "
+                             "mask is not (a sliding window shorter than the sequence, or packed sequences)")
+        out = plain_attention(query, key, value, attention_mask, scaling, dropout)  # KV-cache decode: no mass
+        return out.transpose(1, 2).contiguous(), None
+    if dropout > 0:
+        raise ValueError(f"attention dropout {dropout} is not supported with a CAT adjacency (the CAT recipe "
+                         "uses none); set config.attention_dropout = 0.0")
+    if rec is None:
+        raise RuntimeError("patched attention layer ran outside a forward of the patched model")
+    replay = torch._C._current_graph_task_id() != -1 or module.layer_idx in rec.masses
+    if graph is not None and rec.grad_enabled and not torch.is_grad_enabled() and not replay:
+        raise RuntimeError("reentrant gradient checkpointing runs each layer under no_grad, which silently drops "
+                           "the Re-Attention loss's gradient; enable it with gradient_checkpointing_kwargs="
+                           "{'use_reentrant': False}")
+    attn_map = None
+    if want_map and not replay:
+        if rec.attn_map is None:
+            B, _, T, _ = query.shape
+            rec.attn_map = torch.zeros(B, T, T, dtype=torch.float32, device=query.device)
+        attn_map = rec.attn_map
+    out, mass = attention(query, key, value, graph, key_padding_mask=attention_mask, scale=scaling,
+                          backend=handle.backend, attn_map=attn_map,
+                          attn_map_weight=1.0 / (len(handle.layers) * query.shape[1]))
+    if mass is not None and not replay:
+        rec.masses[module.layer_idx] = mass
+        rec.key_padding_mask = attention_mask
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, cat_attention)
+AttentionMaskInterface.register(ATTN_NAME, cat_mask)
+
+
+# ---------------------------------------------------------------------------------------------- handle
+@dataclass
+class _Forward:
+    """What one forward of the patched model collected."""
+    grad_enabled: bool
+    graph: CausalGraph | None
+    masses: dict = field(default_factory=dict)  # layer index -> mass (B, Hq, T) fp32
+    key_padding_mask: torch.Tensor | None = None
+    attn_map: torch.Tensor | None = None
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _to_graph(adjacency, device) -> CausalGraph | None:
+    if adjacency is None:
+        return None
+    if isinstance(adjacency, torch.Tensor):
+        adjacency = CausalGraph.from_dense(adjacency)
+    if not isinstance(adjacency, CausalGraph):
+        raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
+    return adjacency.to(device) if adjacency.device != torch.device(device) else adjacency
+
+
+class CATHandle:
+    """Returned by :func:`patch_model`; see there."""
+
+    def __init__(self, model, attn_modules: dict, *, adjacency, alpha, reduction, kind, collect_attention_map,
+                 backend):
+        self.model = model
+        self.base = _base_model(model)
+        self.layers = sorted(attn_modules)
+        self.alpha, self.reduction, self.kind, self.backend = float(alpha), reduction, kind, backend
+        self.collect_attention_map = bool(collect_attention_map)
+        self._modules = attn_modules
+        self._local = threading.local()
+        self._adjacency = None
+        self.set_adjacency(adjacency)
+        self._previous = self.base.config._attn_implementation
+        decoder = self.base.get_decoder() if hasattr(self.base, "get_decoder") else self.base
+        self._hook = decoder.register_forward_pre_hook(self._start_forward, with_kwargs=True)
+        for m in attn_modules.values():
+            setattr(m, _HANDLE_ATTR, self)
+        self.base.set_attn_implementation(ATTN_NAME)
+        self.patched = True
+
+    # -------------------------------------------------------------- per forward
+    def _record(self) -> _Forward | None:
+        return getattr(self._local, "record", None)
+
+    def _start_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        full = cache is None or cache.get_seq_length() == 0
+        adjacency = kwargs.get("adjacency", self._adjacency)
+        graph = _to_graph(adjacency, x.device) if full else None
+        if graph is not None and (graph.seq_len != x.shape[1] or graph.batch_size != x.shape[0]):
+            raise ValueError(f"adjacency is for B={graph.batch_size}, T={graph.seq_len} but the model got "
+                             f"B={x.shape[0]}, T={x.shape[1]} tokens; build (or pad_to) the graph for this batch")
+        self._local.record = _Forward(grad_enabled=torch.is_grad_enabled(), graph=graph)
+        kwargs = dict(kwargs)
+        kwargs.pop("adjacency", None)
+        if graph is not None:
+            kwargs["adjacency"] = graph
+        return args, kwargs
+
+    # -------------------------------------------------------------- public
+    def set_adjacency(self, adjacency):
+        """Adjacency for the following forwards that do not pass ``adjacency=``; None = plain attention."""
+        if adjacency is not None and not isinstance(adjacency, (CausalGraph, torch.Tensor)):
+            raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
+        self._adjacency = adjacency
+
+    def masses(self) -> list:
+        """Per patched layer (in layer order) the causal mass (B, Hq, T) of the last forward."""
+        rec = self._record()
+        if rec is None or not rec.masses:
+            raise RuntimeError("no causal masses: the last forward had no adjacency (pass model(..., adjacency=...) "
+                               "or handle.set_adjacency(...)) or no forward ran yet")
+        return [rec.masses[i] for i in sorted(rec.masses)]
+
+    def loss(self, *, return_stats: bool = False):
+        """Re-Attention loss of the last forward (differentiable), averaged over patched layers and heads."""
+        masses = self.masses()
+        rec = self._record()
+        return re_attention_loss(masses, rec.graph, alpha=self.alpha, key_padding_mask=rec.key_padding_mask,
+                                 reduction=self.reduction, kind=self.kind, return_stats=return_stats)
+
+    def attention_map(self) -> torch.Tensor:
+        """(B, T, T) fp32 attention averaged over patched layers and heads of the last forward (no gradient)."""
+        if not self.collect_attention_map:
+            raise RuntimeError("attention map collection is off: patch_model(..., collect_attention_map=True)")
+        rec = self._record()
+        if rec is None or rec.attn_map is None:
+            raise RuntimeError("no attention map: no full-sequence forward ran since patching")
+        return rec.attn_map
+
+    def unpatch(self):
+        """Restore the previous attention implementation and remove every hook and attribute."""
+        if not self.patched:
+            return
+        self._hook.remove()
+        for m in self._modules.values():
+            if getattr(m, _HANDLE_ATTR, None) is self:
+                delattr(m, _HANDLE_ATTR)
+        self.base.set_attn_implementation(self._previous)
+        self._local = threading.local()
+        self.patched = False
+
+    def __repr__(self):
+        return (f"CATHandle(layers={self.layers}, alpha={self.alpha}, reduction={self.reduction!r}, kind={self.kind!r}, "
+                f"patched={self.patched})")
+
+
+def patch_model(model, adjacency=None, *, alpha: float = 0.2, reduction: str = "mean", kind: str = "hinge",
+                layers="all", collect_attention_map: bool = False, backend: str = "auto") -> CATHandle:
+    """Switch a Llama / Qwen2 / Qwen3 / Mistral causal LM (bare or PEFT-wrapped) to CAT attention.
+
+    Args:
+        model: the ``...ForCausalLM`` or a PEFT model wrapping one.
+        adjacency: default :class:`CausalGraph` / dense bool (B, T, T) (row-aligned) for the following
+            forwards; a per-call ``model(..., adjacency=...)`` wins. Without one, attention is plain SDPA.
+        alpha, reduction, kind: the Re-Attention loss (:func:`causal_attn.re_attention_loss`).
+        layers: "all" or the decoder layer indices to patch (the loss averages over these).
+        collect_attention_map: accumulate the layer- and head-averaged map for :meth:`CATHandle.attention_map`.
+        backend: passed to :func:`causal_attn.attention`.
+
+    Returns the :class:`CATHandle`: ``loss()``, ``masses()``, ``set_adjacency()``, ``attention_map()``,
+    ``unpatch()``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if kind not in ("hinge", "div"):
+        raise ValueError(f"kind must be 'hinge' or 'div', got {kind!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    base = _base_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    blocks = getattr(decoder, "layers", None)
+    if blocks is None or not all(hasattr(b, "self_attn") for b in blocks):
+        raise TypeError(f"{type(base).__name__} is not a supported decoder (expected .layers[i].self_attn as in "
+                        "Llama, Qwen2, Qwen3, Mistral)")
+    n = len(blocks)
+    chosen = range(n) if layers == "all" else sorted({int(i) for i in layers})
+    if not chosen or any(not 0 <= i < n for i in chosen):
+        raise ValueError(f"layers must be 'all' or indices in [0, {n}); got {layers!r}")
+    modules = {i: blocks[i].self_attn for i in chosen}
+    for m in modules.values():
+        if getattr(m, _HANDLE_ATTR, None) is not None:
+            raise RuntimeError("this model is already patched; call handle.unpatch() first")
+    return CATHandle(model, modules, adjacency=adjacency, alpha=alpha, reduction=reduction, kind=kind,
+                     collect_attention_map=collect_attention_map, backend=backend)
+
+
+def __getattr__(name):  # CATTrainer lives in trainer.py; causal_attn.CATTrainer resolves through here
+    if name == "CATTrainer":
+        from .trainer import CATTrainer
+
+        return CATTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
