@@ -1,0 +1,128 @@
+"""Data-parallel training: the distributed update equals the single-process update on the global batch.
+
+One ``torchrun --nproc_per_node 2`` launch (gloo, CPU) runs tests/distributed_worker.py for all
+scenarios; its float64 single-process step on the whole batch is the reference. Tolerance: the
+distributed float32 step may be off the reference by at most twice what the single-process float32
+step is off it, plus a tiny absolute term.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from causal_attn import CausalGraph, re_attention_loss
+from causal_attn.distributed import count_loss_rows, data_parallel_re_attention_loss, scale_for_data_parallel
+
+HERE = os.path.dirname(__file__)
+TINY = 1e-7
+
+
+def _fsdp2_available() -> str | None:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as e:
+        return f"torch {torch.__version__} has no FSDP2 fully_shard ({e})"
+    return None
+
+
+FSDP_SKIP = _fsdp2_available()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    out = tmp_path_factory.mktemp("distributed")
+    scenarios = ["ddp", "ddp_ga"] + ([] if FSDP_SKIP else ["fsdp"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1], "ranks disagree on the updated parameters"
+    return results[0]
+
+
+def _check_matches_single_process(res, scenario):
+    err, fp32_err = res[scenario]["dist_err"], res["fp32_single_err"]
+    assert res["update_size"] > 1e3 * (2 * fp32_err + TINY), "the step is too small to test anything"
+    assert err <= 2 * fp32_err + TINY, (
+        f"{scenario}: distributed update is {err:.3g} off the float64 single-process update "
+        f"(float32 single-process: {fp32_err:.3g})")
+
+
+def test_ddp_step_equals_single_process_step(distributed_results):
+    _check_matches_single_process(distributed_results, "ddp")
+
+
+def test_ddp_gradient_accumulation_step_equals_single_process_step(distributed_results):
+    _check_matches_single_process(distributed_results, "ddp_ga")
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_ga"])
+def test_ddp_detects_per_rank_mean_averaging(distributed_results, scenario):
+    """Negative control: averaging each rank's own means (the naive rule) is visibly wrong here."""
+    res = distributed_results
+    assert res[scenario]["naive_err"] > 100 * (2 * res["fp32_single_err"] + TINY)
+
+
+@pytest.mark.skipif(FSDP_SKIP is not None, reason=FSDP_SKIP or "")
+def test_fsdp_step_equals_single_process_step(distributed_results):
+    _check_matches_single_process(distributed_results, "fsdp")
+
+
+def _random_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, H, T = 3, 2, 10
+    mass = torch.rand(B, H, T, generator=g, dtype=torch.float64, requires_grad=True)
+    dense = (torch.rand(B, T, T, generator=g) < 0.3) & torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.arange(T)[None, :] < torch.randint(T // 2, T + 1, (B, 1), generator=g)
+    return mass, dense, mask
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_distributed_loss_without_process_group_is_the_plain_loss(reduction):
+    seed = random.randrange(2**31)
+    mass, dense, mask = _random_problem(seed)
+    graph = CausalGraph.from_dense(dense)
+    plain = re_attention_loss([mass], graph, alpha=1.5, key_padding_mask=mask, reduction=reduction)
+    dp = data_parallel_re_attention_loss([mass], graph, alpha=1.5, key_padding_mask=mask, reduction=reduction)
+    torch.testing.assert_close(dp, plain, rtol=1e-12, atol=0, msg=f"seed {seed}")
+
+
+def test_distributed_row_count_matches_loss_rows_over_micro_batches():
+    seed = random.randrange(2**31)
+    batches = []
+    expected = 0
+    for i in range(3):
+        mass, dense, mask = _random_problem(seed + i)
+        _, stats = re_attention_loss([mass], dense, alpha=1.0, key_padding_mask=mask, return_stats=True)
+        expected += int(stats.rows.sum())
+        batches.append({"adjacency": CausalGraph.from_dense(dense) if i else dense, "attention_mask": mask.long()})
+    batches.append({"input_ids": torch.zeros(1, 4)})  # no adjacency: 0 rows
+    assert int(count_loss_rows(batches)) == expected, f"seed {seed}"
+    assert count_loss_rows([{}], across_ranks=False) is None
+
+
+def test_distributed_accumulated_micro_batches_sum_to_the_whole_batch_loss():
+    """Without a process group, summing the scaled micro-batch losses gives the whole-batch mean."""
+    seed = random.randrange(2**31)
+    mass, dense, mask = _random_problem(seed)
+    whole = re_attention_loss([mass], dense, alpha=1.5, key_padding_mask=mask)
+    rows = count_loss_rows([{"adjacency": dense[i:i + 1], "attention_mask": mask[i:i + 1]} for i in range(3)])
+    parts = sum(data_parallel_re_attention_loss([mass[i:i + 1]], dense[i:i + 1], alpha=1.5,
+                                                key_padding_mask=mask[i:i + 1], global_rows=rows) for i in range(3))
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=0, msg=f"seed {seed}")
+
+
+def test_distributed_scale_rejects_bad_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        scale_for_data_parallel(torch.tensor(1.0), reduction="avg")
+    with pytest.raises(ValueError, match="global_rows"):
+        scale_for_data_parallel(torch.tensor(1.0))
