@@ -1,0 +1,133 @@
+"""``causal-attn capt``: CAPT event estimation, symbolic intervention and per-variant scoring.
+
+    causal-attn capt estimate  --data cladder-v1-q-commonsense.json --out est.jsonl --base-url URL --model M
+    causal-attn capt symbolize --data est.jsonl --out train.jsonl --mode random --copies 4 --seed 42
+    causal-attn capt score     --data generations.jsonl [--field generation]
+
+``estimate`` writes the accepted samples (with their ``capt`` estimation) as JSONL and keeps every
+answer in a resumable cache beside the output (``--cache``); ``symbolize`` writes the intervened
+records (``--copies`` replicas, new letters each); ``score`` prints accuracy per test variant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..cli import CliError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("capt", help="CAPT: event estimation and symbolic intervention of a data set",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="capt_command", metavar="STEP", required=True)
+
+    est = sub.add_parser("estimate", help="estimate events with an OpenAI-compatible assistant LLM")
+    _data_args(est)
+    est.add_argument("--out", required=True, help="JSONL of accepted samples with their estimation")
+    est.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    est.add_argument("--model", required=True)
+    est.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    est.add_argument("--cache", help="resumable JSONL cache (default: OUT with .cache.jsonl)")
+    est.add_argument("--max-attempts", type=int, default=3, help="answers per sample before rejecting it")
+    est.add_argument("--concurrency", type=int, default=4)
+    est.add_argument("--binary", choices=["auto", "yes", "no"], default="auto",
+                     help="ask for set/unset descriptions (auto: for CLadder samples)")
+    est.add_argument("--limit", type=int, help="only the first N samples")
+    est.set_defaults(func=run_estimate)
+
+    sym = sub.add_parser("symbolize", help="replace placeholders by letters / phrases")
+    _data_args(sym)
+    sym.add_argument("--out", required=True)
+    sym.add_argument("--mode", choices=["random", "order", "original", "symbol"], default="random")
+    sym.add_argument("--copies", type=int, default=1, help="replicas of the set, new letters for each")
+    sym.add_argument("--seed", type=int, default=0)
+    sym.set_defaults(func=run_symbolize)
+
+    score = sub.add_parser("score", help="accuracy per test variant of generated answers")
+    score.add_argument("--data", required=True, help="JSONL records with answer, variant, source and the generation")
+    score.add_argument("--field", default="generation", help="field holding the generated text")
+    score.set_defaults(func=run_score)
+
+
+def _data_args(p) -> None:
+    p.add_argument("--data", required=True, nargs="+", help="CLadder / PrOntoQA files or prepared JSONL")
+    p.add_argument("--kind", choices=["cladder", "prontoqa", "jsonl"], help="record format (default: from the name)")
+    p.add_argument("--variant", help="test variant for every file (default: from the file name)")
+
+
+def _load(args) -> list[dict]:
+    from .capt import load_records
+
+    records = []
+    for path in args.data:
+        if not os.path.exists(path):
+            raise CliError(f"no such file: {path}")
+        try:
+            loaded = load_records(path, args.kind, args.variant)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise CliError(f"{path}: {e}") from None
+        if loaded.skipped:
+            print(f"{path}: skipped {len(loaded.skipped)} record(s), e.g. {loaded.skipped[0]}", file=sys.stderr)
+        records += loaded.records
+    if not records:
+        raise CliError("no usable records in " + ", ".join(args.data))
+    return records
+
+
+def _write_jsonl(path: str, rows) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_estimate(args) -> int:
+    from .capt import estimate_events
+    from .llm import ChatClient, JsonlCache
+
+    records = _load(args)[: args.limit]
+    try:
+        client = ChatClient(args.base_url, args.model, api_key_env=args.api_key_env,
+                            max_concurrency=args.concurrency)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    cache = JsonlCache(args.cache or os.path.splitext(args.out)[0] + ".cache.jsonl")
+    binary = {"auto": None, "yes": True, "no": False}[args.binary]
+    estimated, report = estimate_events(records, client, cache, binary=binary,
+                                        max_attempts=args.max_attempts, progress=sys.stderr.isatty())
+    _write_jsonl(args.out, estimated)
+    print(report.summary())
+    print(json.dumps({k: v for k, v in vars(report).items()}, sort_keys=True))
+    return 0 if report.accepted else 1
+
+
+def run_symbolize(args) -> int:
+    from .capt import replicate
+
+    records = _load(args)
+    try:
+        out = replicate(records, args.copies, seed=args.seed, mode=args.mode)
+    except (ValueError, KeyError) as e:
+        raise CliError(f"cannot symbolise: {e}") from None
+    _write_jsonl(args.out, out)
+    print(f"wrote {len(out)} records ({len(records)} samples x {args.copies} copies, mode {args.mode}) to {args.out}")
+    return 0
+
+
+def run_score(args) -> int:
+    from .capt import accuracy_by_variant
+
+    if not os.path.exists(args.data):
+        raise CliError(f"no such file: {args.data}")
+    with open(args.data, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i for i, r in enumerate(rows) if "answer" not in r or args.field not in r]
+    if bad:
+        raise CliError(f"{len(bad)} record(s) lack 'answer' or {args.field!r} (first: line {bad[0] + 1})")
+    table = accuracy_by_variant(rows, [r[args.field] for r in rows])
+    for variant, row in sorted(table.items()):
+        print(f"{variant:16s} n={row['n']:5d} accuracy={row['accuracy']:.4f} unparsed={row['unparsed']}")
+    return 0
