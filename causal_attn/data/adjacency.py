@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import re
 import unicodedata
 from typing import Any, Iterable, Iterator
@@ -41,9 +42,16 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 # ----------------------------------------------------------------------------- annotations
 
 def iter_annotation_pairs(annotations: Any, counts: collections.Counter | None = None) -> Iterator[tuple[str, list[str]]]:
-    """Yield ``(key, [values])`` from a list of ``{key: [values]}`` dicts, tolerating the shapes
-    assistant LLMs produce (one dict with several keys, a bare string value, a nested dict)."""
+    """Yield ``(key, [values])`` from a list of ``{key: [values]}`` dicts (or its JSON string),
+    tolerating the shapes assistant LLMs produce (one dict with several keys, a bare string value,
+    a nested dict)."""
     counts = counts if counts is not None else collections.Counter()
+    if isinstance(annotations, str):  # the JSON-string column of causal_attn.data.stg.as_dataset
+        try:
+            annotations = json.loads(annotations)
+        except ValueError:
+            counts["malformed"] += 1
+            return
     if isinstance(annotations, dict):
         annotations = [annotations]
     if not isinstance(annotations, (list, tuple)):
