@@ -1,0 +1,175 @@
+"""CATTrainer: ``transformers.Trainer`` with the Re-Attention loss, and its collator.
+
+Loss per micro-batch: ``LM + gamma * L_attn / s`` where ``s`` is the number of gradient-accumulation
+micro-batches when the LM loss is already normalised over the whole accumulated batch (the model gets
+``num_items_in_batch``, as Llama/Qwen do, and the Trainer does not divide by the accumulation steps), and
+``s = 1`` otherwise (then the Trainer divides the whole sum). Either way the attention term of an
+optimiser step is the mean of the micro-batch losses, exactly like the LM term.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .graph import CausalGraph
+from .patch import CATHandle, patch_model
+
+GAMMA_SCHEDULES = {
+    "exp": lambda epoch, progress: math.exp(-epoch),  # the paper: exp(-epoch), 0-based epochs
+    "const": lambda epoch, progress: 1.0,
+    "linear": lambda epoch, progress: 1.0 - progress,  # decays to 0 over the run
+}
+
+
+def make_gamma(gamma) -> Callable[[int, float], float]:
+    """``gamma``: a name of :data:`GAMMA_SCHEDULES`, a number (constant) or a callable
+    ``f(epoch: int, progress: float) -> float`` (0-based epoch, progress = global_step / max_steps in [0, 1])."""
+    if isinstance(gamma, str):
+        if gamma not in GAMMA_SCHEDULES:
+            raise ValueError(f"unknown gamma schedule {gamma!r}; choose {sorted(GAMMA_SCHEDULES)}, a number or a callable")
+        return GAMMA_SCHEDULES[gamma]
+    if isinstance(gamma, (int, float)):
+        value = float(gamma)
+        return lambda epoch, progress: value
+    if callable(gamma):
+        return gamma
+    raise TypeError(f"gamma must be a schedule name, a number or a callable, got {type(gamma).__name__}")
+
+
+class CATCollator:
+    """Pads records into a batch: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask`` and
+    ``adjacency`` (a :class:`CausalGraph`, present when any record has ``edges``).
+
+    A record holds ``input_ids`` and optionally ``labels`` (default: a copy of ``input_ids``),
+    ``attention_mask`` and ``edges`` (row-aligned ``[row, col]`` pairs for the unpadded sequence);
+    other fields are ignored. With ``padding_side="left"`` the edges shift with the tokens."""
+
+    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _pad(self, seqs, value, T):
+        out = torch.full((len(seqs), T), value, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            s = torch.as_tensor(s, dtype=torch.long)
+            if self.padding_side == "right":
+                out[b, :len(s)] = s
+            else:
+                out[b, T - len(s):] = s
+        return out
+
+    def __call__(self, records: list[dict]) -> dict:
+        if not records:
+            raise ValueError("CATCollator got an empty batch")
+        ids = [list(r["input_ids"]) for r in records]
+        for b, (r, s) in enumerate(zip(records, ids)):
+            if not s:
+                raise ValueError(f"record {b} has no input_ids")
+            for key in ("labels", "attention_mask"):
+                if key in r and len(r[key]) != len(s):
+                    raise ValueError(f"record {b}: {key} has length {len(r[key])} but input_ids has {len(s)}")
+        T = max(len(s) for s in ids)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": self._pad(ids, self.pad_token_id, T),
+            "labels": self._pad([r.get("labels", s) for r, s in zip(records, ids)], -100, T),
+            "attention_mask": self._pad([r.get("attention_mask", [1] * len(s)) for r, s in zip(records, ids)], 0, T),
+        }
+        if any(r.get("edges") is not None for r in records):
+            edges = []
+            for r, s in zip(records, ids):
+                shift = T - len(s) if self.padding_side == "left" else 0
+                edges.append([(int(i) + shift, int(j) + shift) for i, j in (r.get("edges") or [])])
+                if any(not (shift <= j <= i < T) for i, j in edges[-1]):
+                    raise ValueError(f"record with {len(s)} tokens has an edge outside its sequence or pointing "
+                                     "to the future (edges are row-aligned (row, col) with col <= row)")
+            batch["adjacency"] = CausalGraph.from_edges(edges, T)
+        return batch
+
+
+class CATTrainer(Trainer):
+    """``Trainer`` whose loss is ``LM + gamma * Re-Attention`` (SPEC §2).
+
+    Args (besides those of ``Trainer``):
+        cat_handle: the :class:`CATHandle` of an already patched model; default: ``patch_model(model,
+            alpha=alpha, reduction=reduction, kind=kind, layers=layers)``.
+        gamma: see :func:`make_gamma`; default ``"exp"`` = ``exp(-epoch)``.
+    ``args.remove_unused_columns`` is set to False (the adjacency is not a model argument the Trainer
+    knows). The default collator is :class:`CATCollator` with the tokenizer's (or config's) pad id.
+    Logged beside ``loss``: ``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean`` (mean R over the
+    rows in the loss) and ``ratio_ge_alpha`` (fraction of those rows with R >= alpha), averaged over the
+    micro-batches since the last log.
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *, cat_handle: CATHandle | None = None,
+                 alpha: float = 0.2, reduction: str = "mean", kind: str = "hinge", layers="all", gamma="exp",
+                 data_collator=None, processing_class=None, **kwargs):
+        if model is None:
+            raise ValueError("CATTrainer needs a model")
+        if args is None:
+            args = TrainingArguments(output_dir="cat_trainer_output")
+        args.remove_unused_columns = False
+        if cat_handle is None:
+            cat_handle = patch_model(model, alpha=alpha, reduction=reduction, kind=kind, layers=layers)
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+            side = getattr(processing_class, "padding_side", "right") or "right"
+            data_collator = CATCollator(0 if pad is None else pad, padding_side=side)
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
+                         **kwargs)
+        self.cat = cat_handle
+        self.gamma_fn = make_gamma(gamma)
+        self._cat_logs: dict[str, list[float]] = defaultdict(list)
+
+    # -------------------------------------------------------------- schedule
+    def current_gamma(self) -> float:
+        epoch = int(math.floor((self.state.epoch or 0.0) + 1e-9))
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
+        return float(self.gamma_fn(epoch, progress))
+
+    def _lm_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of ``Trainer.training_step``'s decision whether it divides the loss by the GA steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    # -------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        has_graph = inputs.get("adjacency") is not None
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        training = model.training
+        ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scaled = training and self._lm_loss_is_scaled_for_ga(num_items_in_batch)
+        if training:
+            self._cat_logs["lm_loss"].append(float(loss.detach()) * (ga_steps if scaled else 1))
+        if has_graph:
+            attn, st = self.cat.loss(return_stats=True)
+            gamma = self.current_gamma()
+            loss = loss + (gamma / ga_steps if scaled else gamma) * attn
+            if training:
+                self._cat_logs["attn_loss"].append(float(attn.detach()))
+                self._cat_logs["gamma"].append(gamma)
+                if st.rows.any():
+                    r = st.ratio.detach()[st.rows]
+                    self._cat_logs["ratio_mean"].append(float(r.mean()))
+                    self._cat_logs["ratio_ge_alpha"].append(float((r >= self.cat.alpha).float().mean()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self._cat_logs:  # a training log: add our means and start over
+            for key, values in self._cat_logs.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._cat_logs = defaultdict(list)
+        super().log(logs, start_time)
