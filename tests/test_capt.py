@@ -249,18 +249,18 @@ FORMS = {
     202: [("exercise", 1), ("heart disease", 2)],
     "301": [("yupt", 1), ("zupj", 2)],
     "302": [("kwox", 1), ("swoy", 2)],
-    "nonsense:example1/test_example": [("zumpus", 1), ("bitter", 2), ("Dumpuses", 3), ("dumpus", 3), ("Max", 4)],
-    "nonsense:example2/test_example": [("tumpus", 1), ("small", 2), ("Impuses", 3), ("impus", 3), ("Polly", 4)],
-    "commonsense:example1/test_example": [("cat", 1), ("Felines", 2), ("feline", 2), ("mammals", 3), ("mammal", 3),
+    "prontoqa_fictional_ontology:example1": [("zumpus", 1), ("bitter", 2), ("Dumpuses", 3), ("dumpus", 3), ("Max", 4)],
+    "prontoqa_fictional_ontology:example2": [("tumpus", 1), ("small", 2), ("Impuses", 3), ("impus", 3), ("Polly", 4)],
+    "prontoqa_true_ontology:example1": [("cat", 1), ("Felines", 2), ("feline", 2), ("mammals", 3), ("mammal", 3),
                                           ("Tom", 4)],
-    "commonsense:example2/test_example": [("sparrow", 1), ("Birds", 2), ("bird", 2), ("cold-blooded", 3), ("Kiki", 4)],
+    "prontoqa_true_ontology:example2": [("sparrow", 1), ("Birds", 2), ("bird", 2), ("cold-blooded", 3), ("Kiki", 4)],
 }
 # set / unset wording of binary (CLadder) events; default: the phrase / "not " + phrase
 SET_UNSET = {"smoking": ("smoke", "do not smoke"), "rain": ("it rains", "without rain"),
              "wet streets": ("wet streets", "dry streets"), "exercise": ("exercise", "do not exercise")}
 # scripted misbehaviour per sample: answers before the good one
 SCRIPT = {102: ["leak"], 103: ["malformed"], 201: ["unmapped"], 202: ["leak", "leak", "leak"],
-          "302": ["http500"], "nonsense:example2/test_example": ["invented"]}
+          "302": ["http500"], "prontoqa_fictional_ontology:example2": ["invented"]}
 
 
 def load_fixture_samples():
@@ -268,8 +268,7 @@ def load_fixture_samples():
     for name in ("cladder-v1-q-commonsense.json", "cladder-v1-q-anticommonsense.json", "test-noncommonsense-v1.5.csv"):
         samples += capt.load_cladder(fixture(name)).records
     for name in ("prontoqa_fictional_ontology.json", "prontoqa_true_ontology.json"):
-        for r in capt.load_prontoqa(fixture(name)).records:
-            samples.append({**r, "id": f"{r['variant']}:{r['id']}"})
+        samples += capt.load_prontoqa(fixture(name)).records
     return samples
 
 
@@ -382,6 +381,19 @@ def test_replicate_count_variety_determinism():
         capt.replicate([{"input": "x", "target": "y"}], 1)
 
 
+def test_fresh_symbols_each_read():
+    import datasets
+    rows = [{**s, "capt": json.dumps(s["capt"])} for s in (estimated_sample(i) for i in range(3))]
+    ds = datasets.Dataset.from_list(rows)
+    ds.set_transform(capt.fresh_symbols_transform(seed=3))
+    reads = [ds[0] for _ in range(6)]
+    assert len({tuple(r["capt_assignment"].values()) for r in reads}) >= 5
+    for r in reads:
+        a = r["capt_assignment"]
+        assert r["input"] == f"{a['symbol_1']} then {a['symbol_2']} then {a['symbol_3']}?"
+    assert len(ds[0:3]["input"]) == 3
+
+
 # ------------------------------------------------------------------------------ loaders, parser, accuracy
 
 def test_loaders_and_variants():
@@ -395,6 +407,7 @@ def test_loaders_and_variants():
     assert [r["variant"] for r in non.records] == ["nonsense"] * 2 and non.records[0]["input"].startswith("For those")
     fic = capt.load_prontoqa(fixture("prontoqa_fictional_ontology.json"))
     assert len(fic) == 2 and len(fic.skipped) == 1 and fic.records[0]["answer"] == "false"
+    assert fic.records[0]["id"] == "prontoqa_fictional_ontology:example1"
     assert fic.records[0]["target"].endswith("Max is bitter. <answer>False</answer>")
     assert len(capt.load_prontoqa(fixture("prontoqa_fictional_ontology.json"), include_in_context=True)) == 3
     true = capt.load_records(fixture("prontoqa_true_ontology.json"))

@@ -230,6 +230,8 @@ def relocate_annotations(important: list, original: Rendering, new: Rendering) -
 
 def _templates(sample: dict, fields: Sequence[str]) -> tuple[dict, dict]:
     capt = sample.get("capt")
+    if isinstance(capt, str):  # stored as JSON text (e.g. in a datasets.Dataset column)
+        capt = json.loads(capt)
     if not isinstance(capt, dict) or "symbols" not in capt:
         raise ValueError(f"sample {sample.get('id')!r} has no event estimation ('capt' field)")
     return {f: capt["templates"][f] for f in fields}, capt["symbols"]
@@ -278,6 +280,19 @@ def replicate(samples, k: int, *, seed=0, mode: str = "random", fields: Sequence
         import datasets
         return datasets.Dataset.from_list(out)
     return out
+
+
+def fresh_symbols_transform(mode: str = "random", seed=None, *, fields: Sequence[str] = FIELDS):
+    """A ``datasets`` transform (``Dataset.set_transform``) that symbolises rows each time they are
+    read, so every epoch sees new letters. Rows need the ``capt`` estimation (a dict or JSON text);
+    ``seed`` seeds one stream shared by all reads."""
+    rng = _rng(seed)
+
+    def transform(batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out = [symbolize_sample(r, mode, rng, fields=fields) for r in rows]
+        return {k: [o.get(k) for o in out] for k in out[0]} if out else {}
+    return transform
 
 
 def capt_graph(record: dict, tokenizer, *, fields: Sequence[str] = FIELDS, **options):
@@ -591,11 +606,13 @@ def load_prontoqa(path: str, variant: str | None = None, *, include_in_context: 
 
     A JSON dict ``{"example1": {"in_context_example0": {...}, ..., "test_example": {"question",
     "query", "chain_of_thought", "answer"}}, ...}``; ``include_in_context`` also yields the
-    in-context examples (as training material). The variant comes from ``variant`` or the file name
+    in-context examples (as training material). Ids are ``<file stem>:<example key>`` (unique across
+    the variant files). The variant comes from ``variant`` or the file name
     (``true`` / ``false`` / ``fictional`` ontology -> commonsense / anticommonsense / nonsense).
     ``target`` is the chain of thought followed by `` <answer>True</answer>``.
     """
     default = normalize_variant(variant) if variant else _variant_from_path(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
     records, skipped = [], []
     for ex_id, problem in _read_rows(path):
         if not isinstance(problem, dict):
@@ -606,7 +623,7 @@ def load_prontoqa(path: str, variant: str | None = None, *, include_in_context: 
         if not parts:
             skipped.append(f"{ex_id}: no test_example")
         for part, ex in parts:
-            rid = f"{ex_id}/{part}"
+            rid = f"{stem}:{ex_id}" + ("" if part == "test_example" else f"/{part}")
             answer = _answer_word(ex.get("answer") if isinstance(ex, dict) else None, CHOICES["prontoqa"])
             if answer is None or not ex.get("question") or not ex.get("query"):
                 skipped.append(f"{rid}: needs question, query and a True/False answer")
