@@ -1,0 +1,241 @@
+"""Kernel micro-benchmark: causal attention forward, backward and forward+backward per method.
+
+Methods (same q, k, v, adjacency and upstream gradients for all):
+    cat         ours with mass: ``causal_attn.attention(q, k, v, graph, backend=...)`` -> (out, mass)
+    cat_nomass  ours without mass: adjacency None
+    sdpa        ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, no statistics (GQA via
+                ``enable_gqa``)
+    eager       the authors' way: explicit (B, Hq, T, T) maps, mass summed from them (``backend="reference"``)
+
+Per case (T, head dim, GQA on/off) all methods run interleaved in one process (see ``common``), giving
+medians and ratios to SDPA; peak memory of forward+backward comes from a fresh child process per
+case (methods measured one after another, high-water mark reset between them; see ``common``). On CUDA: do_bench medians, TFLOP/s with causal FLOPs 2*B*Hq*T^2*D forward and 2.5x
+that backward, and max_memory_allocated.
+
+    python benchmarks/bench_kernels.py [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import causal_attn  # noqa: E402
+from causal_attn.attention import resolve_backend  # noqa: E402
+from common import (child_report, do_bench_phases, interleaved_times, measure_peak, run_child,  # noqa: E402
+                    setup_threads, timed_phases)
+
+METHODS = ("cat", "cat_nomass", "sdpa", "eager")
+LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "sdpa": "torch SDPA (no statistics)",
+          "eager": "eager maps + mass (authors' way)"}
+PHASES = ("fwd", "bwd", "fwdbwd")
+EDGE_DENSITY = 0.05  # fraction of allowed (row, col) pairs that are annotated edges
+
+
+@dataclass(frozen=True)
+class Case:
+    T: int
+    D: int
+    Hq: int = 8
+    Hkv: int = 8
+    B: int = 1
+
+    @property
+    def gqa(self) -> bool:
+        return self.Hkv != self.Hq
+
+
+def random_graph(B: int, T: int, density: float, generator: torch.Generator, device="cpu") -> causal_attn.CausalGraph:
+    """Row-aligned adjacency with each allowed (i, j <= i) pair an edge with probability ``density``."""
+    dense = (torch.rand(B, T, T, generator=generator) < density).tril()
+    return causal_attn.CausalGraph.from_dense(dense).to(device)
+
+
+def make_inputs(case: Case, device, dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B, T, D = case.B, case.T, case.D
+
+    def rnd(H):
+        return torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+
+    return {"q": rnd(case.Hq), "k": rnd(case.Hkv), "v": rnd(case.Hkv), "dout": rnd(case.Hq),
+            "dmass": torch.randn(B, case.Hq, T, generator=g).to(device),
+            "graph": random_graph(B, T, EDGE_DENSITY, g, device)}
+
+
+def make_method(name: str, inp: dict, backend: str):
+    """-> (forward() -> outputs, backward(outputs)); backward returns dq, dk, dv without accumulating."""
+    q, k, v = (inp[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    gqa = q.shape[1] != k.shape[1]
+
+    if name == "sdpa":
+        def forward():
+            return (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),)
+    elif name in ("cat", "cat_nomass", "eager"):
+        graph = None if name == "cat_nomass" else inp["graph"]
+        be = "reference" if name == "eager" else backend
+
+        def forward():
+            out, mass = causal_attn.attention(q, k, v, graph, backend=be)
+            return (out,) if mass is None else (out, mass)
+    else:
+        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+    def backward(outs):
+        grads = (inp["dout"], inp["dmass"])[: len(outs)]
+        return torch.autograd.grad(outs, (q, k, v), grads)
+
+    return forward, backward
+
+
+def causal_flops(case: Case) -> float:
+    """Forward FLOPs of causal attention (the issue's convention); backward is 2.5x."""
+    return 2.0 * case.B * case.Hq * case.T ** 2 * case.D
+
+
+# ------------------------------------------------------------------------------------------ memory child
+def child_main(argv):
+    """``--child T D HQ HKV B BACKEND DTYPE THREADS METHOD...``: forward+backward peak RSS growth (MiB)
+    of each method, measured one after another in this fresh process."""
+    T, D, Hq, Hkv, B, backend, dtype, threads, *methods = argv
+    setup_threads(int(threads))
+    dtype = getattr(torch, dtype)
+    case = Case(int(T), int(D), int(Hq), int(Hkv), int(B))
+    inp = make_inputs(case, "cpu", dtype)
+    warm = make_inputs(Case(64, case.D, case.Hq, case.Hkv, case.B), "cpu", dtype, seed=1)
+    peaks = {}
+    for name in methods:
+        fwd, bwd = make_method(name, warm, backend)
+        bwd(fwd())  # lazily loaded kernels and thread pools are set up outside the measurement
+        fwd, bwd = make_method(name, inp, backend)
+        peaks[name] = measure_peak(lambda: bwd(fwd()))
+        del fwd, bwd
+    child_report(**peaks)
+
+
+def memory_cpu(case: Case, methods, args) -> dict:
+    """{method: peak MiB} from one fresh child process, or {"error": ...}."""
+    return run_child(os.path.abspath(__file__), [case.T, case.D, case.Hq, case.Hkv, case.B, args.backend,
+                                                 args.dtype, args.threads, *methods], timeout=args.child_timeout)
+
+
+def memory_cuda(case: Case, methods, args, device) -> dict:
+    inp = make_inputs(case, device, getattr(torch, args.dtype))
+    peaks = {}
+    for name in methods:
+        fwd, bwd = make_method(name, inp, args.backend)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        bwd(fwd())
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peaks
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def add_memory_ratios(case_rows: list[dict]):
+    """``peak_x_sdpa`` for every row of one case that has a peak, when SDPA's peak was measured."""
+    sdpa = next((r for r in case_rows if r["method"] == "sdpa" and "peak_mib" in r), None)
+    if sdpa is None:
+        return
+    for r in case_rows:
+        if "peak_mib" in r:
+            r["peak_x_sdpa"] = r["peak_mib"] / max(sdpa["peak_mib"], 1e-3)
+
+
+def cases_for(args) -> list[Case]:
+    return [Case(T, D, args.heads, args.heads // args.gqa_group if gqa else args.heads, args.batch)
+            for D in args.head_dims for gqa in args.gqa for T in args.seq_lens]
+
+
+def run_sweep(args, log=print) -> list[dict]:
+    """Time every case (methods interleaved) and measure memory; returns CSV rows, one per case and method."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    resolved = "reference" if args.backend == "reference" else resolve_backend(args.backend, device)
+    rows = []
+    for case in cases_for(args):
+        methods = [m for m in args.methods if not (m == "eager" and case.T > args.eager_max_t)]
+        inp = make_inputs(case, device, dtype)
+        runs = {}
+        for m in methods:
+            fwd, bwd = make_method(m, inp, args.backend)
+            runs[m] = (lambda f=fwd, b=bwd: do_bench_phases(f, b)) if device.type == "cuda" else \
+                (lambda f=fwd, b=bwd: timed_phases(f, b, device))
+        if device.type == "cuda":
+            times = {m: r() for m, r in runs.items()}
+        else:
+            times = interleaved_times(runs, warmup=args.warmup, repeats=args.repeats, budget_s=args.case_budget)
+        del inp, runs
+        base = times.get("sdpa", {})
+        mem = {}
+        if case.T in args.memory_seq_lens:
+            mem = memory_cuda(case, list(times), args, device) if device.type == "cuda" else \
+                memory_cpu(case, list(times), args)
+        case_rows = []
+        for m in args.methods:
+            row = {**asdict(case), "gqa": case.gqa, "method": m, "device": device.type, "dtype": args.dtype,
+                   "backend": resolved if m.startswith("cat") else ""}
+            case_rows.append(row)
+            if m not in times:
+                row["status"] = f"skipped: eager maps above T={args.eager_max_t} (--eager-max-t)"
+                continue
+            for ph in PHASES:
+                row[f"{ph}_ms"] = times[m][ph] * 1e3
+                if ph in base:
+                    row[f"{ph}_x_sdpa"] = times[m][ph] / base[ph]
+            if device.type == "cuda":
+                row["tflops_fwd"] = causal_flops(case) / times[m]["fwd"] / 1e12
+                row["tflops_bwd"] = 2.5 * causal_flops(case) / times[m]["bwd"] / 1e12
+            if "error" in mem:
+                row["status"] = f"memory child failed: {mem['error']}"
+            elif m in mem:
+                row["peak_mib"] = mem[m]
+            row.setdefault("status", "ok")
+        add_memory_ratios(case_rows)
+        rows += case_rows
+        log(f"kernels T={case.T} D={case.D} Hq={case.Hq} Hkv={case.Hkv}: " + ", ".join(
+            f"{m} {times[m]['fwdbwd'] * 1e3:.1f} ms" for m in times))
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T (default 256..4096 on CPU, "
+                   "512..16384 on CUDA)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--gqa", type=int, nargs="+", choices=[0, 1], default=[0, 1], help="1 = GQA on")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--gqa-group", type=int, default=4, help="query heads per key/value head with GQA on")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--eager-max-t", type=int, help="skip the eager maps above this T (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--memory-seq-lens", type=int, nargs="*", help="T values with a memory measurement "
+                   "(default: all)")
+    p.add_argument("--case-budget", type=float, default=60.0, help="seconds per case after which no new "
+                   "timing round starts (CPU)")
+
+
+def finalize_args(args):
+    cuda = args.device == "cuda"
+    if args.seq_lens is None:
+        args.seq_lens = [512, 1024, 2048, 4096, 8192, 16384] if cuda else [256, 512, 1024, 2048, 4096]
+    if args.eager_max_t is None:
+        args.eager_max_t = 8192 if cuda else 2048
+    if args.memory_seq_lens is None:
+        args.memory_seq_lens = list(args.seq_lens)
+    return args
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        sys.exit(0)
+    from runner import main_for
+
+    sys.exit(main_for("kernels"))

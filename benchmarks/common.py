@@ -1,0 +1,181 @@
+"""Measurement helpers shared by the kernel and training-step benchmarks.
+
+Time (CPU): every repeat runs each method once, in a rotated order, so background load on the shared
+machine hits all methods alike; the statistic is the median over repeats after warm-up runs.
+Time (CUDA): ``triton.testing.do_bench`` medians.
+
+Memory (CPU): each case runs in a fresh ``python <script> --child ...`` process (a cold interpreter
+costs ~5-10 s on the loaded machine, so the methods of one case share it). Per method the child frees
+everything, returns free heap pages to the OS (``malloc_trim``), resets the kernel's RSS high-water mark
+(``/proc/self/clear_refs``), then reports the mark after the work minus the mark before it (after imports,
+input creation and a tiny warm-up). glibc's mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) so large
+buffers are unmapped on free and never hide in the heap. It prints one JSON line. Memory (CUDA): the
+``max_memory_allocated`` growth over the allocation after input creation, in process.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+MiB = 2**20
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident set, MiB (VmHWM; it is resettable, ru_maxrss is not)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> float:
+    """Free what can be freed, reset the RSS high-water mark to the current RSS and return it (MiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the RSS high-water mark here ({e}); needs Linux /proc") from e
+    return peak_rss_mib()
+
+
+def measure_peak(work: Callable[[], object]) -> float:
+    """RSS high-water growth (MiB) of ``work()`` over the resident set just before it."""
+    base = reset_peak_rss()
+    work()
+    return peak_rss_mib() - base
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(runs: dict[str, Callable[[], dict[str, float]]], *, warmup: int, repeats: int,
+                      budget_s: float | None = None) -> dict[str, dict[str, float]]:
+    """Median of each timed phase per method over ``repeats`` rounds (after ``warmup`` rounds).
+
+    ``runs[name]()`` executes one measurement and returns ``{phase: seconds}``. Every round runs each
+    method once, starting at a different method each round. With ``budget_s``, stop after the first
+    round that ends past the budget (at least one timed round always runs).
+    """
+    names = list(runs)
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    start = time.perf_counter()
+    for rnd in range(warmup + repeats):
+        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        for name in order:
+            phases = runs[name]()
+            if rnd >= warmup:
+                for phase, sec in phases.items():
+                    samples[name].setdefault(phase, []).append(sec)
+        if rnd >= warmup and budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in samples.items()}
+
+
+def timed_phases(forward: Callable[[], object], backward: Callable[[object], None] | None,
+                 device: torch.device) -> dict[str, float]:
+    """One forward (and backward) run -> ``{"fwd", "bwd", "fwdbwd"}`` wall seconds."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = forward()
+    sync(device)
+    t1 = time.perf_counter()
+    if backward is None:
+        return {"fwd": t1 - t0}
+    backward(out)
+    sync(device)
+    t2 = time.perf_counter()
+    return {"fwd": t1 - t0, "bwd": t2 - t1, "fwdbwd": t2 - t0}
+
+
+def do_bench_phases(forward: Callable[[], object], backward: Callable[[object], None] | None) -> dict[str, float]:
+    """CUDA: ``triton.testing.do_bench`` medians (seconds) of forward, backward and both."""
+    from triton.testing import do_bench
+
+    res = {"fwd": do_bench(forward, return_mode="median") / 1e3}
+    if backward is not None:
+        out = forward()
+        res["bwd"] = do_bench(lambda: backward(out), return_mode="median") / 1e3
+        res["fwdbwd"] = do_bench(lambda: backward(forward()), return_mode="median") / 1e3
+    return res
+
+
+def run_child(script: str, args: Sequence[str], timeout: float) -> dict:
+    """Run ``python script --child args...`` in a fresh process; return its last stdout line as JSON.
+
+    A failed or timed-out child gives ``{"error": ...}`` so the sweep records it instead of dying."""
+    cmd = [sys.executable, script, "--child", *map(str, args)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {res.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def child_report(**fields):
+    """Print the one JSON line a child process hands back to :func:`run_child`."""
+    print(json.dumps(fields), flush=True)
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+    """Write dict rows (union of keys, first-seen order) to ``path``; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fit_growth(ts: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """Least-squares fits of memory ``y`` (MiB) against sequence length ``T``.
+
+    ``slope_mib_per_1k``: the linear slope (MiB per 1024 tokens); ``exponent``: ``p`` in ``y ~ T^p``
+    from a log-log fit over the points with ``y > 0`` (about 1 for linear growth, 2 for quadratic).
+    """
+    t = np.asarray(ts, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    if len(t) < 2:
+        raise ValueError(f"need at least two points to fit, got {len(t)}")
+    slope = float(np.polyfit(t, y, 1)[0]) * 1024
+    pos = y > 0
+    exponent = float(np.polyfit(np.log(t[pos]), np.log(y[pos]), 1)[0]) if pos.sum() >= 2 else float("nan")
+    return {"slope_mib_per_1k": slope, "exponent": exponent}
+
+
+def setup_threads(threads: int | None):
+    """CPU runs use a fixed thread count (default 1: the machine is shared, one thread is steadier)."""
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,87 @@
+"""PNG plots of the benchmark CSVs: time and peak memory against T per method, log-log axes."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import read_csv  # noqa: E402
+
+
+def _num(row, key):
+    v = row.get(key, "")
+    return float(v) if v not in ("", None) else None
+
+
+def _series(rows, key, **match):
+    """{method: ([T], [value])} over rows matching ``match`` that have ``key``."""
+    out: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        if any(str(r.get(k)) != str(v) for k, v in match.items()):
+            continue
+        y = _num(r, key)
+        if y is None or y <= 0:
+            continue
+        ts, ys = out.setdefault(r["method"], ([], []))
+        ts.append(int(r["T"]))
+        ys.append(y)
+    return out
+
+
+def _panel(ax, series, title, ylabel):
+    for method, (ts, ys) in sorted(series.items()):
+        ax.plot(ts, ys, marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("T")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def plot_kernels(csv_path: str, out_dir: str) -> dict[str, str]:
+    rows = read_csv(csv_path)
+    groups = sorted({(int(r["D"]), r["gqa"]) for r in rows})
+    paths = {}
+    for key, ylabel, name in (("fwdbwd_ms", "forward+backward ms (median)", "kernels_time.png"),
+                              ("peak_mib", "peak memory growth, MiB", "kernels_memory.png")):
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+        for ax, (D, gqa) in zip(axes[0], groups):
+            _panel(ax, _series(rows, key, D=D, gqa=gqa), f"D={D}, GQA {'on' if gqa == 'True' else 'off'}", ylabel)
+        fig.tight_layout()
+        paths[name] = os.path.join(out_dir, name)
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def plot_train(csv_path: str, out_dir: str) -> dict[str, str]:
+    rows = read_csv(csv_path)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    _panel(axes[0], _series(rows, "step_ms"), "training step time (Llama 4x256, B=2)", "ms (median)")
+    _panel(axes[1], _series(rows, "peak_mib"), "training step peak memory growth", "MiB")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "train_step.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"train_step.png": path}
+
+
+def plot_all(out_dir: str) -> dict[str, str]:
+    paths = {}
+    if os.path.exists(os.path.join(out_dir, "kernels.csv")):
+        paths.update(plot_kernels(os.path.join(out_dir, "kernels.csv"), out_dir))
+    if os.path.exists(os.path.join(out_dir, "train_step.csv")):
+        paths.update(plot_train(os.path.join(out_dir, "train_step.csv"), out_dir))
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(plot_all(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")))

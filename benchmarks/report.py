@@ -1,0 +1,123 @@
+"""``summary.md``: ratio tables, memory-growth fits and the issue's targets, from the benchmark CSVs."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from common import fit_growth, read_csv
+
+TARGETS = {"step_time": 1.10, "step_memory": 1.05, "kernel_fwdbwd": 1.25}
+
+
+def _f(r, k):
+    v = r.get(k, "")
+    return float(v) if v not in ("", None) else None
+
+
+def _fmt(x, spec=".2f", suffix=""):
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(map(str, ln)) + " |" for ln in lines]
+
+
+def kernel_section(rows) -> list[str]:
+    by = {(int(r["T"]), int(r["D"]), r["gqa"], r["method"]): r for r in rows}
+    cases = sorted({k[:3] for k in by}, key=lambda c: (c[1], c[2], c[0]))
+    lines = []
+    for T, D, gqa in cases:
+        get = lambda m, k: _f(by.get((T, D, gqa, m), {}), k)  # noqa: E731
+        lines.append([T, D, "on" if gqa == "True" else "off", _fmt(get("sdpa", "fwdbwd_ms"), ".1f"),
+                      _fmt(get("cat", "fwd_x_sdpa"), ".2f", "x"), _fmt(get("cat", "bwd_x_sdpa"), ".2f", "x"),
+                      _fmt(get("cat", "fwdbwd_x_sdpa"), ".2f", "x"), _fmt(get("cat_nomass", "fwdbwd_x_sdpa"), ".2f", "x"),
+                      _fmt(get("eager", "fwdbwd_x_sdpa"), ".2f", "x"), _fmt(get("sdpa", "peak_mib"), ".0f"),
+                      _fmt(get("cat", "peak_mib"), ".0f"), _fmt(get("eager", "peak_mib"), ".0f")])
+    return ["## Attention kernels (B=1, 8 query heads; GQA on = 2 key/value heads)", "",
+            "Time ratios to SDPA from interleaved runs (medians); peak = RSS growth of forward+backward in a fresh "
+            "process, MiB.", ""] + _table(
+        ["T", "D", "GQA", "SDPA fwd+bwd ms", "ours fwd", "ours bwd", "ours fwd+bwd", "ours no-mass fwd+bwd",
+         "eager fwd+bwd", "SDPA peak", "ours peak", "eager peak"], lines) + [""]
+
+
+def train_section(rows) -> list[str]:
+    by = {(int(r["T"]), r["method"]): r for r in rows}
+    lines = []
+    for T in sorted({int(r["T"]) for r in rows}):
+        get = lambda m, k: _f(by.get((T, m), {}), k)  # noqa: E731
+        lines.append([T, _fmt(get("sdpa", "step_ms"), ".0f"), _fmt(get("cat", "step_x_sdpa"), ".2f", "x"),
+                      _fmt(get("authors", "step_x_sdpa"), ".2f", "x"), _fmt(get("sdpa", "peak_mib"), ".0f"),
+                      _fmt(get("cat", "peak_x_sdpa"), ".2f", "x"), _fmt(get("cat", "extra_mib"), ".0f"),
+                      _fmt(get("authors", "peak_x_sdpa"), ".2f", "x"), _fmt(get("authors", "extra_mib"), ".0f")])
+    skipped = [f"- T={int(r['T'])} {r['method']}: {r['status']}" for r in rows if r.get("status", "ok") != "ok"]
+    return ["## Training step (Llama 4 layers, hidden 256, 8 heads, B=2; one AdamW step)", "",
+            "Ratios to the plain SDPA step; extra = peak - SDPA peak (MiB, RSS growth in a fresh process).", ""] + \
+        _table(["T", "SDPA step ms", "CAT time", "authors time", "SDPA peak MiB", "CAT mem", "CAT extra MiB",
+                "authors mem", "authors extra MiB"], lines) + [""] + skipped + ([""] if skipped else [])
+
+
+def growth_fits(train_rows, kernel_rows) -> list[str]:
+    """Fits of extra memory vs T: CAT should be linear (exponent ~1), the authors' way quadratic (~2)."""
+    out = ["## Memory growth with T (least-squares fits)", ""]
+    for method in ("cat", "authors"):
+        pts = [(int(r["T"]), _f(r, "extra_mib")) for r in train_rows
+               if r["method"] == method and _f(r, "extra_mib") is not None and 512 <= int(r["T"]) <= 4096]
+        if len(pts) >= 2:
+            fit = fit_growth(*zip(*pts))
+            out.append(f"- training step, {method} extra memory over SDPA, T {pts[0][0]}-{pts[-1][0]}: slope "
+                       f"{fit['slope_mib_per_1k']:.1f} MiB per 1k tokens, exponent {fit['exponent']:.2f} "
+                       f"(points: {', '.join(f'{t}: {y:.0f}' for t, y in pts)})")
+    for method in ("cat", "sdpa", "eager"):
+        pts = [(int(r["T"]), _f(r, "peak_mib")) for r in kernel_rows if r["method"] == method and
+               int(r["D"]) == 64 and r["gqa"] == "False" and _f(r, "peak_mib") is not None]
+        if len(pts) >= 2:
+            fit = fit_growth(*zip(*pts))
+            out.append(f"- kernel fwd+bwd (D=64, no GQA), {method} peak, T {pts[0][0]}-{pts[-1][0]}: slope "
+                       f"{fit['slope_mib_per_1k']:.1f} MiB per 1k tokens, exponent {fit['exponent']:.2f}")
+    return out + [""]
+
+
+def targets(train_rows, kernel_rows) -> list[str]:
+    out = ["## Targets (issue 8)", ""]
+    for T in (1024, 2048):
+        r = next((r for r in train_rows if r["method"] == "cat" and int(r["T"]) == T), None)
+        if r is None:
+            continue
+        for key, target, what in (("step_x_sdpa", TARGETS["step_time"], "time"),
+                                  ("peak_x_sdpa", TARGETS["step_memory"], "peak memory")):
+            x = _f(r, key)
+            if x is not None:
+                verdict = "met" if x <= target else f"MISSED by {100 * (x / target - 1):.0f}%"
+                out.append(f"- CAT step {what} at T={T}: {x:.2f}x SDPA (target <= {target:.2f}x): {verdict}")
+    ks = [(int(r["T"]), int(r["D"]), r["gqa"], _f(r, "fwdbwd_x_sdpa")) for r in kernel_rows
+          if r["method"] == "cat" and 1024 <= int(r["T"]) <= 4096 and _f(r, "fwdbwd_x_sdpa") is not None]
+    if ks:
+        worst = max(ks, key=lambda k: k[3])
+        n_met = sum(k[3] <= TARGETS["kernel_fwdbwd"] for k in ks)
+        out.append(f"- attention fwd+bwd with mass, T 1k-4k: {n_met}/{len(ks)} cases <= "
+                   f"{TARGETS['kernel_fwdbwd']:.2f}x SDPA; range {min(k[3] for k in ks):.2f}x-{worst[3]:.2f}x "
+                   f"(worst T={worst[0]} D={worst[1]} GQA {'on' if worst[2] == 'True' else 'off'})")
+    return out + [""]
+
+
+def write_summary(out_dir: str, command: str | None = None) -> str:
+    kpath, tpath = os.path.join(out_dir, "kernels.csv"), os.path.join(out_dir, "train_step.csv")
+    krows = read_csv(kpath) if os.path.exists(kpath) else []
+    trows = read_csv(tpath) if os.path.exists(tpath) else []
+    lines = ["# Benchmark summary", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "
+             "methods interleaved per case on a shared machine." + (f" Reproduce: `{command}`" if command else ""), ""]
+    lines += targets(trows, krows) + growth_fits(trows, krows)
+    if trows:
+        lines += train_section(trows)
+    if krows:
+        lines += kernel_section(krows)
+    path = os.path.join(out_dir, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

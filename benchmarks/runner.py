@@ -1,0 +1,114 @@
+"""Command-line driver shared by ``causal-attn bench`` and the scripts in this folder.
+
+Runs the kernel and/or training-step sweep, writes ``kernels.csv`` / ``train_step.csv``, the PNG plots
+and ``summary.md`` (ratio tables, memory-growth fits, targets) into ``--out``.
+
+    python benchmarks/runner.py [--quick] [--only kernels|train] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_kernels  # noqa: E402
+import bench_train_step  # noqa: E402
+from common import setup_threads, write_csv  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+
+# --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
+QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
+             train_memory_seq_lens=[512], repeats=3, case_budget=15.0)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--only", choices=["kernels", "train", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="small grid, same code path (<= 2 minutes)")
+    p.add_argument("--out", help=f"output folder (default {RESULTS}, or its quick/ subfolder with --quick)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="float32 on CPU, bfloat16 on CUDA by default")
+    p.add_argument("--backend", default="auto", help="causal_attn backend for our methods (default auto)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: shared machine)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per case (CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (CPU); median reported")
+    p.add_argument("--child-timeout", type=float, default=900.0, help="seconds per memory child process")
+    p.add_argument("--profile", type=int, nargs="*", metavar="T", help="also write torch.profiler tables of the "
+                   "CAT and SDPA training steps at these T (default 1024 2048 when given without values)")
+    p.add_argument("--no-plots", action="store_true")
+    bench_kernels.add_arguments(p)
+    bench_train_step.add_arguments(p)
+
+
+def finalize_args(args):
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k, None) in (None, p_default(k)):
+                setattr(args, k, v)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.out is None:
+        args.out = os.path.join(RESULTS, "quick") if args.quick else RESULTS
+    if args.train_memory_seq_lens is None:
+        args.train_memory_seq_lens = list(args.train_seq_lens)
+    if args.profile is not None and not args.profile:
+        args.profile = [1024, 2048]
+    return bench_kernels.finalize_args(args)
+
+
+def p_default(name):
+    """The parser default of option ``name`` (--quick replaces only values left at their default)."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.get_default(name)
+
+
+def run(args, log=print) -> dict[str, str]:
+    """Run the selected sweeps; returns {artifact name: path}."""
+    import plot
+    import report
+
+    args = finalize_args(args)
+    if args.device == "cpu":
+        setup_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    paths, t0 = {}, time.perf_counter()
+    if args.only in ("kernels", "all"):
+        rows = bench_kernels.run_sweep(args, log=log)
+        paths["kernels_csv"] = write_csv(rows, os.path.join(args.out, "kernels.csv"))
+    if args.only in ("train", "all"):
+        rows = bench_train_step.run_sweep(args, log=log)
+        paths["train_csv"] = write_csv(rows, os.path.join(args.out, "train_step.csv"))
+    for T in args.profile or []:
+        for m in ("sdpa", "cat"):
+            path = os.path.join(args.out, f"profile_train_{m}_T{T}.txt")
+            with open(path, "w") as f:
+                f.write(bench_train_step.profile_step(m, T, args.train_batch, args.device))
+            paths[f"profile_{m}_{T}"] = path
+    if not args.no_plots:
+        paths.update(plot.plot_all(args.out))
+    command = "causal-attn bench" + (" --quick" if args.quick else "") + \
+        (f" --only {args.only}" if args.only != "all" else "")
+    paths["summary"] = report.write_summary(args.out, command=command)
+    log(open(paths["summary"]).read())
+    log(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}")
+    return paths
+
+
+def main_for(which: str = "all", argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if which != "all":
+        args.only = which
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_for())

@@ -1,0 +1,56 @@
+"""``causal-attn bench``: run the kernel and training-step benchmarks of the repository's benchmarks/ folder.
+
+The benchmark code lives in the repository (``benchmarks/runner.py`` and its siblings), not in the installed
+package: its memory measurements re-run those scripts as fresh child processes. The command therefore
+needs a source checkout: it finds ``benchmarks/`` next to the package (an editable install, ``pip install
+-e .``, or running from the checkout) or at ``$CAUSAL_ATTN_BENCHMARKS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from .cli import CliError
+
+ENV = "CAUSAL_ATTN_BENCHMARKS"
+
+
+def benchmarks_dir() -> Path | None:
+    """The benchmarks/ folder holding runner.py, or None."""
+    candidates = [os.environ.get(ENV), Path(__file__).resolve().parents[1] / "benchmarks"]
+    for c in candidates:
+        if c and (Path(c) / "runner.py").is_file():
+            return Path(c)
+    return None
+
+
+def load_runner():
+    folder = benchmarks_dir()
+    if folder is None:
+        raise CliError(f"benchmarks/runner.py not found next to the package or at ${ENV}; `causal-attn bench` "
+                       "needs a source checkout installed with `pip install -e .` (or set ${ENV})")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module("runner")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("bench", help="kernel and training-step benchmarks (CSV, PNG, summary.md)",
+                              description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    try:
+        load_runner().add_arguments(p)
+    except CliError:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    runner = load_runner()
+    if getattr(args, "rest", None) is not None:  # parser was built without the runner's options
+        raise CliError("benchmark options unavailable: benchmarks/ folder not found")
+    runner.run(args)
+    return 0
