@@ -403,7 +403,7 @@ def test_loaders_and_variants():
     assert com.records[0]["target"] == " <answer>Yes</answer>" and com.records[1]["answer"] == "no"
     anti = capt.load_cladder(fixture("cladder-v1-q-anticommonsense.json"))
     assert {r["variant"] for r in anti.records} == {"anticommonsense"}
-    non = capt.load_records(fixture("test-noncommonsense-v1.5.csv"), "cladder")
+    non = capt.load_records(fixture("test-noncommonsense-v1.5.csv"))
     assert [r["variant"] for r in non.records] == ["nonsense"] * 2 and non.records[0]["input"].startswith("For those")
     fic = capt.load_prontoqa(fixture("prontoqa_fictional_ontology.json"))
     assert len(fic) == 2 and len(fic.skipped) == 1 and fic.records[0]["answer"] == "false"
@@ -415,6 +415,15 @@ def test_loaders_and_variants():
     assert capt.load_prontoqa(fixture("prontoqa_true_ontology.json"), "non-sense").records[0]["variant"] == "nonsense"
     with pytest.raises(ValueError, match="unknown test variant"):
         capt.normalize_variant("silly")
+
+
+def test_unknown_record_format(tmp_path):
+    (tmp_path / "odd.json").write_text('[{"foo": 1}]')
+    with pytest.raises(ValueError, match="cannot tell the record format"):
+        capt.load_records(str(tmp_path / "odd.json"))
+    (tmp_path / "prepared.jsonl").write_text('{"input": "a", "target": "b"}\n{"input": 3, "target": "b"}\n')
+    loaded = capt.load_records(str(tmp_path / "prepared.jsonl"))
+    assert len(loaded) == 1 and len(loaded.skipped) == 1
 
 
 @pytest.mark.parametrize("text, choices, want", [

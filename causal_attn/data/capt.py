@@ -637,15 +637,26 @@ def load_prontoqa(path: str, variant: str | None = None, *, include_in_context: 
     return Loaded(records, skipped)
 
 
+def _guess_kind(path: str) -> str:
+    """``prontoqa`` / ``cladder`` / ``jsonl`` from the first record's fields."""
+    first = next((row for _, row in _read_rows(path) if isinstance(row, dict)), {})
+    if "test_example" in first:
+        return "prontoqa"
+    if "input" in first and "target" in first:
+        return "jsonl"
+    if ("given_info" in first or "prompt" in first) and ("answer" in first or "label" in first):
+        return "cladder"
+    raise ValueError(f"{path}: cannot tell the record format; pass kind='cladder', 'prontoqa' or 'jsonl'")
+
+
 def load_records(path: str, kind: str | None = None, variant: str | None = None) -> Loaded:
-    """Dispatch on ``kind`` (``cladder`` / ``prontoqa`` / ``jsonl``), guessing it from the file.
+    """Dispatch on ``kind`` (``cladder`` / ``prontoqa`` / ``jsonl``), guessed from the first record.
 
     ``jsonl`` reads already prepared records (for example the output of ``capt estimate``) as they
     are; records without ``input`` / ``target`` strings are skipped and counted.
     """
     if kind is None:
-        name = os.path.basename(path).lower()
-        kind = "cladder" if "cladder" in name else "prontoqa" if "prontoqa" in name else "jsonl"
+        kind = _guess_kind(path)
     if kind == "cladder":
         return load_cladder(path, variant)
     if kind == "prontoqa":
