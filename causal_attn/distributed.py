@@ -122,3 +122,14 @@ def data_parallel_re_attention_loss(masses, adjacency, *, alpha: float, key_padd
                                          reduction="sum", kind=kind, return_stats=True)
     return scale_for_data_parallel(local_sum, reduction=reduction, global_rows=global_rows,
                                    local_rows=stats.rows.sum(), group=group)
+
+
+def data_parallel_handle_loss(handle, *, global_rows: torch.Tensor | int | None = None, group=None) -> torch.Tensor:
+    """``handle.loss()`` of the last forward of a :func:`causal_attn.patch_model` model, scaled as
+    :func:`data_parallel_re_attention_loss` (the handle's ``reduction`` decides mean or sum)."""
+    loss, stats = handle.loss(return_stats=True)
+    local_rows = stats.rows.sum()
+    # handle.loss() divided the local sum by max(local rows, 1); undo it (a 0-row batch has loss 0)
+    local_sum = loss * local_rows.clamp_min(1) if handle.reduction == "mean" else loss
+    return scale_for_data_parallel(local_sum, reduction=handle.reduction, global_rows=global_rows,
+                                   local_rows=local_rows, group=group)
