@@ -238,6 +238,14 @@ def test_validate_accepts_and_checks_binary():
         capt.validate_estimation(json.dumps(leaky), job(binary=True, input=job()["fields"]["input"] + " Otherwise dry grass."))
 
 
+def test_prompt_demonstrations_pass_validation():
+    for fields, binary, answer in capt._DEMOS:
+        out = capt.validate_estimation(json.dumps(answer), {"fields": fields, "binary": binary})
+        assert out["symbols"] == answer["symbols"]
+        msgs = capt.estimation_messages(fields, binary)
+        assert msgs[0]["role"] == "system" and json.loads(msgs[-1]["content"].split("\n", 1)[1]) == fields
+
+
 # ------------------------------------------------------------------------------ estimation against the fake server
 
 # surface forms the scripted assistant replaces: (form, symbol number[, words kept before it])

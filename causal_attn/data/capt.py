@@ -333,17 +333,16 @@ _DEMOS = [
       "target": " {symbol_3} is a {symbol_1}. Every {symbol_1} is a {symbol_2}. So {symbol_3} is a {symbol_2}. "
                 "<answer>True</answer>",
       "symbols": {"symbol_1": "lorpus", "symbol_2": "jompus", "symbol_3": "Alex"}}),
-    ({"input": "Rain makes the grass wet. Among days with rain, the probability of wet grass is 80%. Among "
+    ({"input": "Rain causes wet grass. Among days with rain, the probability of wet grass is 80%. Among "
                "days without rain, it is 20%. Does rain raise the chance of wet grass?\nAnswer:",
       "target": " <answer>Yes</answer>"},
      True,
-     {"input": "{symbol_1} makes {symbol_2}. Among days with {symbol_1}, the probability of {symbol_2} is 80%. "
+     {"input": "{symbol_1} causes {symbol_2}. Among days with {symbol_1}, the probability of {symbol_2} is 80%. "
                "Among days without {symbol_1}, it is 20%. Does {symbol_1} raise the chance of {symbol_2}?"
                "\nAnswer:",
       "target": " <answer>Yes</answer>",
       "symbols": {"symbol_1": {"phrase": "rain", "set": "it rains", "unset": "it does not rain"},
-                  "symbol_2": {"phrase": "the grass wet", "set": "the grass is wet",
-                               "unset": "the grass is dry"}}}),
+                  "symbol_2": {"phrase": "wet grass", "set": "the grass is wet", "unset": "the grass is dry"}}}),
 ]
 
 
