@@ -166,7 +166,7 @@ def _canonical_words(s: str) -> list[tuple[str, int, int]]:
 
 
 def fuzzy_find(text: str, span: str) -> list[tuple[int, int]]:
-    """Conservative fuzzy match. Both sides become casefolded words (``\w+`` or one punctuation
+    """Conservative fuzzy match. Both sides become casefolded words (``\\w+`` or one punctuation
     mark; whitespace ignored, so ``$ 6`` matches ``$6``; currency symbols and thousands separators
     ignored). The span's words must align one-to-one with consecutive words of the text, all equal
     except at most ``max(1, n // 3)`` alphabetic words that differ only by an inflection-length
@@ -273,6 +273,11 @@ def annotations_to_graph(text: str, annotations: Any, tokenizer, *, add_special_
                     hits.append((s, e, *rng))
             cache[span] = (kind, hits)
         kind, hits = cache[span]
+        if not span.strip():
+            counts["empty"] += 1  # an empty span names nothing: not a miss of the matcher
+            return hits
+        if kind is not None and not hits:
+            counts["unmapped"] += 1  # found in the text but covered by no token (e.g. truncated away)
         if kind is None:
             counts["missing"] += 1
             missing.append(span)
@@ -312,6 +317,7 @@ def measure_coverage(records: Iterable[dict], tokenizer, *, prompt_field: str = 
         samples += 1
     spans = sum(total[k] for k in MATCH_KINDS) + total["missing"]
     out = {"samples": samples, "spans": spans, "missing": total["missing"], "malformed": total["malformed"],
+           "unmapped": total["unmapped"],
            "located": (spans - total["missing"]) / spans if spans else 1.0, "fuzzy_matches": fuzzy_matches}
     out.update({k: total[k] for k in MATCH_KINDS})
     return out
