@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any, Sequence
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 _INT = re.compile(r"-?\d+")
 
 
