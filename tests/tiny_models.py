@@ -93,3 +93,15 @@ def random_graph(attention_mask: torch.Tensor, *, density: float = 0.3, seed: in
     """A random :class:`CausalGraph` for a padded batch (edges only between real tokens)."""
     return CausalGraph.from_edges(random_edges(attention_mask, density=density, seed=seed),
                                   attention_mask.shape[1])
+
+
+def forward_backward(model, ids, mask, labels, *, extra_loss=None, **model_kwargs):
+    """One forward + backward of the LM loss (plus ``extra_loss()`` if given, called after the forward).
+
+    Returns ``(logits, loss, {name: grad})`` detached; parameters without a gradient are left out."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **model_kwargs)
+    loss = out.loss if extra_loss is None else out.loss + extra_loss()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), loss.detach(), grads
