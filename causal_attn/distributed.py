@@ -124,12 +124,21 @@ def data_parallel_re_attention_loss(masses, adjacency, *, alpha: float, key_padd
                                    local_rows=stats.rows.sum(), group=group)
 
 
+def data_parallel_share(loss: torch.Tensor, local_rows: torch.Tensor, *, reduction: str = "mean",
+                        global_rows: torch.Tensor | int | None = None, group=None) -> torch.Tensor:
+    """This rank's share of the global loss from a micro-batch's Re-Attention ``loss`` as
+    :func:`causal_attn.re_attention_loss` or ``handle.loss()`` return it, and its ``local_rows`` (the
+    ``stats.rows.sum()`` of ``return_stats=True``). See :func:`scale_for_data_parallel`."""
+    local_rows = torch.as_tensor(local_rows)
+    # a "mean" loss is the local sum divided by max(local rows, 1) (a 0-row batch has loss 0): undo it
+    local_sum = loss * local_rows.clamp_min(1).to(loss.dtype) if reduction == "mean" else loss
+    return scale_for_data_parallel(local_sum, reduction=reduction, global_rows=global_rows, local_rows=local_rows,
+                                   group=group)
+
+
 def data_parallel_handle_loss(handle, *, global_rows: torch.Tensor | int | None = None, group=None) -> torch.Tensor:
     """``handle.loss()`` of the last forward of a :func:`causal_attn.patch_model` model, scaled as
     :func:`data_parallel_re_attention_loss` (the handle's ``reduction`` decides mean or sum)."""
     loss, stats = handle.loss(return_stats=True)
-    local_rows = stats.rows.sum()
-    # handle.loss() divided the local sum by max(local rows, 1); undo it (a 0-row batch has loss 0)
-    local_sum = loss * local_rows.clamp_min(1) if handle.reduction == "mean" else loss
-    return scale_for_data_parallel(local_sum, reduction=handle.reduction, global_rows=global_rows,
-                                   local_rows=local_rows, group=group)
+    return data_parallel_share(loss, stats.rows.sum(), reduction=handle.reduction, global_rows=global_rows,
+                               group=group)

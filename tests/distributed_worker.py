@@ -1,5 +1,5 @@
 """Worker for tests/test_distributed.py, launched as ``torchrun --nproc_per_node 2 distributed_worker.py
-OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``fsdp``).
+OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``fsdp``, ``trainer_ddp``, ``trainer_fsdp``).
 
 Every rank builds the same tiny Llama (tests/tiny_models.py) patched with ``patch_model`` and the same
 global batch (seeded), then
@@ -9,7 +9,8 @@ global batch (seeded), then
 2. takes one distributed SGD step in float32 on its half of the batch (DDP or FSDP2 with per-decoder-
    layer sharding), the LM term normalised as the HF Trainer does (``num_items_in_batch`` summed over
    ranks, times the world size) and the Re-Attention term by :mod:`causal_attn.distributed`; ``_ga``
-   scenarios split the half into two accumulation micro-batches;
+   scenarios split the half into two accumulation micro-batches; ``trainer_*`` scenarios take the step
+   with ``CATTrainer`` (2 per device, 2 accumulation steps) as a user's torchrun script would;
 3. for DDP, also takes the step with the naive Re-Attention rule (each micro-batch's own mean,
    averaged by DDP) as a negative control that the comparison detects a wrong reduction.
 Each rank writes ``rank{r}.json``: per scenario the max parameter errors against the float64 reference.
@@ -108,6 +109,38 @@ def fsdp_params(micros):
     return {n: p.detach().full_tensor().double() for n, p in model.named_parameters()}
 
 
+def trainer_params(batch, fsdp):
+    """One optimizer step of ``CATTrainer`` (SGD, constant lr, no clipping, gamma 1) over the 8 samples:
+    2 per device, 2 accumulation steps, on the launching torchrun's ranks. Also returns the engine
+    accelerate actually used (it runs FSDP only on accelerator devices)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from causal_attn.trainer import CATCollator, CATTrainer
+
+    records = [{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist(),
+                "edges": adj.nonzero().tolist()}
+               for ids, m, lab, adj in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                           batch["adjacency"])]
+    model = tiny_model("llama", seed=0, train=True)
+    extra = {}
+    if fsdp:
+        extra = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 max_steps=1, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+                                 weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
+                                 use_cpu=True, ddp_backend="gloo", dataloader_num_workers=0, seed=0,
+                                 disable_tqdm=True, logging_strategy="no", **extra)
+        trainer = CATTrainer(model=model, args=args, train_dataset=records, alpha=ALPHA, gamma=GAMMA,
+                             data_collator=CATCollator(0, pad_to_multiple_of=T))
+        trainer.train()
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in trainer.model.named_parameters()}
+    params = {n.removeprefix("module."): p.detach().double() for n, p in full.items()}
+    return params, str(trainer.accelerator.distributed_type)
+
+
 def max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
@@ -122,6 +155,8 @@ def run(scenario, batch, ref64, ref32, rank, world):
         result["naive_err"] = max_diff(ddp_params(micros, naive=True), ref64)
     elif scenario == "fsdp":
         got = fsdp_params(micros)
+    elif scenario.startswith("trainer"):
+        got, result["engine"] = trainer_params(batch, fsdp=scenario == "trainer_fsdp")
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     result["dist_err"] = max_diff(got, ref64)
