@@ -1,0 +1,41 @@
+"""The demo's tokenizer and model: a word-level tokenizer trained on the corpus, a tiny random Llama.
+
+The tokenizer splits on whitespace and punctuation (``tokenizers`` WordLevel), so every label word
+("High", "Risk"), every variable name word and every number ("12") is one token, and character offsets
+are exact — what the adjacency builder needs. It is wrapped as a ``PreTrainedTokenizerFast`` so the rest of
+the project (and ``save_pretrained`` / ``AutoTokenizer``) treats it like any Hugging Face tokenizer.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
+
+
+def build_word_tokenizer(texts: Iterable[str]):
+    """A fast word-level tokenizer whose vocabulary is every word / number / punctuation mark in ``texts``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[PAD, UNK, EOS]))
+    # decoding joins words with spaces; "High Risk" round-trips, which is all the scorer needs
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=EOS,
+                                   padding_side="left")
+
+
+def tiny_llama(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 256,
+               max_positions: int = 256, seed: int = 0):
+    """A randomly initialised ``LlamaForCausalLM`` sized for CPU training in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

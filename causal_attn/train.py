@@ -1,0 +1,277 @@
+"""`causal-attn train` and `causal-attn eval`: CAT / CAPT fine-tuning of a real checkpoint, and scoring it.
+
+train: records (``input``, ``target``, ``important`` for CAT, ``capt`` for CAPT) are tokenised with the
+model's tokenizer (prompt tokens masked from the LM loss, EOS appended, adjacency from ``important``
+through :func:`causal_attn.data.encode_example`), then trained with :class:`causal_attn.trainer.CATTrainer`
+(LM + gamma * Re-Attention for ``cat``; LM only for ``vanilla``), full or LoRA (PEFT), AdamW, warm-up 0.1,
+cosine, checkpoints every epoch, ``--resume`` from the last one. CAPT symbolises the events of every
+record with fresh random letters (``--capt-copies`` copies). The final model (LoRA merged) and tokenizer
+go to ``--out``.
+
+eval: batched greedy decoding with left padding (:func:`causal_attn.demo_decode.greedy_decode`) and
+the task scorer; writes ``predictions.jsonl`` and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+STG_TRAIN = {"stg_s": ("stg_e", "train_S"), "stg_m": ("stg_e", "train_M"), "stg_l": ("stg_e", "train_L"),
+             "stg_h": ("stg_h", "train")}
+METHODS = ("vanilla", "cat", "capt", "cat+capt")
+# paper defaults (SPEC §5): lr 1e-4 LoRA / 5e-5 full, warm-up 0.1, cosine, AdamW, 6 epochs, seed 42
+DEFAULT_LR = {True: 1e-4, False: 5e-5}
+
+
+def add_parser(subparsers):
+    t = subparsers.add_parser("train", help="fine-tune a causal LM with CAT / CAPT (full or LoRA)",
+                              description="Fine-tune a Llama / Qwen / Mistral causal LM with CAT and/or CAPT.")
+    t.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
+    t.add_argument("--data", required=True, help="stg_s, stg_m, stg_l, stg_h or a JSONL file (input, target, important)")
+    t.add_argument("--method", choices=METHODS, default="cat")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
+    t.add_argument("--lora-r", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=0.2, help="Re-Attention margin (paper: 0.05-0.35)")
+    t.add_argument("--gamma", default="exp", help="exp (exp(-epoch), paper), const, linear, or a number")
+    t.add_argument("--epochs", type=float, default=6.0)
+    t.add_argument("--lr", type=float, default=None, help="default 1e-4 with --lora, 5e-5 otherwise")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--max-length", type=int, default=1024)
+    t.add_argument("--capt-copies", type=int, default=1, help="CAPT: copies of the training set, new letters each")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: every epoch)")
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--out", required=True, help="output directory (checkpoints, final model, train_summary.json)")
+    t.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    t.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("eval", help="greedy-decode a test set and score it",
+                              description="Batched greedy decoding (left padding) and task scoring.")
+    e.add_argument("--model", required=True, help="model directory (e.g. a `causal-attn train` --out)")
+    e.add_argument("--data", required=True, help="stg_s/stg_m/stg_l (STG_E IID + OOD tests), stg_h, or a JSONL file")
+    e.add_argument("--task", choices=("auto", "stg_e", "stg_h", "gsm8k", "numeric", "exact"), default="auto",
+                   help="scorer (auto: from --data; exact match for files)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--limit", type=int, default=0, help="score only the first N records of each split")
+    e.add_argument("--out", default=None, help="output directory (default: MODEL/eval)")
+    e.set_defaults(func=run_eval)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- data
+def read_records(path: str, need: tuple[str, ...]) -> list[dict]:
+    """JSONL records with the fields ``need``; any problem is a :class:`CliError` naming file and line."""
+    from .cli import CliError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {e}") from e
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(rec, dict):
+            raise CliError(f"{path}:{n}: a record must be a JSON object")
+        missing = [k for k in need if rec.get(k) in (None, "", [])]
+        if missing:
+            raise CliError(f"{path}:{n}: record has no {', '.join(repr(k) for k in missing)} field")
+        records.append(rec)
+    if not records:
+        raise CliError(f"{path}: no records")
+    return records
+
+
+def training_records(data: str, method: str) -> list[dict]:
+    from .cli import CliError
+
+    need = ("input", "target") + (("important",) if "cat" in method.split("+") else ()) + \
+        (("capt",) if "capt" in method else ())
+    if data in STG_TRAIN:
+        from .data.stg import generate_stg_e, generate_stg_h
+
+        name, split = STG_TRAIN[data]
+        records = (generate_stg_e if name == "stg_e" else generate_stg_h)(seed=42)[split]
+        if "capt" in method:
+            raise CliError(f"{data} has no CAPT event estimation; run `causal-attn capt` on a JSONL file first")
+        return records
+    if not data.endswith(".jsonl") and not os.path.exists(data):
+        raise CliError(f"--data must be one of {', '.join(STG_TRAIN)} or a .jsonl file; got {data!r}")
+    return read_records(data, need)
+
+
+def test_splits(data: str) -> tuple[dict, str]:
+    """``({split: records}, scorer)`` for ``eval --data``."""
+    if data in ("stg_s", "stg_m", "stg_l"):
+        from .data.stg import generate_stg_e
+
+        g = generate_stg_e(seed=42)
+        return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_e"
+    if data == "stg_h":
+        from .data.stg import generate_stg_h
+
+        g = generate_stg_h(seed=42)
+        return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_h"
+    from .cli import CliError
+
+    if not data.endswith(".jsonl") and not os.path.exists(data):
+        raise CliError(f"--data must be stg_s, stg_m, stg_l, stg_h or a .jsonl file; got {data!r}")
+    return {os.path.splitext(os.path.basename(data))[0]: read_records(data, ("input", "target"))}, "exact"
+
+
+def score(task: str, predictions, targets) -> dict:
+    from .data import scoring
+
+    if task == "stg_h":
+        return scoring.score_stg_h(predictions, targets)
+    if task == "gsm8k":
+        return scoring.score_gsm8k(predictions, targets)
+    if task == "numeric":
+        return scoring.score_numeric(predictions, targets)
+    return scoring.score_stg_e(predictions, targets)  # exact match of the stripped text
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_model(path: str, *, for_training: bool):
+    """(model, tokenizer) from a directory or hub id, as a one-line CliError when that fails."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cli import CliError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"cannot load model {path!r}: {first}") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise CliError(f"{path}: a fast tokenizer (offsets) is needed for the adjacency builder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
+
+
+def gamma_option(text: str):
+    from .cli import CliError
+    from .trainer import GAMMA_SCHEDULES
+
+    if text in GAMMA_SCHEDULES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise CliError(f"--gamma must be one of {', '.join(GAMMA_SCHEDULES)} or a number; got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- train
+def run_train(args) -> int:
+    import torch
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .cli import CliError
+    from .data import capt as capt_mod
+    from .data.adjacency import encode_example
+    from .patch import patch_model
+    from .trainer import CATTrainer
+
+    if args.alpha < 0 or args.epochs <= 0 or args.batch_size < 1 or args.grad_accum < 1 or args.capt_copies < 1:
+        raise CliError("--alpha must be >= 0; --epochs, --batch-size, --grad-accum, --capt-copies must be positive")
+    gamma = gamma_option(args.gamma)
+    records = training_records(args.data, args.method)
+    last = None
+    if args.resume:
+        last = get_last_checkpoint(args.out) if os.path.isdir(args.out) else None
+        if last is None:
+            raise CliError(f"--resume: no checkpoint-* directory in {args.out}")
+    model, tokenizer = load_model(args.model, for_training=True)
+    if "capt" in args.method:
+        records = capt_mod.replicate(records, args.capt_copies, seed=args.seed, mode="random")
+    use_graph = "cat" in args.method.split("+")
+    encoded, missing = [], 0
+    for r in records:
+        enc = encode_example(r["input"], r["target"], r.get("important") if use_graph else None, tokenizer,
+                             max_length=args.max_length)
+        missing += len(enc.pop("missing"))
+        if not use_graph:
+            enc.pop("edges")
+        encoded.append(enc)
+    if use_graph and not any(e["edges"] for e in encoded):
+        raise CliError("no annotated span of any record was found in its text: the CAT loss would be empty")
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   if any(name.endswith(n) for name, _ in model.named_modules())]
+        if not targets:
+            raise CliError(f"{args.model}: no q/k/v/o_proj modules for LoRA")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    try:
+        handle = patch_model(model, alpha=args.alpha)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"cannot patch {args.model}: {e}") from e
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    targs = TrainingArguments(
+        output_dir=args.out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr or DEFAULT_LR[args.lora],
+        warmup_ratio=0.1, lr_scheduler_type="cosine", optim="adamw_torch", weight_decay=0.0, seed=args.seed,
+        save_strategy="steps" if args.save_steps else "epoch", save_steps=args.save_steps or 500,
+        logging_steps=args.logging_steps, report_to=[], bf16=bf16, remove_unused_columns=False,
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+    trainer = CATTrainer(model=model, args=targs, cat_handle=handle, gamma=gamma if use_graph else 0.0,
+                         train_dataset=encoded, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=last)
+    handle.unpatch()
+    final = model.merge_and_unload() if args.lora else model
+    final.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    summary = {"model": args.model, "data": args.data, "method": args.method, "lora": args.lora,
+               "alpha": args.alpha, "gamma": args.gamma, "records": len(encoded), "missing_spans": missing,
+               "resumed_from": last, "train_loss": result.training_loss, "global_step": result.global_step,
+               "log_history": trainer.state.log_history}
+    with open(os.path.join(args.out, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"train: {len(encoded)} records, {result.global_step} steps, loss {result.training_loss:.4f}; "
+          f"model saved to {args.out}" + (f" ({missing} annotated spans not found)" if missing else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def run_eval(args) -> int:
+    from .cli import CliError
+    from .demo_decode import greedy_decode
+
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
+        raise CliError("--batch-size and --max-new-tokens must be positive, --limit >= 0")
+    splits, task = test_splits(args.data)
+    task = task if args.task == "auto" else args.task
+    model, tokenizer = load_model(args.model, for_training=False)
+    out_dir = args.out or os.path.join(args.model, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = {"model": args.model, "data": args.data, "task": task}
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        for split, recs in splits.items():
+            recs = recs[:args.limit] if args.limit else recs
+            preds = greedy_decode(model, tokenizer, [r["input"] for r in recs], batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, progress=True)
+            metrics[split] = score(task, preds, [r["target"] for r in recs])
+            for r, p in zip(recs, preds):
+                f.write(json.dumps({"split": split, "input": r["input"], "target": r["target"], "prediction": p}) + "\n")
+            print(f"eval {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in metrics[split].items()))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"eval: wrote {out_dir}/predictions.jsonl and metrics.json")
+    return 0
