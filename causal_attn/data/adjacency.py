@@ -86,6 +86,7 @@ class NormalizedText:
 
     def __init__(self, text: str):
         self.original = text
+        self._words = None
         if unicodedata.is_normalized("NFC", text):
             self.text = text
             self._start = self._end = None
@@ -103,6 +104,13 @@ class NormalizedText:
             i = j
         self.text = "".join(pieces)
         self._start, self._end = starts, ends
+
+    @property
+    def words(self) -> list[tuple[str, int, int]]:
+        """Canonical words of the NFC text (for fuzzy matching), computed once."""
+        if self._words is None:
+            self._words = _canonical_words(self.text)
+        return self._words
 
     def to_original(self, start: int, end: int) -> tuple[int, int]:
         if self._start is None:
@@ -165,7 +173,7 @@ def _canonical_words(s: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def fuzzy_find(text: str, span: str) -> list[tuple[int, int]]:
+def fuzzy_find(text: "str | NormalizedText", span: str) -> list[tuple[int, int]]:
     """Conservative fuzzy match. Both sides become casefolded words (``\\w+`` or one punctuation
     mark; whitespace ignored, so ``$ 6`` matches ``$6``; currency symbols and thousands separators
     ignored). The span's words must align one-to-one with consecutive words of the text, all equal
@@ -176,7 +184,7 @@ def fuzzy_find(text: str, span: str) -> list[tuple[int, int]]:
     n = len(sw)
     if n == 0:
         return []
-    tw = _canonical_words(text)
+    tw = text.words if isinstance(text, NormalizedText) else _canonical_words(text)
     allowed = max(1, n // 3) if n >= 2 else 0
     out = []
     for i in range(len(tw) - n + 1):
@@ -205,7 +213,7 @@ def locate(norm: NormalizedText, span: str, *, case_insensitive: bool = True,
     if case_insensitive:
         rules.append(("case", lambda: _occurrences(norm.text, span, re.IGNORECASE)))
     if fuzzy:
-        rules.append(("fuzzy", lambda: fuzzy_find(norm.text, span)))
+        rules.append(("fuzzy", lambda: fuzzy_find(norm, span)))
     for kind, rule in rules:
         occ = rule()
         if occ:
@@ -215,11 +223,25 @@ def locate(norm: NormalizedText, span: str, *, case_insensitive: bool = True,
 
 # ----------------------------------------------------------------------------- building edges
 
-def _token_range(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
-    """``[first, last+1)`` of the tokens overlapping characters ``[start, end)``; None if none.
-    A linear scan: offsets of special tokens and byte-fallback pieces need not be monotone."""
-    hit = [t for t, (a, b) in enumerate(offsets) if a < b and a < end and b > start]
-    return (hit[0], hit[-1] + 1) if hit else None
+class TokenCover:
+    """For each character, the tokens whose offsets cover it (built once per text). Offsets of
+    special tokens ``(0, 0)`` cover nothing; byte-fallback pieces may share a character."""
+
+    def __init__(self, offsets: list[tuple[int, int]], n_chars: int):
+        self.first = [-1] * n_chars
+        self.last = [-1] * n_chars
+        spans = [(t, max(a, 0), min(b, n_chars)) for t, (a, b) in enumerate(offsets) if a < b]
+        for t, a, b in spans:  # ascending: the largest covering token wins
+            self.last[a:b] = [t] * (b - a)
+        for t, a, b in reversed(spans):  # descending: the smallest covering token wins
+            self.first[a:b] = [t] * (b - a)
+
+    def token_range(self, start: int, end: int) -> tuple[int, int] | None:
+        """``[first, last+1)`` of the tokens overlapping characters ``[start, end)``; None if none."""
+        firsts = [t for t in self.first[start:end] if t >= 0]
+        if not firsts:
+            return None
+        return min(firsts), max(self.last[start:end]) + 1
 
 
 @dataclasses.dataclass
@@ -258,6 +280,7 @@ def annotations_to_graph(text: str, annotations: Any, tokenizer, *, add_special_
     offsets = [tuple(o) for o in encoding["offset_mapping"]]
     counts: collections.Counter = collections.Counter()
     norm = NormalizedText(text)
+    cover = TokenCover(offsets, len(text))
     cache: dict[str, list[tuple[int, int, int, int]]] = {}
     missing: list[str] = []
     fuzzy_matches: list[tuple[str, str]] = []
@@ -268,7 +291,7 @@ def annotations_to_graph(text: str, annotations: Any, tokenizer, *, add_special_
             kind, occ = locate(norm, span, case_insensitive=case_insensitive, fuzzy=fuzzy)
             hits = []
             for s, e in occ:
-                rng = _token_range(offsets, s, e)
+                rng = cover.token_range(s, e)
                 if rng is not None:
                     hits.append((s, e, *rng))
             cache[span] = (kind, hits)
