@@ -226,7 +226,7 @@ def run_train(args) -> int:
     targs = TrainingArguments(
         output_dir=args.out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr or DEFAULT_LR[args.lora],
-        warmup_ratio=0.1, lr_scheduler_type="cosine", optim="adamw_torch", weight_decay=0.0, seed=args.seed,
+        warmup_steps=0.1, lr_scheduler_type="cosine", optim="adamw_torch", weight_decay=0.0, seed=args.seed,
         save_strategy="steps" if args.save_steps else "epoch", save_steps=args.save_steps or 500,
         logging_steps=args.logging_steps, report_to=[], bf16=bf16, remove_unused_columns=False,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available())

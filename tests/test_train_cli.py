@@ -1,0 +1,130 @@
+"""`causal-attn train` -> checkpoint -> resume -> `eval` on a tiny Llama with a locally built tokenizer,
+for vanilla, CAT and LoRA; greedy decoding with left padding vs one-prompt-at-a-time decoding; CLI errors."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from causal_attn.cli import main
+from causal_attn.data.stg import generate_stg_e
+from causal_attn.demo_decode import greedy_decode
+from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    g = generate_stg_e(seed=random.randrange(10**6), n_iid=40, n_ood=8, n_test=8)
+    train = g["train_L"][:24]
+    with open(root / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train)
+    with open(root / "test.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in g["test_iid"] + g["test_ood"])
+    tok = build_word_tokenizer([r["input"] + r["target"] for recs in g.values() for r in recs])
+    model = tiny_llama(tok, hidden=32, layers=2, heads=2, intermediate=64, seed=random.randrange(1000))
+    model.save_pretrained(root / "init")
+    tok.save_pretrained(root / "init")
+    return root
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def _train(ws, out, *extra):
+    args = ["train", "--model", str(ws / "init"), "--data", str(ws / "train.jsonl"), "--out", str(out),
+            "--batch-size", "8", "--lr", "3e-3", "--logging-steps", "1", *extra]
+    assert main(args) == 0
+    return json.loads((out / "train_summary.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["vanilla", "cat"])
+def test_train_resume_eval(workspace, tmp_path, method):
+    out = tmp_path / method
+    first = _train(workspace, out, "--method", method, "--alpha", "2", "--epochs", "1")
+    assert first["global_step"] == 3 and (out / "checkpoint-3").is_dir()
+    logged = [h for h in first["log_history"] if "loss" in h]
+    assert logged and all(("attn_loss" in h) == (method == "cat") for h in logged)
+    init, trained = _state(workspace / "init"), _state(out)
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+    second = _train(workspace, out, "--method", method, "--alpha", "2", "--epochs", "2", "--resume")
+    assert second["resumed_from"].endswith("checkpoint-3") and second["global_step"] == 6
+    assert (out / "checkpoint-6").is_dir()
+
+    assert main(["eval", "--model", str(out), "--data", str(workspace / "test.jsonl"), "--batch-size", "5",
+                 "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert len(rows) == 16
+    assert metrics["test"]["exact"] == pytest.approx(sum(r["prediction"] == r["target"] for r in rows) / 16)
+
+
+def test_lora_changes_only_adapted_weights(workspace, tmp_path):
+    out = tmp_path / "lora"
+    _train(workspace, out, "--method", "cat", "--lora", "--alpha", "2", "--epochs", "1", "--lr", "5e-2")
+    init, merged = _state(workspace / "init"), _state(out)
+    assert set(init) == set(merged)  # merged back into a plain Llama
+    changed = {k for k in init if not torch.equal(init[k], merged[k])}
+    assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+
+
+def test_greedy_decode_left_padding_matches_single_prompts(workspace):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "init")
+    model = AutoModelForCausalLM.from_pretrained(workspace / "init").eval()
+    records = [json.loads(line) for line in (workspace / "test.jsonl").read_text().splitlines()]
+    rng = random.Random()
+    prompts = [" ".join(r["input"].split()[: rng.randint(3, 40)]) for r in records]  # different lengths
+    batched = greedy_decode(model, tok, prompts, max_new_tokens=4, batch_size=6)
+    for prompt, got in zip(prompts, batched):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for _ in range(4):  # plain argmax loop, no cache, no padding
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+        new = ids[0, -4:].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        assert got == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def _error(capsys, args):
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("causal-attn")]  # besides progress bars
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_errors(workspace, tmp_path, capsys):
+    init, data = str(workspace / "init"), str(workspace / "train.jsonl")
+    base = ["train", "--model", init, "--out", str(tmp_path / "o")]
+    assert "stg_s" in _error(capsys, base + ["--data", "nonsense"])
+    assert "cannot read" in _error(capsys, base + ["--data", str(tmp_path / "missing.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "target": "b", "important": [{"b": ["a"]}]}\n{"input": "a"}\n')
+    assert "bad.jsonl:2" in _error(capsys, base + ["--data", str(bad)])
+    bad.write_text('{"input": "a", "target": "b"}\n')
+    assert "'important'" in _error(capsys, base + ["--data", str(bad), "--method", "cat"])
+    bad.write_text('{"input": "a", \n')
+    assert "not valid JSON" in _error(capsys, base + ["--data", str(bad)])
+    assert "--gamma" in _error(capsys, base + ["--data", data, "--gamma", "sometimes"])
+    assert "no checkpoint" in _error(capsys, base + ["--data", data, "--resume"])
+    assert "cannot load model" in _error(capsys, ["train", "--model", str(tmp_path / "nomodel"), "--data", data,
+                                                  "--out", str(tmp_path / "o")])
+    assert "cannot load model" in _error(capsys, ["eval", "--model", str(tmp_path / "nomodel"), "--data", data])
+
+    from transformers import GPT2Config, GPT2LMHeadModel, AutoTokenizer
+
+    gpt = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64)).save_pretrained(gpt)
+    AutoTokenizer.from_pretrained(init).save_pretrained(gpt)
+    assert "cannot patch" in _error(capsys, ["train", "--model", str(gpt), "--data", data, "--method", "cat",
+                                             "--out", str(tmp_path / "o")])
+    assert os.path.exists(init)
