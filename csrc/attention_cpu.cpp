@@ -134,6 +134,7 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
   const int64_t nqb = (P.T + BQ - 1) / BQ;
   float* map = attn_map.data_ptr<float>();
   at::parallel_for(0, P.B * nqb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_thread;
     std::vector<float> S(BQ * BK);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ), bq = i1 - i0;
@@ -175,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   float* lse_p = lse.data_ptr<float>();
   float* mass_p = P.packed ? mass.data_ptr<float>() : nullptr;
   at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_thread;
     std::vector<float> S(BQ * BK), m(BQ), l(BQ), macc(BQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
@@ -256,6 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dv = at::zeros({P.B, P.Hkv, P.T, P.D}, f32);
   const int64_t nqb = (P.T + BQ - 1) / BQ;
   at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_thread;
     BackwardBuffers buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / P.Hkv, hk = t % P.Hkv;

@@ -10,10 +10,25 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// C entry of mkl_set_num_threads_local (mkl_service.h maps the lowercase name, a Fortran by-pointer entry, here)
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace causal_attn_cpu {
 
 inline bool have_blas() { return sgemm_ != nullptr; }
+
+// Inside an at::parallel_for task every tile GEMM must run on the calling thread. MKL does not notice
+// that it is called from an OpenMP team and opens a nested one per call (measured: 2 threads ran 5-15x
+// slower than 1 on a busy machine); this guard pins MKL to one thread for the task's scope.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // C (M x N, leading dim ldc) = alpha * op(A) op(B) + beta * C, all row-major;
 // op(A) is M x K (A stored K x M when trans_a), op(B) is K x N (B stored N x K when trans_b).

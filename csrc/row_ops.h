@@ -1,5 +1,6 @@
 // Row-wise elementwise kernels of the fused attention: masked online softmax, mass from packed bits,
-// backward dS. Written as plain loops that the compiler vectorises; on x86-64 each entry point is
+// backward dS. Written as plain loops that the compiler vectorises (reductions through
+// `#pragma omp simd reduction`, which needs -fopenmp-simd only, no OpenMP runtime); on x86-64 each entry point is
 // compiled for AVX-512, AVX2+FMA and baseline SSE2 and picked at load time (target_clones), so the
 // library carries no -march flag and still runs on any x86-64 CPU.
 #pragma once
@@ -56,6 +57,7 @@ float mask_and_max(float* s, int64_t n_causal, int64_t n_total, const uint8_t* k
   }
   for (int64_t c = n_causal; c < n_total; ++c) s[c] = kNegInf;
   float m = kNegInf;
+#pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < n_causal; ++c) m = s[c] > m ? s[c] : m;
   return m;
 }
@@ -64,6 +66,7 @@ float mask_and_max(float* s, int64_t n_causal, int64_t n_total, const uint8_t* k
 CA_MULTIVERSION
 float exp_shift_sum(float* s, int64_t n, float shift) {
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
     float e = fast_exp(s[c] - shift);
     s[c] = e;
@@ -82,6 +85,7 @@ float masked_bits_sum(const float* p, int64_t n, const int32_t* words, int64_t j
     uint32_t word = static_cast<uint32_t>(w[base >> 5]);
     if (word == 0) continue;
     int64_t lim = n - base < 32 ? n - base : 32;
+#pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < lim; ++c) sum += ((word >> c) & 1u) ? p[base + c] : 0.0f;
   }
   return sum;
@@ -97,6 +101,7 @@ void scale_row(float* x, int64_t n, float a) {
 CA_MULTIVERSION
 float dot_row(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) sum += a[c] * b[c];
   return sum;
 }
