@@ -268,3 +268,15 @@ def test_encode_batch_with_datasets_map_and_collate(local_tok):
         assert batch["attention_mask"][b].sum() == n and (batch["labels"][b, n:] == -100).all()
         assert {(int(r), int(c)) for r, c in dense[b].nonzero()} == {tuple(e) for e in rec["edges"]}
     assert enc[2]["edges"] == []
+
+
+def test_chat_template_wrapped_text_and_truncation():
+    tok = _real("qwen2")
+    text = tok.apply_chat_template([{"role": "user", "content": "Tom has 3 cats. How many?"},
+                                    {"role": "assistant", "content": "3"}], tokenize=False)
+    res = annotations_to_graph(text, [{"3": ["3 cats"]}, {"How many": ["Tom"]}], tok)
+    assert res.missing == [] and res.input_ids[0] == 151_644  # <|im_start|> is one special token
+    threes = [t for t, (a, b) in enumerate(res.offsets) if text[a:b] == "3"]  # in "3 cats", then the answer
+    assert len(threes) == 2 and (threes[1] - 1, threes[0]) in res.edges
+    rec = encode_example("Tom has 3 cats. How many? Answer: ", "3", [{"3": ["3 cats"]}], tok, max_length=6)
+    assert len(rec["input_ids"]) == 6 and all(c <= r < 6 for r, c in rec["edges"])
