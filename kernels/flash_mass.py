@@ -181,12 +181,12 @@ def _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, DIAGONAL: tl.constex
                    PRECISION: tl.constexpr):
     """P = exp2(q k^T * scale * log2 e - LSE2) with causal (diagonal blocks) and key padding masks.
     LSE2 = +inf on rows without keys (and on rows past T), which gives P = 0 there."""
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if DIAGONAL:
-        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     if HAS_KPM:
-        p = tl.where(key_ok[None, :], p, 0.0)
-    return p
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    return tl.exp2(s - lse[:, None])
 
 
 @triton.jit
@@ -414,7 +414,7 @@ def _run(kernel: str, device, grid_rows: int, grid_cols: int, *args, **constexpr
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _check(q: torch.Tensor, packed, key_padding_mask):
+def _check(q: torch.Tensor, packed, attn_map=None):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton backend supports float16, bfloat16 and float32, not {q.dtype}; "
                         "use backend='cpu' for float64")
@@ -427,6 +427,8 @@ def _check(q: torch.Tensor, packed, key_padding_mask):
                          "before importing triton to run it on CPU tensors")
     if q.shape[-1] > 256:
         raise ValueError(f"the Triton backend supports head dims up to 256, got {q.shape[-1]}")
+    if q.numel() >= 2**31 or (attn_map is not None and attn_map.numel() >= 2**31):
+        raise ValueError(f"the Triton kernels index with int32: {tuple(q.shape)} is too large, split the batch")
     T = q.shape[2]
     if packed is not None and (packed.dtype != torch.int32 or packed.shape != (q.shape[0], T, (T + 31) // 32)):
         raise ValueError(f"packed adjacency must be int32 {(q.shape[0], T, (T + 31) // 32)}; got "
@@ -449,7 +451,7 @@ def _common(q, packed, key_padding_mask):
 
 def forward(q, k, v, packed, key_padding_mask, scale, attn_map=None, attn_map_weight=1.0):
     """Backend forward -> (out, lse2, mass); see the module docstring."""
-    _check(q, packed, key_padding_mask)
+    _check(q, packed, attn_map)
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     const, adj, adj_kpm_strides, kpm, n_words = _common(q, packed, key_padding_mask)
@@ -471,7 +473,7 @@ def forward(q, k, v, packed, key_padding_mask, scale, attn_map=None, attn_map_we
 
 def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale):
     """Backend backward -> (dq, dk, dv); ``dmass`` None (or no adjacency) drops the mass terms."""
-    _check(q, packed, key_padding_mask)
+    _check(q, packed)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
