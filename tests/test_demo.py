@@ -1,0 +1,82 @@
+"""`causal-attn demo --quick`: the whole code path on a small budget, plus the demo's building blocks."""
+import json
+import random
+
+import pytest
+import torch
+
+from causal_attn.cli import main
+from causal_attn.data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS, generate_stg_e
+from causal_attn.demo import format_table
+from causal_attn.demo_fit import Recipe, encode_records, factor_masses, lr_factor, span_columns
+from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_demo_writes_table_results_and_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    for m in ("vanilla", "cat"):
+        assert 0.0 <= res[m]["iid_acc"] <= 1.0 and 0.0 <= res[m]["ood_acc"] <= 1.0
+        assert res[m]["iid_per_seed"] == [res[m]["iid_acc"]]
+        masses = res[m]["attention_mass"]
+        assert set(masses) == {"causal", "spurious", "irrelevant"} and 0 <= sum(masses.values()) <= 1 + 1e-5
+        assert len(res[m]["runs"][0]["curve"]) >= 2
+    assert res["majority"]["label"] == "Low Risk" and res["seconds"] > 0
+    table = (out / "table.md").read_text().strip()
+    assert table in printed and table == format_table(res)
+    for name in res["figures"].values():
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_factor_masses_against_a_hand_built_map():
+    """The answer-row mass per factor type equals the sum of an eager averaged map over the spans' tokens."""
+    recs = generate_stg_e(seed=random.randrange(10**6), n_iid=4, n_ood=3, n_test=0)["test_ood"]
+    tok = build_word_tokenizer([r["input"] + r["target"] for r in recs])
+    model = tiny_llama(tok, hidden=32, layers=2, heads=2, intermediate=64, seed=random.randrange(1000)).eval()
+    from causal_attn.patch import patch_model
+
+    handle = patch_model(model)
+    factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
+    got = factor_masses(model, handle, tok, recs, factors)
+    handle.unpatch()
+    model.set_attn_implementation("eager")
+    for i, r in enumerate(recs):
+        enc = tok(r["input"], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            att = model(**enc, output_attentions=True).attentions
+        row = torch.stack([a[0].double().mean(0) for a in att]).mean(0)[-1]  # layer/head mean, answer row
+        tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
+        for kind, names in factors.items():
+            cols = []  # by token position: the name's words, ":" and the number
+            for n in names:
+                w = n.split()
+                start = next(j for j in range(len(tokens)) if tokens[j:j + len(w) + 1] == w + [":"])
+                cols += range(start, start + len(w) + 2)
+            assert got["per_sample"][kind][i] == pytest.approx(float(row[cols].sum()), abs=1e-5)
+
+
+def test_span_columns_and_lr_schedule():
+    text = "a: 1, bb: 22, a: 3"
+    offsets = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 8), (8, 9), (10, 12), (12, 13), (14, 15), (15, 16), (17, 18)]
+    assert span_columns(text, ["a: 1"], offsets) == [0, 1, 2]
+    assert span_columns(text, ["bb: 22", "a: 3"], offsets) == [4, 5, 6, 8, 9, 10]
+    r = Recipe(steps=100, warmup=0.1)
+    lrs = [lr_factor(s, r.steps, r.warmup) for s in range(r.steps)]
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_encoded_records_mark_the_answer_rows():
+    recs = generate_stg_e(seed=random.randrange(10**6), n_iid=6, n_ood=0, n_test=0)["train_L"]
+    tok = build_word_tokenizer([r["input"] + r["target"] for r in recs])
+    for r, enc in zip(recs, encode_records(recs, tok)):
+        n_prompt = len(tok(r["input"], add_special_tokens=False)["input_ids"])
+        assert [i for i, lab in enumerate(enc["labels"]) if lab != -100] == [n_prompt, n_prompt + 1, n_prompt + 2]
+        rows = sorted({row for row, _ in enc["edges"]})
+        assert rows == [n_prompt - 1, n_prompt]  # the rows predicting the two label words
+        assert len({col for _, col in enc["edges"]}) == 9  # three "Name: value" spans of three tokens
