@@ -193,3 +193,22 @@ def test_sigkill_mid_run_then_restart_loses_nothing_and_repeats_no_finished_samp
     assert all(before[i] >= 1 for i in done_ids)
     for blob in [out1, err1, run2.stdout, run2.stderr] + [p.read_text() for p in tmp_path.iterdir() if p.is_file()]:
         assert SECRET not in blob
+
+
+def test_cli_errors_and_coverage_table(tmp_path, capsys):
+    from causal_attn.cli import main
+
+    assert main(["annotate", str(tmp_path / "missing.jsonl"), "--task", "svamp", "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"input": "Tom has 3 cats. Answer: ", "target": "3", "important": [{"3": ["3 cats", "Tom had", "zebra"]}]}]))
+    assert main(["annotate", str(src)]) == 2
+    assert "--task and --out are required" in capsys.readouterr().err
+    try:
+        from causal_attn.data.tokenizers import llama3_tokenizer
+        llama3_tokenizer()
+    except ImportError as e:
+        pytest.skip(str(e))
+    assert main(["annotate", "--coverage", str(src), "--tokenizer", "llama3"]) == 0
+    assert "| a.jsonl | llama3 | 4 | 2 | 0 | 1 | 1 | 75.00% |" in capsys.readouterr().out

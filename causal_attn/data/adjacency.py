@@ -159,17 +159,20 @@ def _canonical_words(s: str) -> list[tuple[str, int, int]]:
     """Casefolded words with character ranges; currency symbols dropped and thousands separators
     joined (``$1,000`` -> ``1000``), so money written two ways still aligns."""
     out: list[tuple[str, int, int]] = []
+    currency_at = None  # a dropped currency symbol still belongs to the amount's character range
     for m in _WORD.finditer(s):
         w = m.group().casefold()
         if w in _CURRENCY:
+            currency_at = m.start()
             continue
+        start, currency_at = (m.start() if currency_at is None else currency_at), None
         if (w.isdigit() and len(w) == 3 and len(out) >= 2 and out[-1][0] == ","
                 and out[-2][0].isdigit() and out[-1][1] == out[-2][2] and m.start() == out[-1][2]):
             out.pop()
             prev = out.pop()
             out.append((prev[0] + w, prev[1], m.end()))
             continue
-        out.append((w, m.start(), m.end()))
+        out.append((w, start, m.end()))
     return out
 
 
