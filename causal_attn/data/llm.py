@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -163,7 +164,8 @@ class ChatClient:
                     last = f"HTTP {e.code}: {detail}"
                     if e.code not in RETRYABLE_STATUS:
                         raise ChatError(f"{self.url}: {last}", status=e.code, requests=attempt + 1) from None
-                except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError,
+                        ConnectionError) as e:
                     status = None
                     last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 except _BadPayload as e:  # a 200 that is not a completion: retry like a 5xx
