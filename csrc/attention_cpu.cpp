@@ -82,6 +82,9 @@ int64_t balanced_block(int64_t t, int64_t nblocks) {
   return (t % 2 == 0) ? t / 2 : nblocks - 1 - t / 2;
 }
 
+// Row kernels work on whole 32-column groups (one packed word each); score rows have BK >= that room.
+int64_t round_up32(int64_t n) { return (n + 31) & ~int64_t{31}; }
+
 // ------------------------------------------------------------------------------------------- forward
 void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V, float* O, float* lse,
                   float* mass, int64_t b, int64_t i0, int64_t i1, float* S, float* m, float* l, float* macc) {
@@ -93,23 +96,24 @@ void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V,
   std::fill(l, l + bq, 0.0f);
   std::fill(macc, macc + bq, 0.0f);
   for (int64_t j0 = 0; j0 < i1; j0 += BK) {
-    const int64_t bk = std::min(BK, i1 - j0);
+    const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
     gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
     for (int64_t r = 0; r < bq; ++r) {
       const int64_t i = i0 + r;
       float* s = S + r * BK;
       const int64_t n = std::clamp<int64_t>(i - j0 + 1, 0, bk);
-      const float bmax = mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
+      const float bmax = mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
       const float m_new = std::max(m[r], bmax);
       if (m_new == kNegInf) {  // no key for this row yet: P row is zero, nothing to rescale
         std::fill(s, s + bk, 0.0f);
         continue;
       }
       const float alpha = fast_exp(m[r] - m_new);
-      const float rowsum = exp_shift_sum(s, bk, m_new);
+      float msum = 0.0f;
+      const float rowsum = exp_shift_sum(s, bk32, m_new, adj ? adj + i * P.W + j0 / 32 : nullptr, &msum);
       if (alpha != 1.0f) scale_row(O + r * D, D, alpha);
       l[r] = l[r] * alpha + rowsum;
-      if (adj) macc[r] = macc[r] * alpha + masked_bits_sum(s, n, adj + i * P.W, j0);
+      macc[r] = macc[r] * alpha + msum;
       m[r] = m_new;
     }
     gemm_rm(false, false, bq, D, bk, 1.0f, S, BK, V.row(j0), V.ld, 1.0f, O, D);
@@ -143,13 +147,13 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
         const Rows Q = head_rows(q, b, h), K = head_rows(k, b, h / P.G);
         const float* L = lse + (b * P.Hq + h) * P.T + i0;
         for (int64_t j0 = 0; j0 < i1; j0 += BK) {
-          const int64_t bk = std::min(BK, i1 - j0);
+          const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
           gemm_rm(false, true, bq, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S.data(), BK);
           for (int64_t r = 0; r < bq; ++r) {
             float* s = S.data() + r * BK;
             const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-            mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
-            exp_shift_sum(s, n, L[r]);  // LSE = +inf (no keys) gives zeros
+            mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
+            exp_shift_sum(s, bk32, L[r], nullptr, nullptr);  // LSE = +inf (no keys) gives zeros
             scale_row(s, n, weight);
             float* dst = map + (b * P.T + i0 + r) * P.T + j0;
             for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
@@ -218,19 +222,19 @@ void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& 
   float* S = buf.S.data();
   float* dS = buf.dP.data();
   for (int64_t j0 = 0; j0 < i1; j0 += BK) {
-    const int64_t bk = std::min(BK, i1 - j0);
+    const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
     gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
     for (int64_t r = 0; r < bq; ++r) {
       float* s = S + r * BK;
       const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-      mask_and_max(s, n, bk, kpm ? kpm + j0 : nullptr);
-      exp_shift_sum(s, bk, lse[r]);  // masked and no-key rows (LSE = +inf) give P = 0
+      mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
+      exp_shift_sum(s, bk32, lse[r], nullptr, nullptr);  // masked and no-key rows (LSE = +inf) give P = 0
     }
     gemm_rm(true, false, bk, D, bq, 1.0f, S, BK, dO.row(i0), dO.ld, 1.0f, dV + j0 * D, D);
     gemm_rm(false, true, bq, bk, D, 1.0f, dO.row(i0), dO.ld, V.row(j0), V.ld, 0.0f, dS, BK);
     for (int64_t r = 0; r < bq; ++r) {
-      softmax_grad_row(S + r * BK, dS + r * BK, bk, buf.delta[r], adj ? gmass[r] : 0.0f,
-                       adj ? adj + (i0 + r) * P.W : nullptr, j0);
+      softmax_grad_row(S + r * BK, dS + r * BK, bk32, buf.delta[r], adj ? gmass[r] : 0.0f,
+                       adj ? adj + (i0 + r) * P.W + j0 / 32 : nullptr);
     }
     gemm_rm(false, false, bq, D, bk, P.scale, dS, BK, K.row(j0), K.ld, 1.0f, dQ, D);
     gemm_rm(true, false, bk, D, bq, P.scale, dS, BK, Q.row(i0), Q.ld, 1.0f, dK + j0 * D, D);

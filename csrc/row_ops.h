@@ -44,10 +44,6 @@ static inline float fast_exp(float x) {
   return x < lo ? 0.0f : y;
 }
 
-static inline bool bit_at(const int32_t* words, int64_t j) {
-  return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
-}
-
 // Masks one score row in place: columns >= n_causal and padded keys (kpm[c] == 0) become -inf.
 // Returns the row maximum over the remaining columns (-inf if none).
 CA_MULTIVERSION
@@ -62,32 +58,24 @@ float mask_and_max(float* s, int64_t n_causal, int64_t n_total, const uint8_t* k
   return m;
 }
 
-// s[c] <- exp(s[c] - shift) over all n columns (masked -inf columns give 0); returns the row sum.
+// s[c] <- exp(s[c] - shift) over n32 columns (a multiple of 32; masked -inf columns give 0). Returns the
+// row sum; with ``words`` (the packed adjacency row, column 0 of s at bit 0 of words[0]) also stores
+// sum of s[c] * A[c] in *mass_sum.
 CA_MULTIVERSION
-float exp_shift_sum(float* s, int64_t n, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    float e = fast_exp(s[c] - shift);
-    s[c] = e;
-    sum += e;
+float exp_shift_sum(float* s, int64_t n32, float shift, const int32_t* words, float* mass_sum) {
+  float sum = 0.0f, msum = 0.0f;
+  for (int64_t base = 0; base < n32; base += 32) {
+    const uint32_t word = words ? static_cast<uint32_t>(words[base >> 5]) : 0u;
+    float* x = s + base;
+#pragma omp simd reduction(+ : sum, msum)
+    for (int c = 0; c < 32; ++c) {
+      const float e = fast_exp(x[c] - shift);
+      x[c] = e;
+      sum += e;
+      msum += ((word >> c) & 1u) ? e : 0.0f;
+    }
   }
-  return sum;
-}
-
-// sum over c < n of p[c] * A[j0 + c], the adjacency read from packed bits (row ``words``).
-// j0 is a multiple of 32 (key blocks are), so column c sits in word (j0 + c) / 32, bit c % 32.
-CA_MULTIVERSION
-float masked_bits_sum(const float* p, int64_t n, const int32_t* words, int64_t j0) {
-  float sum = 0.0f;
-  const int32_t* w = words + (j0 >> 5);
-  for (int64_t base = 0; base < n; base += 32) {
-    uint32_t word = static_cast<uint32_t>(w[base >> 5]);
-    if (word == 0) continue;
-    int64_t lim = n - base < 32 ? n - base : 32;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < lim; ++c) sum += ((word >> c) & 1u) ? p[base + c] : 0.0f;
-  }
+  if (words) *mass_sum = msum;
   return sum;
 }
 
@@ -106,22 +94,17 @@ float dot_row(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Backward, in place: dp[c] <- p[c] * (dp[c] + g * A[j0 + c] - delta) for c < n (g = 0: no mass term).
+// Backward, in place: dp[c] <- p[c] * (dp[c] + g * A[c] - delta) over n32 columns (a multiple of 32);
+// ``words`` is the packed adjacency row aligned with column 0, or nullptr (no mass term).
 CA_MULTIVERSION
-void softmax_grad_row(const float* p, float* dp, int64_t n, float delta, float g, const int32_t* words,
-                      int64_t j0) {
-  if (words == nullptr || g == 0.0f) {
-    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
-    return;
-  }
-  const int32_t* w = words + (j0 >> 5);
-  for (int64_t base = 0; base < n; base += 32) {
-    uint32_t word = static_cast<uint32_t>(w[base >> 5]);
-    int64_t lim = n - base < 32 ? n - base : 32;
+void softmax_grad_row(const float* p, float* dp, int64_t n32, float delta, float g, const int32_t* words) {
+  for (int64_t base = 0; base < n32; base += 32) {
+    const uint32_t word = words ? static_cast<uint32_t>(words[base >> 5]) : 0u;
     float* d = dp + base;
     const float* pp = p + base;
-    for (int64_t c = 0; c < lim; ++c) {
-      float a = ((word >> c) & 1u) ? g : 0.0f;
+#pragma omp simd
+    for (int c = 0; c < 32; ++c) {
+      const float a = ((word >> c) & 1u) ? g : 0.0f;
       d[c] = pp[c] * (d[c] + a - delta);
     }
   }
