@@ -1,5 +1,6 @@
 """Worker for tests/test_distributed.py, launched as ``torchrun --nproc_per_node 2 distributed_worker.py
-OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``fsdp``, ``trainer_ddp``, ``trainer_fsdp``).
+OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``fsdp``, ``trainer_ddp``, ``trainer_fsdp``,
+``cli_train``).
 
 Every rank builds the same tiny Llama (tests/tiny_models.py) patched with ``patch_model`` and the same
 global batch (seeded), then
@@ -13,6 +14,7 @@ global batch (seeded), then
    with ``CATTrainer`` (2 per device, 2 accumulation steps) as a user's torchrun script would;
 3. for DDP, also takes the step with the naive Re-Attention rule (each micro-batch's own mean,
    averaged by DDP) as a negative control that the comparison detects a wrong reduction.
+``cli_train`` runs ``causal-attn train`` in every rank as torchrun would.
 Each rank writes ``rank{r}.json``: per scenario the max parameter errors against the float64 reference.
 SGD without clipping: unlike Adam's first step, its update is proportional to the gradient, scale included.
 """
@@ -141,11 +143,25 @@ def trainer_params(batch, fsdp):
     return params, str(trainer.accelerator.distributed_type)
 
 
+def cli_train(out_dir):
+    """``causal-attn train`` unchanged under this torchrun: 2 ranks x 4 per device x 2 accumulation steps
+    on the workspace tests/test_distributed.py wrote to OUT_DIR/cli."""
+    from causal_attn.cli import main as cli
+
+    ws = os.path.join(out_dir, "cli")
+    rc = cli(["train", "--model", os.path.join(ws, "init"), "--data", os.path.join(ws, "train.jsonl"),
+              "--out", os.path.join(ws, "out"), "--batch-size", "4", "--grad-accum", "2", "--epochs", "2",
+              "--lr", "1e-2", "--alpha", "2", "--logging-steps", "1"])
+    return {"rc": rc}
+
+
 def max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-def run(scenario, batch, ref64, ref32, rank, world):
+def run(scenario, batch, ref64, ref32, rank, world, out_dir):
+    if scenario == "cli_train":
+        return cli_train(out_dir)
     per_rank = GLOBAL_B // world
     micros = micro_batches(part(batch, slice(rank * per_rank, (rank + 1) * per_rank)),
                            ga=2 if scenario.endswith("_ga") else 1)
@@ -174,7 +190,7 @@ def main(out_dir: str, scenarios: list[str]):
     results = {"world": world, "fp32_single_err": max_diff(ref32, ref64), "update_size": max_diff(ref64, start),
                "attention_term_effect": max_diff(reference_params(torch.float64, batch, gamma=0.0), ref64)}
     for scenario in scenarios:
-        results[scenario] = run(scenario, batch, ref64, ref32, rank, world)
+        results[scenario] = run(scenario, batch, ref64, ref32, rank, world, out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -42,14 +42,33 @@ def distributed_results(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out = tmp_path_factory.mktemp("distributed")
-    scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_fsdp"] + ([] if FSDP_SKIP else ["fsdp"])
+    _cli_workspace(out / "cli")
+    scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_fsdp", "cli_train"] + ([] if FSDP_SKIP else ["fsdp"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1], "ranks disagree on the updated parameters"
-    return results[0]
+    return {**results[0], "cli_dir": out / "cli"}
+
+
+CLI_RECORDS = 16
+
+
+def _cli_workspace(ws):
+    """A tiny Llama with a word-level tokenizer and 16 annotated STG_E training records."""
+    from causal_attn.data.stg import generate_stg_e
+    from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+
+    ws.mkdir()
+    g = generate_stg_e(seed=random.randrange(10**6), n_iid=40, n_ood=8, n_test=8)
+    with open(ws / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in g["train_L"][:CLI_RECORDS])
+    tok = build_word_tokenizer([r["input"] + r["target"] for recs in g.values() for r in recs])
+    model = tiny_llama(tok, hidden=32, layers=2, heads=2, intermediate=64, seed=random.randrange(1000))
+    model.save_pretrained(ws / "init")
+    tok.save_pretrained(ws / "init")
 
 
 def _check_matches_single_process(res, scenario):
@@ -154,3 +173,16 @@ def test_distributed_handle_loss_without_process_group_is_handle_loss(reduction)
     ids, mask, labels = random_batch(model.config.vocab_size, B=3, T=10, padding="left")
     model(input_ids=ids, attention_mask=mask, adjacency=random_graph(mask, density=0.4))
     torch.testing.assert_close(data_parallel_handle_loss(handle), handle.loss(), rtol=1e-6, atol=0)
+
+
+def test_distributed_train_command_under_torchrun(distributed_results):
+    """`causal-attn train` unchanged under torchrun: 16 records, global batch 2 x 4 x 2 = 16, 2 epochs."""
+    from safetensors.torch import load_file
+
+    assert distributed_results["cli_train"]["rc"] == 0
+    ws = distributed_results["cli_dir"]
+    summary = json.loads((ws / "out" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["records"] == CLI_RECORDS
+    assert any("attn_loss" in h for h in summary["log_history"])
+    init, trained = load_file(ws / "init" / "model.safetensors"), load_file(ws / "out" / "model.safetensors")
+    assert init.keys() == trained.keys() and any(not torch.equal(init[k], trained[k]) for k in init)
