@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import attention
-from .graph import CausalGraph
+from .graph import CausalGraph, as_graph
 from .loss import re_attention_loss
 
 ATTN_NAME = "causal_attn"  # must not contain "flash", "sdpa" or "flex" (transformers treats those specially)
@@ -143,16 +143,6 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _to_graph(adjacency, device) -> CausalGraph | None:
-    if adjacency is None:
-        return None
-    if isinstance(adjacency, torch.Tensor):
-        adjacency = CausalGraph.from_dense(adjacency)
-    if not isinstance(adjacency, CausalGraph):
-        raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
-    return adjacency.to(device) if adjacency.device != torch.device(device) else adjacency
-
-
 class CATHandle:
     """Returned by :func:`patch_model`; see there."""
 
@@ -184,11 +174,10 @@ class CATHandle:
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         cache = kwargs.get("past_key_values")
         full = cache is None or cache.get_seq_length() == 0
-        adjacency = kwargs.get("adjacency", self._adjacency)
-        graph = _to_graph(adjacency, x.device) if full else None
-        if graph is not None and (graph.seq_len != x.shape[1] or graph.batch_size != x.shape[0]):
-            raise ValueError(f"adjacency is for B={graph.batch_size}, T={graph.seq_len} but the model got "
-                             f"B={x.shape[0]}, T={x.shape[1]} tokens; build (or pad_to) the graph for this batch")
+        adjacency = kwargs.get("adjacency", self._adjacency) if full else None
+        if isinstance(adjacency, (CausalGraph, torch.Tensor)):
+            adjacency = adjacency.to(x.device)  # e.g. a collator's CPU graph for a CUDA model
+        graph = as_graph(adjacency, x.shape[0], x.shape[1], x.device)  # type, B and T checks
         self._local.record = _Forward(grad_enabled=torch.is_grad_enabled(), graph=graph)
         kwargs = dict(kwargs)
         kwargs.pop("adjacency", None)

@@ -242,7 +242,7 @@ def test_clear_errors():
     model = tiny_model("llama", train=True, attention_dropout=0.1)
     ids, mask, _ = random_batch(97, 2, 10, seed=1)
     handle = patch_model(model)
-    with pytest.raises(ValueError, match="T=9 but the model got B=2, T=10"):
+    with pytest.raises(ValueError, match="T=9 but the inputs have B=2, T=10"):
         model(input_ids=ids, attention_mask=mask, adjacency=CausalGraph.from_edges([[], []], 9))
     with pytest.raises(ValueError, match="dropout"):
         model(input_ids=ids, attention_mask=mask, adjacency=random_graph(mask))
