@@ -61,7 +61,7 @@ def count_loss_rows(batches: Iterable[Mapping], *, adjacency_key: str = "adjacen
     counts 0 rows. Returns an int64 scalar tensor. With ``across_ranks`` (a collective: every rank must
     call it) the count is summed over the ranks; without it, the local count is returned, or None when
     no batch carries an adjacency."""
-    total, device, seen = None, None, False
+    total, seen = None, False
     for batch in batches:
         adjacency = batch.get(adjacency_key)
         if adjacency is None:
@@ -73,11 +73,10 @@ def count_loss_rows(batches: Iterable[Mapping], *, adjacency_key: str = "adjacen
             mask = mask.to(graph.device).bool()
         rows = loss_rows(graph, mask)[0].sum(dtype=torch.int64)
         total = rows if total is None else total + rows.to(total.device)
-        device = graph.device
     if not across_ranks:
         return total if seen else None
     if total is None:
-        total = torch.zeros((), dtype=torch.int64, device=device or _collective_device(group))
+        total = torch.zeros((), dtype=torch.int64)
     return all_reduce_sum(total.to(_collective_device(group)), group)
 
 

@@ -32,19 +32,20 @@ from causal_attn.distributed import count_loss_rows, data_parallel_handle_loss
 from tiny_models import random_batch, random_edges, tiny_model
 
 T, GLOBAL_B = 12, 8
+SEED = int(os.environ.get("CAT_TEST_SEED", "0"))  # the same on every rank: model and batch
 ALPHA, GAMMA, LR = 2.0, 1.0, 0.5
 # per-sample edge densities: sample 0 has no edge, so the ranks hold different numbers of loss rows
 DENSITIES = (0.0, 0.1, 0.5, 0.2, 0.9, 0.3, 0.05, 0.6)
 
 
 def build(dtype):
-    model = tiny_model("llama", seed=0, dtype=dtype, train=True)
+    model = tiny_model("llama", seed=SEED % 1000, dtype=dtype, train=True)
     return model, patch_model(model, alpha=ALPHA)
 
 
 def global_batch():
-    ids, mask, labels = random_batch(97, GLOBAL_B, T, padding="right", seed=1234)
-    edges = [random_edges(mask[b:b + 1], density=d, seed=b)[0] for b, d in enumerate(DENSITIES)]
+    ids, mask, labels = random_batch(97, GLOBAL_B, T, padding="right", seed=SEED)
+    edges = [random_edges(mask[b:b + 1], density=d, seed=SEED + b)[0] for b, d in enumerate(DENSITIES)]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "adjacency": CausalGraph.from_edges(edges, T).to_dense()}
 
@@ -125,7 +126,7 @@ def trainer_params(batch, fsdp):
                 "edges": adj.nonzero().tolist()}
                for ids, m, lab, adj in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                            batch["adjacency"])]
-    model = tiny_model("llama", seed=0, train=True)
+    model = tiny_model("llama", seed=SEED % 1000, train=True)
     extra = {}
     if fsdp:
         extra = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}

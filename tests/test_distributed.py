@@ -20,6 +20,7 @@ from causal_attn import CausalGraph, re_attention_loss
 from causal_attn import patch_model
 from causal_attn.distributed import (count_loss_rows, data_parallel_handle_loss, data_parallel_re_attention_loss,
                                      scale_for_data_parallel)
+from numerics import fresh_seed
 from tiny_models import random_batch, random_graph, tiny_model
 
 HERE = os.path.dirname(__file__)
@@ -46,11 +47,15 @@ def distributed_results(tmp_path_factory):
     scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_fsdp", "cli_train"] + ([] if FSDP_SKIP else ["fsdp"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    seed = fresh_seed()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                          env={**os.environ, "CAT_TEST_SEED": str(seed)})
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}, seed {seed}):\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results[0] == results[1], "ranks disagree on the updated parameters"
-    return {**results[0], "cli_dir": out / "cli"}
+    assert results[0] == results[1], f"ranks disagree on the updated parameters (seed {seed})"
+    print(f"distributed results (seed {seed}): {json.dumps(results[0])}")
+    return {**results[0], "cli_dir": out / "cli", "seed": seed}
 
 
 CLI_RECORDS = 16
@@ -77,7 +82,7 @@ def _check_matches_single_process(res, scenario):
     assert res["attention_term_effect"] > 1e3 * (2 * fp32_err + TINY), "the Re-Attention term barely moves the step"
     assert err <= 2 * fp32_err + TINY, (
         f"{scenario}: distributed update is {err:.3g} off the float64 single-process update "
-        f"(float32 single-process: {fp32_err:.3g})")
+        f"(float32 single-process: {fp32_err:.3g}; seed {res['seed']})")
 
 
 def test_ddp_step_equals_single_process_step(distributed_results):
@@ -92,7 +97,7 @@ def test_ddp_gradient_accumulation_step_equals_single_process_step(distributed_r
 def test_ddp_detects_per_rank_mean_averaging(distributed_results, scenario):
     """Negative control: averaging each rank's own Re-Attention mean (the naive rule) is visibly wrong."""
     res = distributed_results
-    assert res[scenario]["naive_err"] > 100 * (2 * res["fp32_single_err"] + TINY)
+    assert res[scenario]["naive_err"] > 100 * (2 * res["fp32_single_err"] + TINY), f"seed {res['seed']}"
 
 
 @pytest.mark.skipif(FSDP_SKIP is not None, reason=FSDP_SKIP or "")
@@ -126,7 +131,7 @@ def _random_problem(seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_distributed_loss_without_process_group_is_the_plain_loss(reduction):
-    seed = random.randrange(2**31)
+    seed = fresh_seed()
     mass, dense, mask = _random_problem(seed)
     graph = CausalGraph.from_dense(dense)
     plain = re_attention_loss([mass], graph, alpha=1.5, key_padding_mask=mask, reduction=reduction)
@@ -135,7 +140,7 @@ def test_distributed_loss_without_process_group_is_the_plain_loss(reduction):
 
 
 def test_distributed_row_count_matches_loss_rows_over_micro_batches():
-    seed = random.randrange(2**31)
+    seed = fresh_seed()
     batches = []
     expected = 0
     for i in range(3):
@@ -150,7 +155,7 @@ def test_distributed_row_count_matches_loss_rows_over_micro_batches():
 
 def test_distributed_accumulated_micro_batches_sum_to_the_whole_batch_loss():
     """Without a process group, summing the scaled micro-batch losses gives the whole-batch mean."""
-    seed = random.randrange(2**31)
+    seed = fresh_seed()
     mass, dense, mask = _random_problem(seed)
     whole = re_attention_loss([mass], dense, alpha=1.5, key_padding_mask=mask)
     rows = count_loss_rows([{"adjacency": dense[i:i + 1], "attention_mask": mask[i:i + 1]} for i in range(3)])
