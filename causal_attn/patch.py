@@ -84,12 +84,15 @@ def plain_attention(q, k, v, mask, scale, dropout=0.0):
 
 # ---------------------------------------------------------------------------------------------- attention
 def cat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function for ``AttentionInterface``: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, T, Hq, D)."""
+    """Attention function for ``AttentionInterface``: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, T, Hq, D).
+
+    The path taken depends only on the inputs and the handle's settings, never on the per-forward
+    record, so a checkpoint replay (possibly on another thread: CUDA runs backward on its own) repeats
+    the first pass exactly; only storing the mass and the map is skipped then."""
     handle = getattr(module, _HANDLE_ATTR, None)
     graph = kwargs.get("adjacency") if handle is not None else None
     full = query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2)
-    rec = handle._record() if handle is not None else None
-    want_map = rec is not None and handle.collect_attention_map and full
+    want_map = handle is not None and handle.collect_attention_map and full
     if graph is None and not want_map:
         out = plain_attention(query, key, value, attention_mask, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
@@ -102,15 +105,20 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if dropout > 0:
         raise ValueError(f"attention dropout {dropout} is not supported with a CAT adjacency (the CAT recipe "
                          "uses none); set config.attention_dropout = 0.0")
-    if rec is None:
-        raise RuntimeError("patched attention layer ran outside a forward of the patched model")
-    replay = torch._C._current_graph_task_id() != -1 or module.layer_idx in rec.masses
-    if graph is not None and rec.grad_enabled and not torch.is_grad_enabled() and not replay:
-        raise RuntimeError("reentrant gradient checkpointing runs each layer under no_grad, which silently drops "
-                           "the Re-Attention loss's gradient; enable it with gradient_checkpointing_kwargs="
-                           "{'use_reentrant': False}")
+    replay = torch._C._current_graph_task_id() != -1  # non-reentrant checkpointing recomputes inside backward
+    rec = None
+    if not replay:
+        rec = handle._record()
+        if rec is None:
+            raise RuntimeError("a patched attention layer ran outside a forward of the patched model's decoder")
+        if graph is not None and rec.grad_enabled and not torch.is_grad_enabled():
+            raise RuntimeError("reentrant gradient checkpointing runs each layer under no_grad, which silently "
+                               "drops the Re-Attention loss's gradient; enable it with "
+                               "gradient_checkpointing_kwargs={'use_reentrant': False}")
+        if module.layer_idx in rec.masses:
+            rec = None  # a second call of the same layer in one forward: keep the first entry
     attn_map = None
-    if want_map and not replay:
+    if want_map and rec is not None:
         if rec.attn_map is None:
             B, _, T, _ = query.shape
             rec.attn_map = torch.zeros(B, T, T, dtype=torch.float32, device=query.device)
@@ -118,7 +126,7 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     out, mass = attention(query, key, value, graph, key_padding_mask=attention_mask, scale=scaling,
                           backend=handle.backend, attn_map=attn_map,
                           attn_map_weight=1.0 / (len(handle.layers) * query.shape[1]))
-    if mass is not None and not replay:
+    if mass is not None and rec is not None:
         rec.masses[module.layer_idx] = mass
         rec.key_padding_mask = attention_mask
     return out.transpose(1, 2).contiguous(), None

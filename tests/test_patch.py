@@ -125,6 +125,8 @@ def test_dense_bool_adjacency_and_set_adjacency_equal_graph():
 
 
 def test_checkpointing_same_gradients_and_reentrant_error():
+    """Non-reentrant checkpointing: same loss and gradients, one mass entry per layer, the same map, also when
+    backward (and with it the replay) runs on another thread, as CUDA's autograd does."""
     seed = fresh_seed()
     ids, mask, labels = random_batch(97, 2, 19, padding="right", seed=seed)
     graph = random_graph(mask, seed=seed)
@@ -133,12 +135,19 @@ def test_checkpointing_same_gradients_and_reentrant_error():
         model = tiny_model("qwen2", seed=seed % 1000, train=True, layers=3)
         if ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        handle = patch_model(model, alpha=1.5)
-        results.append(forward_backward(model, ids, mask, labels, adjacency=graph, extra_loss=handle.loss))
+        handle = patch_model(model, alpha=1.5, collect_attention_map=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, adjacency=graph).loss + handle.loss()
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
         assert len(handle.masses()) == 3  # the replay during backward added no entry
-    (_, l0, g0), (_, l1, g1) = results
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads, handle.attention_map().clone()))
+    (l0, g0, m0), (l1, g1, m1) = results
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(m1, m0, rtol=0, atol=0)
     for name in g0:
+        assert g1[name] is not None, name
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-8, msg=name)
 
     model = tiny_model("qwen2", train=True)
@@ -258,3 +267,15 @@ def test_clear_errors():
     handle.unpatch()
     with pytest.raises(ValueError, match="layers"):
         patch_model(model, layers=[5])
+
+
+def test_checkpointing_with_map_only():
+    """Map collection without an adjacency runs the fused kernel; the replay must take the same path."""
+    ids, mask, labels = random_batch(97, 2, 12, padding="left", seed=2)
+    model = tiny_model("llama", train=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    handle = patch_model(model, collect_attention_map=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    rows = handle.attention_map().sum(-1)[mask.bool()]
+    torch.testing.assert_close(rows, torch.ones_like(rows))
