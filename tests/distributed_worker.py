@@ -112,9 +112,10 @@ def fsdp_params(micros):
     return {n: p.detach().full_tensor().double() for n, p in model.named_parameters()}
 
 
-def trainer_params(batch, fsdp):
+def trainer_params(batch, fsdp, checkpointing=False):
     """One optimizer step of ``CATTrainer`` (SGD, constant lr, no clipping, gamma 1) over the 8 samples:
-    2 per device, 2 accumulation steps, on the launching torchrun's ranks. Also returns the engine
+    2 per device, 2 accumulation steps, on the launching torchrun's ranks, optionally with non-reentrant
+    gradient checkpointing (the patched layers are replayed during backward). Also returns the engine
     accelerate actually used (it runs FSDP only on accelerator devices)."""
     import tempfile
 
@@ -135,7 +136,8 @@ def trainer_params(batch, fsdp):
                                  max_steps=1, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
                                  weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
                                  use_cpu=True, ddp_backend="gloo", dataloader_num_workers=0, seed=0,
-                                 disable_tqdm=True, logging_strategy="no", **extra)
+                                 disable_tqdm=True, logging_strategy="no", gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False}, **extra)
         trainer = CATTrainer(model=model, args=args, train_dataset=records, alpha=ALPHA, gamma=GAMMA,
                              data_collator=CATCollator(0, pad_to_multiple_of=T))
         trainer.train()
@@ -173,7 +175,8 @@ def run(scenario, batch, ref64, ref32, rank, world, out_dir):
     elif scenario == "fsdp":
         got = fsdp_params(micros)
     elif scenario.startswith("trainer"):
-        got, result["engine"] = trainer_params(batch, fsdp=scenario == "trainer_fsdp")
+        got, result["engine"] = trainer_params(batch, fsdp=scenario == "trainer_fsdp",
+                                               checkpointing=scenario == "trainer_ddp_checkpointing")
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     result["dist_err"] = max_diff(got, ref64)

@@ -44,7 +44,8 @@ def distributed_results(tmp_path_factory):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out = tmp_path_factory.mktemp("distributed")
     _cli_workspace(out / "cli")
-    scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_fsdp", "cli_train"] + ([] if FSDP_SKIP else ["fsdp"])
+    scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_ddp_checkpointing", "trainer_fsdp", "cli_train"]
+    scenarios += [] if FSDP_SKIP else ["fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
     seed = fresh_seed()
@@ -106,10 +107,12 @@ def test_fsdp_step_equals_single_process_step(distributed_results):
 
 
 @pytest.mark.xfail(strict=True, reason="CATTrainer still averages per-micro-batch Re-Attention means")
-def test_distributed_cat_trainer_ddp_step_equals_single_process_step(distributed_results):
-    """CATTrainer under torchrun: 2 ranks x 2 per device x 2 accumulation steps = the 8-sample batch."""
-    assert distributed_results["trainer_ddp"]["engine"] == "DistributedType.MULTI_CPU"
-    _check_matches_single_process(distributed_results, "trainer_ddp")
+@pytest.mark.parametrize("scenario", ["trainer_ddp", "trainer_ddp_checkpointing"])
+def test_distributed_cat_trainer_ddp_step_equals_single_process_step(distributed_results, scenario):
+    """CATTrainer under torchrun: 2 ranks x 2 per device x 2 accumulation steps = the 8-sample batch;
+    also with non-reentrant gradient checkpointing."""
+    assert distributed_results[scenario]["engine"] == "DistributedType.MULTI_CPU"
+    _check_matches_single_process(distributed_results, scenario)
 
 
 def test_distributed_cat_trainer_fsdp_step_equals_single_process_step(distributed_results):
