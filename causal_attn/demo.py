@@ -33,7 +33,8 @@ def add_parser(subparsers):
     p.add_argument("--alpha", type=float, default=None, help=f"Re-Attention margin (default {DEFAULT.alpha})")
     p.add_argument("--extra-train", type=int, default=None,
                    help=f"generated STG_E training records added to STG_M (default {EXTRA_TRAIN})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained in parallel processes (default: 2 CPUs -> 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
     p.set_defaults(func=run)
     return p
 
@@ -59,14 +60,56 @@ def load_data(extra: int, quick: bool):
     return train, tests
 
 
+class Setup:
+    """The data, tokenizer and encoded training records every run shares (rebuilt identically per worker)."""
+
+    def __init__(self, extra: int, quick: bool):
+        from .data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
+        from .demo_fit import encode_records
+        from .demo_model import build_word_tokenizer
+
+        self.train, self.tests = load_data(extra, quick)
+        self.tokenizer = build_word_tokenizer([r["input"] + r["target"]
+                                               for r in self.train + self.tests["iid"] + self.tests["ood"]])
+        self.encoded = encode_records(self.train, self.tokenizer)
+        self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
+        self.probe = self.tests["ood"][: 16 if quick else 100]  # samples for the attention statistics
+
+
+_SETUP: Setup | None = None
+
+
+def _init_worker(extra: int, quick: bool, threads: int):
+    import torch
+
+    global _SETUP
+    torch.set_num_threads(threads)
+    _SETUP = Setup(extra, quick)
+
+
+def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
+    """Train, score and probe one model; returns a JSON-able record (plus the first probe's map)."""
+    from .demo_fit import evaluate, factor_masses, train_run
+
+    s = setup or _SETUP
+    t_run = time.perf_counter()
+    model, handle, curve = train_run(method, seed, s.encoded, s.tokenizer, recipe)
+    scores = evaluate(model, s.tokenizer, s.tests)
+    masses = factor_masses(model, handle, s.tokenizer, s.probe, s.factors)
+    res = {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
+           "attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
+           "sample_map": masses["maps"][0].numpy()}
+    res.update({f"{split}_acc": sc["acc"] for split, sc in scores.items()})
+    res["ood_examples"] = [{"target": r["target"], "prediction": p}
+                           for r, p in zip(s.tests["ood"][:5], scores["ood"]["predictions"])]
+    return res
+
+
 def run(args) -> int:
     import torch
 
     from .cli import CliError
-    from .data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
     from .demo_figures import attention_maps, ensure_dir, factor_mass, training_curves
-    from .demo_fit import encode_records, evaluate, factor_masses, train_run
-    from .demo_model import build_word_tokenizer
 
     t0 = time.perf_counter()
     recipe = QUICK if args.quick else DEFAULT
@@ -74,41 +117,48 @@ def run(args) -> int:
     recipe = Recipe(**{**recipe.__dict__, **overrides})
     seeds = list(range(1 if args.quick else args.seeds))
     extra = (0 if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
-    if not seeds or recipe.steps < 1 or extra < 0:
-        raise CliError("--seeds and --steps must be >= 1 and --extra-train >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
+    if not seeds or recipe.steps < 1 or extra < 0 or jobs < 1:
+        raise CliError("--seeds, --steps and --jobs must be >= 1 and --extra-train >= 0")
     try:
         out_dir = ensure_dir(args.out)
     except OSError as e:
         raise CliError(f"cannot create output directory {args.out!r}: {e}") from e
 
-    train, tests = load_data(extra, args.quick)
-    tokenizer = build_word_tokenizer([r["input"] + r["target"] for r in train + tests["iid"] + tests["ood"]])
-    encoded = encode_records(train, tokenizer)
-    factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
-    probe = tests["ood"][: 16 if args.quick else 100]  # samples for the attention statistics
+    setup = Setup(extra, args.quick)
+    train, tests, tokenizer, probe = setup.train, setup.tests, setup.tokenizer, setup.probe
     print(f"demo: {len(train)} training records, vocabulary {len(tokenizer)}, {len(seeds)} seed(s) x {METHODS}, "
-          f"{recipe.steps} steps of batch {recipe.batch_size}, alpha {recipe.alpha}", flush=True)
+          f"{recipe.steps} steps of batch {recipe.batch_size}, alpha {recipe.alpha}, {jobs} process(es)", flush=True)
 
+    tasks = [(m, seed) for seed in seeds for m in METHODS]
     runs = {m: [] for m in METHODS}
-    sample_maps = {}
-    for seed in seeds:
-        for method in METHODS:
-            t_run = time.perf_counter()
-            model, handle, curve = train_run(method, seed, encoded, tokenizer, recipe)
-            scores = evaluate(model, tokenizer, tests)
-            masses = factor_masses(model, handle, tokenizer, probe, factors)
-            if seed == seeds[0]:
-                sample_maps[method] = masses["maps"][0].numpy()
-            res = {"seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
-                   "attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"]}
-            res.update({f"{split}_acc": sc["acc"] for split, sc in scores.items()})
-            runs[method].append(res)
-            print(f"  seed {seed} {method:7s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
-                  f"mass causal/spurious/irrelevant "
-                  + "/".join(f"{masses['mean'][k]:.2f}" for k in FACTOR_KINDS) + f"  ({res['seconds']:.0f} s)",
-                  flush=True)
+
+    def report(res):
+        runs[res["method"]].append(res)
+        print(f"  seed {res['seed']} {res['method']:7s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
+              "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
+              + f"  ({res['seconds']:.0f} s)", flush=True)
+
+    if jobs == 1:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for m, seed in tasks:
+            report(one_run(m, seed, recipe, setup))
+    else:  # one process per run, each on `threads` threads: tiny models scale badly across threads
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(extra, args.quick, args.threads or 1)) as pool:
+            for res in pool.map(one_run, *zip(*tasks), [recipe] * len(tasks)):
+                report(res)
+    for m in METHODS:
+        runs[m].sort(key=lambda r: r["seed"])
+    sample_maps = {m: runs[m][0].pop("sample_map") for m in METHODS}
+    for m in METHODS:
+        for r in runs[m]:
+            r.pop("sample_map", None)
 
     results = summarize(runs, train, tests, recipe, seeds, extra)
     figures = {
