@@ -12,11 +12,17 @@ Defaults: hidden 48, 2 layers, 4 heads (head_dim 12), 2 kv heads, vocab 97, fp32
 """
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from causal_attn import CausalGraph
+
+def _fresh() -> int:
+    return random.SystemRandom().randrange(2**31)
+
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 _CLASSES = {
@@ -63,7 +69,7 @@ def random_batch(vocab: int, B: int, T: int, *, padding: str = "none", seed: int
     arbitrary (eager attention spreads it uniformly, fused kernels give zeros)."""
     if padding not in ("none", "left", "right"):
         raise ValueError(f"padding must be 'none', 'left' or 'right', got {padding!r}")
-    g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    g = torch.Generator().manual_seed(_fresh() if seed is None else seed)
     ids = torch.randint(3, vocab, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
     if padding != "none":
@@ -81,7 +87,7 @@ def random_batch(vocab: int, B: int, T: int, *, padding: str = "none", seed: int
 
 def random_edges(attention_mask: torch.Tensor, *, density: float = 0.3, seed: int | None = None):
     """Per sample a list of row-aligned ``(row, col)`` edges between real tokens with ``col <= row``."""
-    g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    g = torch.Generator().manual_seed(_fresh() if seed is None else seed)
     real = attention_mask.bool()
     B, T = real.shape
     allowed = torch.ones(T, T, dtype=torch.bool).tril() & real[:, None, :] & real[:, :, None]
