@@ -5,7 +5,8 @@
 // online softmax with running max m, sum l and mass accumulator macc (rescaled like l), O += P V (BLAS).
 // At the end O /= l, mass = macc / l, LSE = m + log l (+inf and zeros on rows without keys).
 //
-// Backward: one task per (batch, key/value head), so dK and dV of a GQA group are summed without races.
+// Backward: one task per (batch, key/value head), so dK and dV of a GQA group are summed without races
+// (per (batch, query head) with partial dK, dV when there are fewer kv heads than threads).
 // For each query head of the group and each query block: delta = rowsum(dO * O) + g * mass, then per key
 // block recompute P = exp(S - LSE) and
 //   dV += P^T dO,  dP = dO V^T + g * A,  dS = P (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -258,31 +260,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   }
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);
-  at::Tensor dk = at::zeros({P.B, P.Hkv, P.T, P.D}, f32);
-  at::Tensor dv = at::zeros({P.B, P.Hkv, P.T, P.D}, f32);
   const int64_t nqb = (P.T + BQ - 1) / BQ;
-  at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+  // All query tiles of query head h of sample b, adding into the (T x D) dK, dV given.
+  auto query_head = [&](int64_t b, int64_t h, float* dK, float* dV, BackwardBuffers& buf) {
+    const int64_t bh = b * P.Hq + h, hk = h / P.G;
+    const float* L = lse.data_ptr<float>() + bh * P.T;
+    const float* M = use_mass ? mass.data_ptr<float>() + bh * P.T : nullptr;
+    const float* Gm = use_mass ? gmass.data_ptr<float>() + bh * P.T : nullptr;
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const int64_t i0 = qb * BQ, i1 = std::min(P.T, i0 + BQ);
+      backward_block(P, head_rows(q, b, h), head_rows(k, b, hk), head_rows(v, b, hk), head_rows(o, b, h),
+                     head_rows(dout, b, h), L + i0, M ? M + i0 : nullptr, Gm ? Gm + i0 : nullptr,
+                     dq.data_ptr<float>() + (bh * P.T + i0) * P.D, dK, dV, b, i0, i1, buf);
+    }
+  };
+  // Tasks: (batch, kv head) summing a GQA group in place; with fewer of those than threads, (batch, query
+  // head) tasks write per-head partials that are summed over the group afterwards.
+  const bool per_query_head = P.G > 1 && P.B * P.Hkv < at::get_num_threads();
+  const int64_t heads = per_query_head ? P.Hq : P.Hkv;
+  at::Tensor dk = at::zeros({P.B, heads, P.T, P.D}, f32);
+  at::Tensor dv = at::zeros({P.B, heads, P.T, P.D}, f32);
+  at::parallel_for(0, P.B * heads, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_thread;
     BackwardBuffers buf;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / P.Hkv, hk = t % P.Hkv;
-      const Rows K = head_rows(k, b, hk), V = head_rows(v, b, hk);
+      const int64_t b = t / heads, hh = t % heads;
       float* dK = dk.data_ptr<float>() + t * P.T * P.D;
       float* dV = dv.data_ptr<float>() + t * P.T * P.D;
-      for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
-        const int64_t bh = b * P.Hq + h;
-        const float* L = lse.data_ptr<float>() + bh * P.T;
-        const float* M = use_mass ? mass.data_ptr<float>() + bh * P.T : nullptr;
-        const float* Gm = use_mass ? gmass.data_ptr<float>() + bh * P.T : nullptr;
-        for (int64_t qb = 0; qb < nqb; ++qb) {
-          const int64_t i0 = qb * BQ, i1 = std::min(P.T, i0 + BQ);
-          backward_block(P, head_rows(q, b, h), K, V, head_rows(o, b, h), head_rows(dout, b, h), L + i0,
-                         M ? M + i0 : nullptr, Gm ? Gm + i0 : nullptr,
-                         dq.data_ptr<float>() + (bh * P.T + i0) * P.D, dK, dV, b, i0, i1, buf);
-        }
+      if (per_query_head) {
+        query_head(b, hh, dK, dV, buf);
+      } else {
+        for (int64_t h = hh * P.G; h < (hh + 1) * P.G; ++h) query_head(b, h, dK, dV, buf);
       }
     }
   });
+  if (per_query_head) {
+    dk = dk.view({P.B, P.Hkv, P.G, P.T, P.D}).sum(2);
+    dv = dv.view({P.B, P.Hkv, P.G, P.T, P.D}).sum(2);
+  }
   auto cast = [](const at::Tensor& x, const at::Tensor& like) {
     return like.scalar_type() == at::kFloat ? x : x.to(like.scalar_type());
   };

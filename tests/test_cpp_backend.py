@@ -43,8 +43,11 @@ def _outputs_and_grads(q, k, v, adj, kpm, threads):
 
 
 @needs_cpp
-def test_one_and_two_threads_agree():
-    q, k, v, adj, kpm, seed = make_case(3, 4, 2, 300, 64, torch.float32, padding="right")
+@pytest.mark.parametrize("B,Hq,Hkv", [(3, 4, 2), (1, 4, 1)])
+def test_one_and_two_threads_agree(B, Hq, Hkv):
+    """(1, 4, 1): with 2 threads the backward splits the GQA group over threads (per-head partial dK, dV),
+    with 1 thread it sums the group in place; both must agree."""
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 300, 64, torch.float32, padding="right")
     one = _outputs_and_grads(q, k, v, adj, kpm, 1)
     two = _outputs_and_grads(q, k, v, adj, kpm, 2)
     for name, a, b in zip(["out", "mass", "dq", "dk", "dv"], one, two):
