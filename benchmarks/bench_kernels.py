@@ -27,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from causal_attn.attention import resolve_backend  # noqa: E402
-from common import (child_report, do_bench_phases, interleaved_times, measure_peak, run_child,  # noqa: E402
-                    setup_threads, timed_phases)
+from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
+                    run_child, setup_threads, summarize, timed_phases)
 
 METHODS = ("cat", "cat_nomass", "sdpa", "eager")
 LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "sdpa": "torch SDPA (no statistics)",
@@ -129,12 +129,7 @@ def memory_cuda(case: Case, methods, args, device) -> dict:
     peaks = {}
     for name in methods:
         fwd, bwd = make_method(name, inp, args.backend)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        bwd(fwd())
-        torch.cuda.synchronize()
-        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peaks[name] = measure_peak_cuda(lambda: bwd(fwd()))
     return peaks
 
 
@@ -169,13 +164,13 @@ def run_sweep(args, log=print) -> list[dict]:
             runs[m] = (lambda f=fwd, b=bwd: do_bench_phases(f, b)) if device.type == "cuda" else \
                 (lambda f=fwd, b=bwd: timed_phases(f, b, device))
         if device.type == "cuda":
-            times = {m: r() for m, r in runs.items()}
+            times = summarize({m: {p: [t] for p, t in r().items()} for m, r in runs.items()})
         else:
-            times = interleaved_times(runs, warmup=args.warmup, repeats=args.repeats, budget_s=args.case_budget)
+            times = summarize(interleaved_times(runs, warmup=args.warmup, repeats=args.repeats,
+                                                budget_s=args.case_budget))
         del inp, runs
-        base = times.get("sdpa", {})
         mem = {}
-        if case.T in args.memory_seq_lens:
+        if case.T in args.memory_seq_lens and case.D in args.memory_head_dims:
             mem = memory_cuda(case, list(times), args, device) if device.type == "cuda" else \
                 memory_cpu(case, list(times), args)
         case_rows = []
@@ -188,8 +183,8 @@ def run_sweep(args, log=print) -> list[dict]:
                 continue
             for ph in PHASES:
                 row[f"{ph}_ms"] = times[m][ph] * 1e3
-                if ph in base:
-                    row[f"{ph}_x_sdpa"] = times[m][ph] / base[ph]
+                if f"{ph}_x" in times[m]:
+                    row[f"{ph}_x_sdpa"] = times[m][f"{ph}_x"]
             if device.type == "cuda":
                 row["tflops_fwd"] = causal_flops(case) / times[m]["fwd"] / 1e12
                 row["tflops_bwd"] = 2.5 * causal_flops(case) / times[m]["bwd"] / 1e12
@@ -217,7 +212,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--eager-max-t", type=int, help="skip the eager maps above this T (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--memory-seq-lens", type=int, nargs="*", help="T values with a memory measurement "
                    "(default: all)")
-    p.add_argument("--case-budget", type=float, default=60.0, help="seconds per case after which no new "
+    p.add_argument("--memory-head-dims", type=int, nargs="*", default=[64], help="head dims with a memory "
+                   "measurement (each case costs a fresh interpreter)")
+    p.add_argument("--case-budget", type=float, default=30.0, help="seconds per case after which no new "
                    "timing round starts (CPU)")
 
 

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
-from common import (child_report, do_bench_phases, interleaved_times, measure_peak, run_child,  # noqa: E402
-                    setup_threads, timed_phases)
+from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
+                    run_child, setup_threads, summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "authors")
 LABELS = {"sdpa": "plain SDPA step (no CAT)", "cat": "CAT via patch_model", "authors": "authors' way (eager maps)"}
@@ -123,15 +123,7 @@ def child_main(argv):
 
 
 def memory_cuda(benches: dict) -> dict:
-    peaks = {}
-    for m, bench in benches.items():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        bench.step()
-        torch.cuda.synchronize()
-        peaks[m] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return peaks
+    return {m: measure_peak_cuda(bench.step) for m, bench in benches.items()}
 
 
 def projected_authors_gib(T: int, B: int) -> float:
@@ -160,9 +152,10 @@ def run_sweep(args, log=print) -> list[dict]:
             runs[m] = (lambda b=b: do_bench_phases(b.forward_loss, b.backward_step)) if device.type == "cuda" else \
                 (lambda b=b: timed_phases(b.forward_loss, b.backward_step, device))
         if device.type == "cuda":
-            times = {m: r() for m, r in runs.items()}
+            times = summarize({m: {p: [t] for p, t in r().items()} for m, r in runs.items()})
         else:
-            times = interleaved_times(runs, warmup=args.warmup, repeats=args.repeats, budget_s=args.case_budget)
+            times = summarize(interleaved_times(runs, warmup=args.warmup, repeats=args.repeats,
+                                                budget_s=args.train_case_budget))
         mem = {}
         if T in args.train_memory_seq_lens:
             mem = memory_cuda({m: benches[m] for m in times}) if device.type == "cuda" else run_child(
@@ -175,8 +168,8 @@ def run_sweep(args, log=print) -> list[dict]:
                 row["status"] = skip[m]
                 continue
             row["step_ms"] = times[m]["fwdbwd"] * 1e3
-            if "sdpa" in times:
-                row["step_x_sdpa"] = times[m]["fwdbwd"] / times["sdpa"]["fwdbwd"]
+            if "fwdbwd_x" in times[m]:
+                row["step_x_sdpa"] = times[m]["fwdbwd_x"]
             if "error" in mem:
                 row["status"] = f"memory child failed: {mem['error']}"
             elif m in mem:
@@ -210,6 +203,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--train-methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--train-memory-seq-lens", type=int, nargs="*", help="T values with a memory measurement "
                    "(default: all)")
+    p.add_argument("--train-case-budget", type=float, default=120.0, help="seconds per T after which no new "
+                   "timing round starts (CPU)")
     p.add_argument("--max-gib", type=float, default=8.0, help="skip the authors' way where its projected peak "
                    "exceeds this many GiB")
 

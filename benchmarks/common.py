@@ -1,8 +1,8 @@
 """Measurement helpers shared by the kernel and training-step benchmarks.
 
-Time (CPU): every repeat runs each method once, in a rotated order, so background load on the shared
-machine hits all methods alike; the statistic is the median over repeats after warm-up runs.
-Time (CUDA): ``triton.testing.do_bench`` medians.
+Time (CPU): every round runs each method once, in a rotated order, so background load on the shared
+machine hits all methods alike; times are medians over rounds after warm-up rounds, ratios to SDPA are
+medians of the per-round ratios. Time (CUDA): ``triton.testing.do_bench`` medians.
 
 Memory (CPU): each case runs in a fresh ``python <script> --child ...`` process (a cold interpreter
 costs ~5-10 s on the loaded machine, so the methods of one case share it). Per method the child frees
@@ -69,12 +69,12 @@ def sync(device: torch.device):
 
 
 def interleaved_times(runs: dict[str, Callable[[], dict[str, float]]], *, warmup: int, repeats: int,
-                      budget_s: float | None = None) -> dict[str, dict[str, float]]:
-    """Median of each timed phase per method over ``repeats`` rounds (after ``warmup`` rounds).
+                      budget_s: float | None = None) -> dict[str, dict[str, list[float]]]:
+    """Samples ``{method: {phase: [seconds per round]}}`` over ``repeats`` rounds after ``warmup`` rounds.
 
     ``runs[name]()`` executes one measurement and returns ``{phase: seconds}``. Every round runs each
     method once, starting at a different method each round. With ``budget_s``, stop after the first
-    round that ends past the budget (at least one timed round always runs).
+    timed round that ends past the budget (at least one timed round always runs).
     """
     names = list(runs)
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
@@ -88,7 +88,23 @@ def interleaved_times(runs: dict[str, Callable[[], dict[str, float]]], *, warmup
                     samples[name].setdefault(phase, []).append(sec)
         if rnd >= warmup and budget_s is not None and time.perf_counter() - start > budget_s:
             break
-    return {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in samples.items()}
+    return samples
+
+
+def summarize(samples: dict[str, dict[str, list[float]]], base: str = "sdpa") -> dict[str, dict[str, float]]:
+    """``{method: {"<phase>": median seconds, "<phase>_x": median over rounds of t / t_base}}``.
+
+    The ratio pairs each method with the baseline run of the same round (same background load), which
+    is steadier on a shared machine than a ratio of medians."""
+    out = {}
+    for name, phases in samples.items():
+        out[name] = {}
+        for phase, ts in phases.items():
+            out[name][phase] = statistics.median(ts)
+            ref = samples.get(base, {}).get(phase)
+            if ref is not None and len(ref) == len(ts):
+                out[name][f"{phase}_x"] = statistics.median(t / r for t, r in zip(ts, ref))
+    return out
 
 
 def timed_phases(forward: Callable[[], object], backward: Callable[[object], None] | None,
@@ -117,6 +133,16 @@ def do_bench_phases(forward: Callable[[], object], backward: Callable[[object], 
         res["bwd"] = do_bench(lambda: backward(out), return_mode="median") / 1e3
         res["fwdbwd"] = do_bench(lambda: backward(forward()), return_mode="median") / 1e3
     return res
+
+
+def measure_peak_cuda(work: Callable[[], object]) -> float:
+    """CUDA: ``max_memory_allocated`` growth (MiB) of ``work()`` over the allocation just before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    work()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
 def run_child(script: str, args: Sequence[str], timeout: float) -> dict:

@@ -24,7 +24,7 @@ RESULTS = os.path.join(HERE, "results")
 
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
-             train_memory_seq_lens=[512], repeats=3, case_budget=15.0)
+             train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--backend", default="auto", help="causal_attn backend for our methods (default auto)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: shared machine)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per case (CPU)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (CPU); median reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per case (CPU); median reported")
     p.add_argument("--child-timeout", type=float, default=900.0, help="seconds per memory child process")
     p.add_argument("--profile", type=int, nargs="*", metavar="T", help="also write torch.profiler tables of the "
                    "CAT and SDPA training steps at these T (default 1024 2048 when given without values)")

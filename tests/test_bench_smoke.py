@@ -1,0 +1,107 @@
+"""Benchmarks: the methods compute the same thing, the helpers are right, and a tiny sweep runs end to end
+through ``causal-attn bench`` (the same code path as the full sweep; numbers are never asserted on time)."""
+import csv
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+from oracle import oracle_attention
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_kernels  # noqa: E402
+import bench_train_step  # noqa: E402
+from common import fit_growth  # noqa: E402
+
+import causal_attn  # noqa: E402
+from causal_attn import bench as bench_cli  # noqa: E402
+from causal_attn.cli import CliError, main  # noqa: E402
+
+
+def err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_benchmarked_methods_compute_the_same_attention_mass_and_grads(hkv):
+    """Every method's outputs and gradients match the float64 oracle within 2x eager fp32's own error."""
+    case = bench_kernels.Case(T=96, D=16, Hq=4, Hkv=hkv, B=2)
+    inp = bench_kernels.make_inputs(case, "cpu", torch.float32, seed=random.randrange(2**31))
+    q64, k64, v64 = (inp[n].double().requires_grad_() for n in ("q", "k", "v"))
+    out64, mass64 = oracle_attention(q64, k64, v64, inp["graph"].to_dense())
+    ref = {"with_mass": (out64, mass64, *torch.autograd.grad((out64, mass64), (q64, k64, v64),
+                                                              (inp["dout"].double(), inp["dmass"].double())))}
+    out64b, _ = oracle_attention(q64, k64, v64, None)
+    ref["no_mass"] = (out64b, *torch.autograd.grad(out64b, (q64, k64, v64), inp["dout"].double()))
+    results = {}
+    for m in bench_kernels.METHODS:
+        fwd, bwd = bench_kernels.make_method(m, inp, "auto")
+        outs = fwd()
+        results[m] = (*outs, *bwd(outs))
+    for m in bench_kernels.METHODS:
+        expected = ref["with_mass" if m in ("cat", "eager") else "no_mass"]
+        base = results["eager"] if m in ("cat", "eager") else results["sdpa"]
+        assert len(results[m]) == len(expected), m
+        for got, eager, want in zip(results[m], base, expected):
+            assert err(got, want) <= 2 * err(eager, want) + 1e-6, f"{m}: {err(got, want):.2e} vs eager {err(eager, want):.2e}"
+
+
+def test_authors_re_attention_equals_the_loss_on_masses():
+    """The authors' dense construction in the training benchmark gives CAT's Re-Attention loss."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    L, B, H, T = 3, 2, 4, 40
+    logits = torch.randn(L, B, H, T, T, generator=g, dtype=torch.float64)
+    maps = torch.softmax(logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf), -1)
+    graph = bench_train_step.stg_like_graph(B, T, g)
+    dense = graph.to_dense()
+    masses = [(maps[layer] * dense[:, None]).sum(-1) for layer in range(L)]
+    want = causal_attn.re_attention_loss(masses, graph, alpha=5.0)
+    got = bench_train_step.authors_re_attention(list(maps), dense, alpha=5.0)
+    assert want > 0
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-7)  # the loss computes in fp32
+
+
+def test_fit_growth_recovers_linear_and_quadratic():
+    ts = [512, 1024, 2048, 4096]
+    lin = fit_growth(ts, [3.0 * t + 7 for t in ts])
+    assert lin["slope_mib_per_1k"] == pytest.approx(3.0 * 1024)
+    assert lin["exponent"] == pytest.approx(1.0, abs=0.05)
+    assert fit_growth(ts, [2e-5 * t * t for t in ts])["exponent"] == pytest.approx(2.0)
+
+
+def test_bench_without_benchmarks_folder_is_a_clear_cli_error(monkeypatch):
+    monkeypatch.setattr(bench_cli, "benchmarks_dir", lambda: None)
+    with pytest.raises(CliError, match="benchmarks/runner.py not found"):
+        bench_cli.load_runner()
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_through_the_cli(tmp_path):
+    rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
+               "--train-seq-lens", "64", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    kernels = rows(tmp_path / "kernels.csv")
+    assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
+    for r in kernels:
+        assert r["status"] == "ok", r
+        for ph in ("fwd", "bwd", "fwdbwd"):
+            assert 0 < float(r[f"{ph}_x_sdpa"]) < math.inf
+    peak = {r["method"]: float(r["peak_mib"]) for r in kernels if r["T"] == "512"}
+    one_map = 8 * 512 * 512 * 4 / 2**20  # one (Hq, T, T) fp32 stack: 8 MiB
+    assert peak["eager"] > 2 * one_map, peak  # the measurement sees the maps ...
+    assert peak["cat"] < one_map, peak  # ... and ours keeps none
+    train = rows(tmp_path / "train_step.csv")
+    assert [r["method"] for r in train] == list(bench_train_step.METHODS)
+    for r in train:
+        assert r["status"] == "ok", r
+        assert float(r["step_ms"]) > 0 and math.isfinite(float(r["peak_mib"]))
+    for name in ("kernels_time.png", "kernels_memory.png", "train_step.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| 512 | 32 | off |" in (tmp_path / "summary.md").read_text()
