@@ -145,21 +145,24 @@ def measure_peak_cuda(work: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
-def run_child(script: str, args: Sequence[str], timeout: float) -> dict:
+def run_child(script: str, args: Sequence[str], timeout: float, attempts: int = 2) -> dict:
     """Run ``python script --child args...`` in a fresh process; return its last stdout line as JSON.
 
-    A failed or timed-out child gives ``{"error": ...}`` so the sweep records it instead of dying."""
+    A crashed child is retried once (e.g. a C++ extension rebuilt under its feet); a failed or timed-out
+    child gives ``{"error": ...}`` so the sweep records it instead of dying."""
     cmd = [sys.executable, script, "--child", *map(str, args)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    lines = res.stdout.strip().splitlines()
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {res.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    error = "not run"
+    for _ in range(attempts):
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timeout after {timeout:.0f} s"}
+        lines = res.stdout.strip().splitlines()
+        if res.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        error = f"exit {res.returncode}: {(res.stderr.strip().splitlines() or ['no output'])[-1]}"
+    return {"error": error}
 
 
 def child_report(**fields):

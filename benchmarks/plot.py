@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench_kernels import LABELS as KERNEL_LABELS  # noqa: E402
+from bench_train_step import LABELS as STEP_LABELS  # noqa: E402
 from common import read_csv  # noqa: E402
 
 
@@ -31,9 +33,9 @@ def _series(rows, key, **match):
     return out
 
 
-def _panel(ax, series, title, ylabel):
+def _panel(ax, series, title, ylabel, labels):
     for method, (ts, ys) in sorted(series.items()):
-        ax.plot(ts, ys, marker="o", label=method)
+        ax.plot(ts, ys, marker="o", label=labels.get(method, method))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
@@ -52,7 +54,8 @@ def plot_kernels(csv_path: str, out_dir: str) -> dict[str, str]:
                               ("peak_mib", "peak memory growth, MiB", "kernels_memory.png")):
         fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
         for ax, (D, gqa) in zip(axes[0], groups):
-            _panel(ax, _series(rows, key, D=D, gqa=gqa), f"D={D}, GQA {'on' if gqa == 'True' else 'off'}", ylabel)
+            _panel(ax, _series(rows, key, D=D, gqa=gqa), f"D={D}, GQA {'on' if gqa == 'True' else 'off'}", ylabel,
+                   KERNEL_LABELS)
         fig.tight_layout()
         paths[name] = os.path.join(out_dir, name)
         fig.savefig(paths[name], dpi=110)
@@ -63,8 +66,9 @@ def plot_kernels(csv_path: str, out_dir: str) -> dict[str, str]:
 def plot_train(csv_path: str, out_dir: str) -> dict[str, str]:
     rows = read_csv(csv_path)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    _panel(axes[0], _series(rows, "step_ms"), "training step time (Llama 4x256, B=2)", "ms (median)")
-    _panel(axes[1], _series(rows, "peak_mib"), "training step peak memory growth", "MiB")
+    _panel(axes[0], _series(rows, "step_ms"), "training step time (Llama 4x256, B=2)", "ms (median)",
+           STEP_LABELS)
+    _panel(axes[1], _series(rows, "peak_mib"), "training step peak memory growth", "MiB", STEP_LABELS)
     fig.tight_layout()
     path = os.path.join(out_dir, "train_step.png")
     fig.savefig(path, dpi=110)
