@@ -31,10 +31,11 @@ namespace {
 constexpr int64_t BQ = 64;   // query rows per tile
 constexpr int64_t BK = 256;  // key columns per tile (multiple of 32: tiles start on packed-word bounds)
 
-// fp32 view with unit stride along D; converts (copies) only when needed.
+// fp32 view with unit stride along D and a row stride BLAS accepts as leading dimension (>= D; an
+// expanded or overlapping T axis is copied); converts (copies) only when needed.
 at::Tensor as_f32_rows(const at::Tensor& x) {
   at::Tensor y = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  return y.stride(3) == 1 ? y : y.contiguous();
+  return (y.stride(3) == 1 && y.stride(2) >= y.size(3)) ? y : y.contiguous();
 }
 
 // Strided fp32 matrix rows of one (batch, head): row t starts at base + t * ld.

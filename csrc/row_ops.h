@@ -63,17 +63,25 @@ float mask_and_max(float* s, int64_t n_causal, int64_t n_total, const uint8_t* k
 // sum of s[c] * A[c] in *mass_sum.
 CA_MULTIVERSION
 float exp_shift_sum(float* s, int64_t n32, float shift, const int32_t* words, float* mass_sum) {
-  float sum = 0.0f, msum = 0.0f;
+  // 32 lane-wise partial sums, reduced once at the end (a reduction per 32-column word costs as much
+  // as its exponentials)
+  float acc[32] = {}, macc[32] = {};
   for (int64_t base = 0; base < n32; base += 32) {
     const uint32_t word = words ? static_cast<uint32_t>(words[base >> 5]) : 0u;
     float* x = s + base;
-#pragma omp simd reduction(+ : sum, msum)
+#pragma omp simd
     for (int c = 0; c < 32; ++c) {
       const float e = fast_exp(x[c] - shift);
       x[c] = e;
-      sum += e;
-      msum += ((word >> c) & 1u) ? e : 0.0f;
+      acc[c] += e;
+      macc[c] += ((word >> c) & 1u) ? e : 0.0f;
     }
+  }
+  float sum = 0.0f, msum = 0.0f;
+#pragma omp simd reduction(+ : sum, msum)
+  for (int c = 0; c < 32; ++c) {
+    sum += acc[c];
+    msum += macc[c];
   }
   if (words) *mass_sum = msum;
   return sum;
