@@ -104,7 +104,7 @@ def targets(train_rows, kernel_rows) -> list[str]:
     return out + [""]
 
 
-def write_summary(out_dir: str, command: str | None = None) -> str:
+def write_summary(out_dir: str, command: str | None = None, note: str | None = None) -> str:
     kpath, tpath = os.path.join(out_dir, "kernels.csv"), os.path.join(out_dir, "train_step.csv")
     krows = read_csv(kpath) if os.path.exists(kpath) else []
     trows = read_csv(tpath) if os.path.exists(tpath) else []
@@ -112,6 +112,8 @@ def write_summary(out_dir: str, command: str | None = None) -> str:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "
              "methods interleaved per case on a shared machine." + (f" Reproduce: `{command}`" if command else ""), ""]
+    if note:
+        lines += [note, ""]
     lines += targets(trows, krows) + growth_fits(trows, krows)
     if trows:
         lines += train_section(trows)

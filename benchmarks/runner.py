@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -77,7 +78,7 @@ def run(args, log=print) -> dict[str, str]:
     if args.device == "cpu":
         setup_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    paths, t0 = {}, time.perf_counter()
+    paths, t0, cpu0, load0 = {}, time.perf_counter(), time.process_time(), os.getloadavg()[0]
     if args.only in ("kernels", "all"):
         rows = bench_kernels.run_sweep(args, log=log)
         paths["kernels_csv"] = write_csv(rows, os.path.join(args.out, "kernels.csv"))
@@ -94,7 +95,11 @@ def run(args, log=print) -> dict[str, str]:
         paths.update(plot.plot_all(args.out))
     command = "causal-attn bench" + (" --quick" if args.quick else "") + \
         (f" --only {args.only}" if args.only != "all" else "")
-    paths["summary"] = report.write_summary(args.out, command=command)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu0 + children.ru_utime + children.ru_stime
+    paths["summary"] = report.write_summary(args.out, command=command, note=(
+        f"Sweep wall time {time.perf_counter() - t0:.0f} s, CPU time {cpu:.0f} s (memory children included); "
+        f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores)."))
     log(open(paths["summary"]).read())
     log(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}")
     return paths
