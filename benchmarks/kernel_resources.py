@@ -5,8 +5,9 @@ their resources: one CSV row per compiled kernel with
 
 ``kernel`` is the kernel name plus ``+mass`` when the adjacency path is compiled in; ``config`` is
 ``D<head dim>/M<BLOCK_M>-N<BLOCK_N>-w<warps>-s<stages>``; ``regs`` registers per thread, ``spills``
-local-memory bytes per thread (``LOCAL`` in ``cuobjdump --dump-resource-usage``), ``shared`` bytes per
-block (Triton's dynamic shared memory plus the static ``SHARED`` of the cubin);
+local-memory bytes per thread (``LOCAL + STACK`` in ``cuobjdump --dump-resource-usage``: current ptxas
+puts register spills in the stack frame, the ``STL``/``LDL`` of the SASS, and reports ``LOCAL:0``; the
+same number as ptxas -v's "bytes stack frame"), ``shared`` bytes per block (Triton's dynamic shared memory plus the static ``SHARED`` of the cubin);
 ``tensor_core_instructions`` counts ``HMMA`` / ``HGMMA`` lines in the SASS.
 
 Arguments are specialised the way the runtime does for realistic shapes (T a multiple of 512, head
@@ -53,7 +54,7 @@ def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), ke
             for name, fn in fm.KERNELS.items():
                 if name not in kernels:
                     continue
-                cfgs = fm.GPU_CONFIGS[gen][name]
+                cfgs = fm.GPU_CONFIGS[gen][fm.head_dim_class(d)][name]
                 for cfg in (cfgs if configs == "all" else cfgs[:1]):
                     for mass in mass_variants:
                         yield fn, arch, cfg, d, mass
@@ -91,7 +92,9 @@ def resource_usage(cubin: bytes) -> dict:
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
     mma = sum(1 for line in sass.splitlines() if re.search(r"\bH(G)?MMA\b", line))
-    return {"regs": int(fields["REG"]), "static_shared": int(fields["SHARED"]), "spills": int(fields["LOCAL"]),
+    # ptxas puts register spills in the stack frame (STACK, with STL/LDL in the SASS); LOCAL counts .local data
+    return {"regs": int(fields["REG"]), "static_shared": int(fields["SHARED"]),
+            "spills": int(fields["LOCAL"]) + int(fields["STACK"]),
             "tensor_core_instructions": mma}
 
 

@@ -190,25 +190,42 @@ def _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, DIAGONAL: tl.constex
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols, start_m, start_n,
+def _adjacency_tile_t(adj_base, rows, row_ok, start_n, n_words, stride_r, stride_w,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Transposed 0/1 tile (BLOCK_N, BLOCK_M): element [c, r] = A[rows[r], start_n + c]."""
+    words_idx = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+    words = tl.load(adj_base + words_idx[:, None] * stride_w + rows[None, :] * stride_r,
+                    mask=(words_idx[:, None] < n_words) & row_ok[None, :], other=0)
+    bits = (words[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+    return tl.reshape(bits, (BLOCK_N, BLOCK_M)).to(tl.float32)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols, start_m, start_n,
                T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block against this program's key block, in transposed form (keys along dim 0), so P^T
+    and dS^T come straight out of the dots: dV += P^T dO, dK += dS^T q."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    q = _load_rows(q_base, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D)
+    q_t = tl.load(q_base + rows[None, :] * sqt + dims[:, None] * sqd,
+                  mask=row_ok[None, :] & (dims[:, None] < HEAD_D), other=0.0)
     do = _load_rows(do_base, rows, row_ok, sdt, sdd, HEAD_D, BLOCK_D)
     lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
-    p = _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, DIAGONAL, HAS_KPM, PRECISION)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+    if DIAGONAL:
+        s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
+    p_t = tl.exp2(s_t - lse[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if HAS_ADJ:
         g = tl.load(Gm + stat_base + rows, mask=row_ok, other=0.0)
-        a = _adjacency_tile(adj_base + rows * sar, row_ok, start_n, n_words, saw, BLOCK_M, BLOCK_N)
-        dp += g[:, None] * a
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dp_t += g[None, :] * _adjacency_tile_t(adj_base, rows, row_ok, start_n, n_words, sar, saw, BLOCK_M, BLOCK_N)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
     return dk, dv
 
 
@@ -240,13 +257,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DK, DV,
         do_base = DO + b * sdb + h * sdh
         stat_base = (b * Hq + h) * T
         for start_m in range(start_n, diag_end, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
                                 start_m, start_n, T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
                                 HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, PRECISION)
         for start_m in range(diag_end, T, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
                                 start_m, start_n, T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
                                 HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, PRECISION)
+    if HAS_KPM:
+        # rows of padded keys only ever receive their own (meaningless, possibly inf) P^T and dS^T rows:
+        # masking the two accumulators once replaces a mask on every (key, query) tile
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     # dk/dv are (B, Hkv, T, D) contiguous, written once by this program
     out_off = bhk * T * HEAD_D
     _store_rows(DK + out_off, cols, col_ok, HEAD_D, 1, (dk * scale).to(DK.dtype.element_ty), HEAD_D, BLOCK_D)
@@ -357,17 +379,33 @@ class KernelConfig:
 
 
 C = KernelConfig
-# Per GPU generation (compute capability 8.x / 9.x) and kernel; shapes obey the block rules above.
-GPU_CONFIGS: dict[int, dict[str, list[KernelConfig]]] = {
+# Per GPU generation (compute capability 8.x / 9.x), head-dim class (<= 64, <= 128, <= 256) and kernel.
+# Every config obeys the block rules above and compiles without register spills with the mass path and
+# key padding on (benchmarks/kernel_resources.py checks sm_80 / sm_90 at D = 64 and 128); the first
+# entry is the one a quick compile check uses. dK/dV holds two fp32 (BLOCK_N x D) accumulators, hence
+# its narrow query blocks and 8 warps at D = 128.
+GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
     80: {
-        "fwd": [C(128, 64, 4, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(128, 128, 8, 2)],
-        "dkdv": [C(32, 128, 4, 2), C(64, 128, 8, 2), C(32, 64, 4, 3)],
-        "dq": [C(128, 32, 4, 2), C(128, 64, 8, 2), C(64, 32, 4, 3)],
+        64: {"fwd": [C(128, 64, 8, 2), C(64, 64, 4, 3), C(128, 32, 8, 2), C(64, 32, 4, 3)],
+             "dkdv": [C(16, 128, 8, 2), C(16, 64, 4, 2)],
+             "dq": [C(128, 32, 8, 2), C(64, 32, 4, 2), C(64, 32, 4, 3)]},
+        128: {"fwd": [C(128, 64, 8, 2), C(64, 64, 4, 3), C(64, 32, 4, 3)],
+              "dkdv": [C(32, 64, 8, 2), C(16, 64, 8, 2), C(32, 32, 4, 2), C(16, 32, 4, 2)],
+              "dq": [C(128, 32, 8, 2), C(64, 32, 4, 2), C(32, 32, 4, 2)]},
+        256: {"fwd": [C(64, 32, 4, 2), C(32, 32, 4, 2)],
+              "dkdv": [C(16, 32, 4, 1), C(32, 32, 8, 1)],
+              "dq": [C(32, 32, 4, 1), C(64, 32, 8, 1)]},
     },
     90: {
-        "fwd": [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 4), C(128, 32, 4, 4)],
-        "dkdv": [C(32, 128, 4, 3), C(64, 128, 8, 3), C(32, 64, 4, 4)],
-        "dq": [C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 32, 4, 4)],
+        64: {"fwd": [C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 64, 8, 2)],
+             "dkdv": [C(32, 128, 8, 2), C(64, 128, 8, 2), C(32, 64, 4, 2), C(16, 128, 8, 2)],
+             "dq": [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 3)]},
+        128: {"fwd": [C(128, 64, 8, 2), C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 8, 2)],
+              "dkdv": [C(16, 128, 8, 2), C(32, 64, 8, 2), C(16, 64, 8, 2)],
+              "dq": [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 3)]},
+        256: {"fwd": [C(64, 32, 4, 2), C(64, 64, 8, 2)],
+              "dkdv": [C(16, 32, 4, 1), C(32, 32, 8, 1)],
+              "dq": [C(32, 32, 4, 1), C(64, 32, 8, 1)]},
     },
 }
 # Small blocks keep interpreter tests fast while still crossing block boundaries at T > 64.
@@ -387,21 +425,27 @@ def gpu_generation(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-_tuned: dict[tuple[str, int], object] = {}
+def head_dim_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def _launcher(kernel: str, device: torch.device):
-    """(callable kernel[grid], pinned config or None): autotuned per GPU generation, pinned in the interpreter."""
+_tuned: dict[tuple[str, int, int], object] = {}
+
+
+def _launcher(kernel: str, device: torch.device, head_dim: int):
+    """(callable kernel[grid], pinned config or None): autotuned per GPU generation and head-dim class,
+    pinned in the interpreter."""
     if interpreting():
         return KERNELS[kernel], INTERPRETER_CONFIG[kernel]
-    gen = gpu_generation(device)
-    if (kernel, gen) not in _tuned:
-        _tuned[kernel, gen] = triton.autotune([c.triton() for c in GPU_CONFIGS[gen][kernel]], key=TUNE_KEY)(KERNELS[kernel])
-    return _tuned[kernel, gen], None
+    key = (kernel, gpu_generation(device), head_dim_class(head_dim))
+    if key not in _tuned:
+        configs = GPU_CONFIGS[key[1]][key[2]][kernel]
+        _tuned[key] = triton.autotune([c.triton() for c in configs], key=TUNE_KEY)(KERNELS[kernel])
+    return _tuned[key], None
 
 
 def _run(kernel: str, device, grid_rows: int, grid_cols: int, *args, **constexprs):
-    fn, pinned = _launcher(kernel, device)
+    fn, pinned = _launcher(kernel, device, constexprs["HEAD_D"])
 
     def grid(meta):
         return (triton.cdiv(grid_rows, meta["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]), grid_cols)
