@@ -88,32 +88,52 @@ int64_t balanced_block(int64_t t, int64_t nblocks) {
 // Row kernels work on whole 32-column groups (one packed word each); score rows have BK >= that room.
 int64_t round_up32(int64_t n) { return (n + 31) & ~int64_t{31}; }
 
+// S (bq x bk, row stride BK) = scale Q[i0:i1] K[j0:j0+bk]^T with the keys a row may not see (past the
+// diagonal, padded) and the tail up to whole 32-column words set to -inf; rowmax[r] gets row r's max.
+void masked_scores(const Problem& P, const Rows& Q, const Rows& K, int64_t b, int64_t i0, int64_t i1, int64_t j0,
+                   int64_t bk, float* S, float* rowmax) {
+  const uint8_t* kpm = P.kpm ? P.kpm + b * P.T + j0 : nullptr;
+  gemm_rm(false, true, i1 - i0, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
+  for (int64_t r = 0; r < i1 - i0; ++r) {
+    const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
+    rowmax[r] = mask_and_max(S + r * BK, n, round_up32(bk), kpm);
+  }
+}
+
+// P = exp(S - LSE) in place on a tile from masked_scores (rows without keys have LSE = +inf: P = 0).
+void probabilities(float* S, int64_t bq, int64_t bk, const float* lse) {
+  for (int64_t r = 0; r < bq; ++r) exp_shift_sum(S + r * BK, round_up32(bk), lse[r], nullptr, nullptr);
+}
+
 // ------------------------------------------------------------------------------------------- forward
+struct ForwardBuffers {
+  std::vector<float> S, m, l, macc, rowmax;
+  ForwardBuffers() : S(BQ * BK), m(BQ), l(BQ), macc(BQ), rowmax(BQ) {}
+};
+
 void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V, float* O, float* lse,
-                  float* mass, int64_t b, int64_t i0, int64_t i1, float* S, float* m, float* l, float* macc) {
+                  float* mass, int64_t b, int64_t i0, int64_t i1, ForwardBuffers& buf) {
   const int64_t bq = i1 - i0, D = P.D;
-  const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
+  float *S = buf.S.data(), *m = buf.m.data(), *l = buf.l.data(), *macc = buf.macc.data();
   const int32_t* adj = P.packed ? P.packed + b * P.T * P.W : nullptr;
   std::fill(O, O + bq * D, 0.0f);
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.0f);
   std::fill(macc, macc + bq, 0.0f);
   for (int64_t j0 = 0; j0 < i1; j0 += BK) {
-    const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
-    gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
+    const int64_t bk = std::min(BK, i1 - j0);
+    masked_scores(P, Q, K, b, i0, i1, j0, bk, S, buf.rowmax.data());
     for (int64_t r = 0; r < bq; ++r) {
       const int64_t i = i0 + r;
       float* s = S + r * BK;
-      const int64_t n = std::clamp<int64_t>(i - j0 + 1, 0, bk);
-      const float bmax = mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
-      const float m_new = std::max(m[r], bmax);
+      const float m_new = std::max(m[r], buf.rowmax[r]);
       if (m_new == kNegInf) {  // no key for this row yet: P row is zero, nothing to rescale
         std::fill(s, s + bk, 0.0f);
         continue;
       }
       const float alpha = fast_exp(m[r] - m_new);
       float msum = 0.0f;
-      const float rowsum = exp_shift_sum(s, bk32, m_new, adj ? adj + i * P.W + j0 / 32 : nullptr, &msum);
+      const float rowsum = exp_shift_sum(s, round_up32(bk), m_new, adj ? adj + i * P.W + j0 / 32 : nullptr, &msum);
       if (alpha != 1.0f) scale_row(O + r * D, D, alpha);
       l[r] = l[r] * alpha + rowsum;
       macc[r] = macc[r] * alpha + msum;
@@ -142,21 +162,19 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
   float* map = attn_map.data_ptr<float>();
   at::parallel_for(0, P.B * nqb, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_thread;
-    std::vector<float> S(BQ * BK);
+    std::vector<float> S(BQ * BK), rowmax(BQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ), bq = i1 - i0;
-      const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
       for (int64_t h = 0; h < P.Hq; ++h) {
-        const Rows Q = head_rows(q, b, h), K = head_rows(k, b, h / P.G);
         const float* L = lse + (b * P.Hq + h) * P.T + i0;
         for (int64_t j0 = 0; j0 < i1; j0 += BK) {
-          const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
-          gemm_rm(false, true, bq, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S.data(), BK);
+          const int64_t bk = std::min(BK, i1 - j0);
+          masked_scores(P, head_rows(q, b, h), head_rows(k, b, h / P.G), b, i0, i1, j0, bk, S.data(),
+                        rowmax.data());
+          probabilities(S.data(), bq, bk, L);
           for (int64_t r = 0; r < bq; ++r) {
             float* s = S.data() + r * BK;
             const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-            mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
-            exp_shift_sum(s, bk32, L[r], nullptr, nullptr);  // LSE = +inf (no keys) gives zeros
             scale_row(s, n, weight);
             float* dst = map + (b * P.T + i0 + r) * P.T + j0;
             for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
@@ -184,14 +202,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   float* mass_p = P.packed ? mass.data_ptr<float>() : nullptr;
   at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_thread;
-    std::vector<float> S(BQ * BK), m(BQ), l(BQ), macc(BQ);
+    ForwardBuffers buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
       const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
       const int64_t row0 = bh * P.T + i0;
       forward_task(P, head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G),
-                   out_p + row0 * P.D, lse_p + row0, mass_p ? mass_p + row0 : nullptr, b, i0, i1, S.data(),
-                   m.data(), l.data(), macc.data());
+                   out_p + row0 * P.D, lse_p + row0, mass_p ? mass_p + row0 : nullptr, b, i0, i1, buf);
     }
   });
   if (attn_map.has_value()) {
@@ -206,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 
 // ------------------------------------------------------------------------------------------ backward
 struct BackwardBuffers {
-  std::vector<float> S, dP, delta;
-  BackwardBuffers() : S(BQ * BK), dP(BQ * BK), delta(BQ) {}
+  std::vector<float> S, dP, delta, rowmax;
+  BackwardBuffers() : S(BQ * BK), dP(BQ * BK), delta(BQ), rowmax(BQ) {}
 };
 
 // One query block of one query head against all its keys; accumulates into dQ rows (bq x D, zeroed
@@ -216,7 +233,6 @@ void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& 
                     const float* lse, const float* mass, const float* gmass, float* dQ, float* dK, float* dV,
                     int64_t b, int64_t i0, int64_t i1, BackwardBuffers& buf) {
   const int64_t bq = i1 - i0, D = P.D;
-  const uint8_t* kpm = P.kpm ? P.kpm + b * P.T : nullptr;
   const int32_t* adj = (P.packed && gmass) ? P.packed + b * P.T * P.W : nullptr;
   for (int64_t r = 0; r < bq; ++r) {
     buf.delta[r] = dot_row(dO.row(i0 + r), O.row(i0 + r), D) + (adj ? gmass[r] * mass[r] : 0.0f);
@@ -226,13 +242,8 @@ void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& 
   float* dS = buf.dP.data();
   for (int64_t j0 = 0; j0 < i1; j0 += BK) {
     const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
-    gemm_rm(false, true, bq, bk, D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
-    for (int64_t r = 0; r < bq; ++r) {
-      float* s = S + r * BK;
-      const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-      mask_and_max(s, n, bk32, kpm ? kpm + j0 : nullptr);
-      exp_shift_sum(s, bk32, lse[r], nullptr, nullptr);  // masked and no-key rows (LSE = +inf) give P = 0
-    }
+    masked_scores(P, Q, K, b, i0, i1, j0, bk, S, buf.rowmax.data());
+    probabilities(S, bq, bk, lse);
     gemm_rm(true, false, bk, D, bq, 1.0f, S, BK, dO.row(i0), dO.ld, 1.0f, dV + j0 * D, D);
     gemm_rm(false, true, bq, bk, D, 1.0f, dO.row(i0), dO.ld, V.row(j0), V.ld, 0.0f, dS, BK);
     for (int64_t r = 0; r < bq; ++r) {
