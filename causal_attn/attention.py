@@ -176,6 +176,9 @@ def check_inputs(q, k, v, key_padding_mask=None):
     return key_padding_mask
 
 
+# Evaluated eagerly under torch.compile: the first call may load a backend (mutating BACKENDS), which
+# Dynamo cannot trace ("Guard failed on the same frame it was created").
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map the public backend names to an implementation name in :data:`BACKENDS`."""
     if backend == "auto":

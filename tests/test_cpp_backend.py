@@ -91,3 +91,34 @@ def test_fallback_warns_once_when_the_extension_is_missing():
     env = dict(os.environ, CAUSAL_ATTN_DISABLE_CPP="0")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_cpp
+def test_torch_compile_sees_one_op_and_loads_the_backend_lazily():
+    """In a fresh interpreter (the extension not yet loaded) torch.compile(fullgraph=True) traces
+    attention(backend="auto") to one causal_attn::attention_fwd call that runs the C++ kernel."""
+    script = textwrap.dedent(f"""
+        import torch, causal_attn
+        from causal_attn.attention import BACKENDS
+        torch.manual_seed({fresh_seed()})
+        q, k, v = (torch.randn(2, 4, 70, 16, requires_grad=True) for _ in range(3))
+        graph = causal_attn.CausalGraph.from_dense((torch.rand(2, 70, 70) < 0.2).tril())
+        targets = []
+        def counting_backend(gm, example_inputs):
+            targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        def f(q, k, v):
+            out, mass = causal_attn.attention(q, k, v, graph)
+            return out.square().sum() + mass.sum()
+        loss = torch.compile(f, backend=counting_backend, fullgraph=True)(q, k, v)
+        loss.backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        assert "cpp" in BACKENDS and sum("attention_fwd" in t for t in targets) == 1, targets
+        for t in (q, k, v):
+            t.grad = None
+        f(q, k, v).backward()
+        assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
