@@ -84,6 +84,15 @@ def _key_ok(kpm_base, cols, T, HAS_KPM: tl.constexpr):
     return ok
 
 
+@triton.jit
+def _query_block(Hq, G, T, BLOCK_M: tl.constexpr):
+    """Program (query block, batch x query head) -> (bh, b, h, kv head, start_m, rows, row_ok)."""
+    bh = tl.program_id(1)
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    return bh, bh // Hq, bh % Hq, (bh % Hq) // G, start_m, rows, rows < T
+
+
 # ---------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, rows, row_ok, start_n,
@@ -118,14 +127,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mass, Adj, Kpm,
               T, Hq, G, n_words, qk_scale,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
+    bh, b, h, hk, start_m, rows, row_ok = _query_block(Hq, G, T, BLOCK_M)
     q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -300,14 +302,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DQ,
                  T, Hq, G, n_words, qk_scale, scale,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
+    bh, b, h, hk, start_m, rows, row_ok = _query_block(Hq, G, T, BLOCK_M)
     q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
     do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdt, sdd, HEAD_D, BLOCK_D)
     stat_off = bh * T + rows
@@ -381,8 +376,9 @@ class KernelConfig:
 C = KernelConfig
 # Per GPU generation (compute capability 8.x / 9.x), head-dim class (<= 64, <= 128, <= 256) and kernel.
 # Every config obeys the block rules above and compiles without register spills with the mass path and
-# key padding on (benchmarks/kernel_resources.py checks sm_80 / sm_90 at D = 64 and 128); the first
-# entry is the one a quick compile check uses. dK/dV holds two fp32 (BLOCK_N x D) accumulators, hence
+# key padding on (benchmarks/kernel_resources.py, sm_80 / sm_90, D = 64, 128, 256; see KERNEL_NOTES.md
+# for the two plain-attention variants with a 16-24 byte spill); the first entry is the one the quick
+# compile check uses. dK/dV holds two fp32 (BLOCK_N x D) accumulators, hence
 # its narrow query blocks and 8 warps at D = 128.
 GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
     80: {
@@ -392,8 +388,8 @@ GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
         128: {"fwd": [C(128, 64, 8, 2), C(64, 64, 4, 3), C(64, 32, 4, 3)],
               "dkdv": [C(32, 64, 8, 2), C(16, 64, 8, 2), C(32, 32, 4, 2), C(16, 32, 4, 2)],
               "dq": [C(128, 32, 8, 2), C(64, 32, 4, 2), C(32, 32, 4, 2)]},
-        256: {"fwd": [C(64, 32, 4, 2), C(32, 32, 4, 2)],
-              "dkdv": [C(16, 32, 4, 1), C(32, 32, 8, 1)],
+        256: {"fwd": [C(32, 32, 4, 2)],
+              "dkdv": [C(32, 32, 8, 1)],
               "dq": [C(32, 32, 4, 1), C(64, 32, 8, 1)]},
     },
     90: {
@@ -401,11 +397,11 @@ GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
              "dkdv": [C(32, 128, 8, 2), C(64, 128, 8, 2), C(32, 64, 4, 2), C(16, 128, 8, 2)],
              "dq": [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 3)]},
         128: {"fwd": [C(128, 64, 8, 2), C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 8, 2)],
-              "dkdv": [C(16, 128, 8, 2), C(32, 64, 8, 2), C(16, 64, 8, 2)],
+              "dkdv": [C(16, 128, 8, 2), C(16, 64, 8, 2)],
               "dq": [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 3)]},
         256: {"fwd": [C(64, 32, 4, 2), C(64, 64, 8, 2)],
-              "dkdv": [C(16, 32, 4, 1), C(32, 32, 8, 1)],
-              "dq": [C(32, 32, 4, 1), C(64, 32, 8, 1)]},
+              "dkdv": [C(32, 32, 8, 1)],
+              "dq": [C(32, 32, 4, 1)]},
     },
 }
 # Small blocks keep interpreter tests fast while still crossing block boundaries at T > 64.
