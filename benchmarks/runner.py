@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -79,6 +80,7 @@ def run(args, log=print) -> dict[str, str]:
         setup_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     paths, t0, cpu0, load0 = {}, time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    commit = code_version()
     if args.only in ("kernels", "all"):
         rows = bench_kernels.run_sweep(args, log=log)
         paths["kernels_csv"] = write_csv(rows, os.path.join(args.out, "kernels.csv"))
@@ -99,10 +101,21 @@ def run(args, log=print) -> dict[str, str]:
     cpu = time.process_time() - cpu0 + children.ru_utime + children.ru_stime
     paths["summary"] = report.write_summary(args.out, command=command, note=(
         f"Sweep wall time {time.perf_counter() - t0:.0f} s, CPU time {cpu:.0f} s (memory children included); "
-        f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores)."))
+        f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores); "
+        f"code: {commit}."))
     log(open(paths["summary"]).read())
     log(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}")
     return paths
+
+
+def code_version() -> str:
+    """``git describe`` of the checkout (with -dirty for uncommitted changes), or "unknown"."""
+    try:
+        res = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             timeout=10)
+        return res.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main_for(which: str = "all", argv=None) -> int:
