@@ -98,7 +98,7 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
         opt.step()
         sched.step()
         if step % every == 0 or step == recipe.steps - 1:
-            ratio = stats.ratio[stats.rows]
+            ratio = stats.ratio.detach()[stats.rows]
             curve.append({"step": step, "lm_loss": float(out.loss.detach()), "attn_loss": float(attn_loss.detach()), "gamma": gamma,
                           "mean_ratio": float(ratio.mean()) if ratio.numel() else float("nan"),
                           "seconds": time.perf_counter() - t0})
