@@ -46,7 +46,7 @@ KERNEL_NAMES = (*fm.KERNELS, "preprocess")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), kernels=KERNEL_NAMES):
+def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), kernels=KERNEL_NAMES, dtype="fp16"):
     """Yield (JITFunction, arch, KernelConfig or None, head dim, mass flag)."""
     for arch in archs:
         gen = ARCHS[arch]
@@ -54,7 +54,7 @@ def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), ke
             for name, fn in fm.KERNELS.items():
                 if name not in kernels:
                     continue
-                cfgs = fm.GPU_CONFIGS[gen][fm.head_dim_class(d)][name]
+                cfgs = fm.FP32_CONFIGS[name] if dtype == "fp32" else fm.GPU_CONFIGS[gen][fm.head_dim_class(d)][name]
                 for cfg in (cfgs if configs == "all" else cfgs[:1]):
                     for mass in mass_variants:
                         yield fn, arch, cfg, d, mass
@@ -101,7 +101,8 @@ def resource_usage(cubin: bytes) -> dict:
 def compile_one(fn, arch, cfg, head_dim, mass, dtype="fp16") -> dict:
     block_m = cfg.block_m if cfg else fm.PREPROCESS_BLOCK_M
     constexprs = {"HEAD_D": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_M": block_m,
-                  "BLOCK_N": cfg.block_n if cfg else 0, "HAS_ADJ": mass, "HAS_KPM": True, "PRECISION": "tf32"}
+                  "BLOCK_N": cfg.block_n if cfg else 0, "HAS_ADJ": mass, "HAS_KPM": True,
+                  "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     options = {"num_warps": cfg.num_warps if cfg else 4, "num_stages": cfg.num_stages if cfg else 1}
     compiled = triton.compile(build_source(fn, "*" + dtype, constexprs), target=GPUTarget("cuda", ARCHS[arch], 32),
                               options=options)
@@ -121,13 +122,14 @@ def main(argv=None):
                     help="every autotune config, or only the first of each kernel (quick check)")
     ap.add_argument("--mass", choices=["both", "on", "off"], default="both")
     ap.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES), choices=list(KERNEL_NAMES))
-    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                    help="fp32 compiles the FP32_CONFIGS with exact (ieee) dot products")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")
     variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.mass]
     rows = []
-    for job in kernel_jobs(args.head_dims, args.arch, args.configs, variants, args.kernels):
+    for job in kernel_jobs(args.head_dims, args.arch, args.configs, variants, args.kernels, args.dtype):
         t0 = time.time()
         row = compile_one(*job, dtype=args.dtype)
         rows.append(row)

@@ -404,6 +404,9 @@ GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
               "dq": [C(32, 32, 4, 1)]},
     },
 }
+# fp32 inputs use exact fp32 dot products (no TF32, no tensor cores) whose operands take twice the
+# registers: small tiles for every generation and head dim (a correctness path, not a fast one).
+FP32_CONFIGS = {"fwd": [C(32, 32, 8, 2)], "dkdv": [C(32, 32, 8, 1), C(16, 32, 8, 1)], "dq": [C(32, 32, 8, 1)]}
 # Small blocks keep interpreter tests fast while still crossing block boundaries at T > 64.
 INTERPRETER_CONFIG = {"fwd": C(64, 32, 4, 1), "dkdv": C(32, 64, 4, 1), "dq": C(64, 32, 4, 1)}
 PREPROCESS_BLOCK_M = 64
@@ -428,20 +431,20 @@ def head_dim_class(head_dim: int) -> int:
 _tuned: dict[tuple[str, int, int], object] = {}
 
 
-def _launcher(kernel: str, device: torch.device, head_dim: int):
-    """(callable kernel[grid], pinned config or None): autotuned per GPU generation and head-dim class,
-    pinned in the interpreter."""
+def _launcher(kernel: str, device: torch.device, head_dim: int, fp32: bool):
+    """(callable kernel[grid], pinned config or None): autotuned per GPU generation and head-dim class
+    (fp32: :data:`FP32_CONFIGS`), pinned in the interpreter."""
     if interpreting():
         return KERNELS[kernel], INTERPRETER_CONFIG[kernel]
-    key = (kernel, gpu_generation(device), head_dim_class(head_dim))
+    key = (kernel, gpu_generation(device), 0 if fp32 else head_dim_class(head_dim))
     if key not in _tuned:
-        configs = GPU_CONFIGS[key[1]][key[2]][kernel]
+        configs = FP32_CONFIGS[kernel] if fp32 else GPU_CONFIGS[key[1]][key[2]][kernel]
         _tuned[key] = triton.autotune([c.triton() for c in configs], key=TUNE_KEY)(KERNELS[kernel])
     return _tuned[key], None
 
 
 def _run(kernel: str, device, grid_rows: int, grid_cols: int, *args, **constexprs):
-    fn, pinned = _launcher(kernel, device, constexprs["HEAD_D"])
+    fn, pinned = _launcher(kernel, device, constexprs["HEAD_D"], constexprs["PRECISION"] == "ieee")
 
     def grid(meta):
         return (triton.cdiv(grid_rows, meta["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]), grid_cols)
