@@ -33,6 +33,13 @@ def test_quick_demo_writes_table_results_and_figures(tmp_path, capsys):
         assert data.startswith(PNG) and len(data) > 5000
 
 
+def test_demo_bad_arguments_give_one_line(tmp_path, capsys):
+    for bad in (["--seeds", "0"], ["--steps", "0"], ["--extra-train", "-1"]):
+        assert main(["demo", "--out", str(tmp_path), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1
+
+
 def test_factor_masses_against_a_hand_built_map():
     """The answer-row mass per factor type equals the sum of an eager averaged map over the spans' tokens."""
     recs = generate_stg_e(seed=random.randrange(10**6), n_iid=4, n_ood=3, n_test=0)["test_ood"]
