@@ -139,7 +139,7 @@ def score(task: str, predictions, targets) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def load_model(path: str, *, for_training: bool):
+def load_model(path: str):
     """(model, tokenizer) from a directory or hub id, as a one-line CliError when that fails."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,7 +195,7 @@ def run_train(args) -> int:
         last = get_last_checkpoint(args.out) if os.path.isdir(args.out) else None
         if last is None:
             raise CliError(f"--resume: no checkpoint-* directory in {args.out}")
-    model, tokenizer = load_model(args.model, for_training=True)
+    model, tokenizer = load_model(args.model)
     if "capt" in args.method:
         records = capt_mod.replicate(records, args.capt_copies, seed=args.seed, mode="random")
     use_graph = "cat" in args.method.split("+")
@@ -257,7 +257,7 @@ def run_eval(args) -> int:
         raise CliError("--batch-size and --max-new-tokens must be positive, --limit >= 0")
     splits, task = test_splits(args.data)
     task = task if args.task == "auto" else args.task
-    model, tokenizer = load_model(args.model, for_training=False)
+    model, tokenizer = load_model(args.model)
     out_dir = args.out or os.path.join(args.model, "eval")
     os.makedirs(out_dir, exist_ok=True)
     metrics = {"model": args.model, "data": args.data, "task": task}
