@@ -63,6 +63,21 @@ def finalize_args(args):
     return bench_kernels.finalize_args(args)
 
 
+def check_args(args) -> str | None:
+    """A one-line message for options that cannot run, else None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but no CUDA device is visible"
+    if args.heads % args.gqa_group:
+        return f"--heads {args.heads} is not a multiple of --gqa-group {args.gqa_group}"
+    for name in ("seq_lens", "head_dims", "train_seq_lens"):
+        vals = getattr(args, name) or []
+        if any(v < 1 for v in vals):
+            return f"--{name.replace('_', '-')} must be positive, got {vals}"
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        return "--repeats and --threads must be >= 1 and --warmup >= 0"
+    return None
+
+
 def p_default(name):
     """The parser default of option ``name`` (--quick replaces only values left at their default)."""
     p = argparse.ArgumentParser()
@@ -124,6 +139,9 @@ def main_for(which: str = "all", argv=None) -> int:
     args = p.parse_args(argv)
     if which != "all":
         args.only = which
+    error = check_args(args)
+    if error:
+        p.error(error)
     run(args)
     return 0
 

@@ -52,5 +52,8 @@ def run(args) -> int:
     runner = load_runner()
     if getattr(args, "rest", None) is not None:  # parser was built without the runner's options
         raise CliError("benchmark options unavailable: benchmarks/ folder not found")
+    error = runner.check_args(args)
+    if error:
+        raise CliError(error)
     runner.run(args)
     return 0

@@ -78,6 +78,13 @@ def test_bench_without_benchmarks_folder_is_a_clear_cli_error(monkeypatch):
         bench_cli.load_runner()
 
 
+@pytest.mark.parametrize("argv, message", [(["--heads", "8", "--gqa-group", "3"], "not a multiple"),
+                                           (["--seq-lens", "0"], "must be positive")])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
