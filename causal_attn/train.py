@@ -157,8 +157,8 @@ def load_model(path: str):
         raise CliError(f"{path}: a fast tokenizer (offsets) is needed for the adjacency builder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    if torch.cuda.is_available():  # under torchrun / accelerate each process owns GPU LOCAL_RANK
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     return model, tokenizer
 
 
@@ -234,8 +234,13 @@ def run_train(args) -> int:
                          train_dataset=encoded, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=last)
     handle.unpatch()
-    final = model.merge_and_unload() if args.lora else model
-    final.save_pretrained(args.out)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(args.out)  # sharded weights: every rank helps gather them, one writes (LoRA: the adapter)
+    elif trainer.is_world_process_zero():
+        final = model.merge_and_unload() if args.lora else model
+        final.save_pretrained(args.out)
+    if not trainer.is_world_process_zero():  # torchrun / accelerate launch: one process writes the outputs
+        return 0
     tokenizer.save_pretrained(args.out)
     summary = {"model": args.model, "data": args.data, "method": args.method, "lora": args.lora,
                "alpha": args.alpha, "gamma": args.gamma, "records": len(encoded), "missing_spans": missing,

@@ -1,10 +1,12 @@
 """CATTrainer: ``transformers.Trainer`` with the Re-Attention loss, and its collator.
 
-Loss per micro-batch: ``LM + gamma * L_attn / s`` where ``s`` is the number of gradient-accumulation
-micro-batches when the LM loss is already normalised over the whole accumulated batch (the model gets
-``num_items_in_batch``, as Llama/Qwen do, and the Trainer does not divide by the accumulation steps), and
-``s = 1`` otherwise (then the Trainer divides the whole sum). Either way the attention term of an
-optimiser step is the mean of the micro-batch losses, exactly like the LM term.
+Loss per micro-batch: ``LM + gamma * share``. Within ``train()`` the Re-Attention term of an optimiser
+step is the mean over the eligible rows of all its micro-batches on all ranks, as one process would
+compute it on the whole global batch (:mod:`causal_attn.distributed`): ``get_batch_samples`` counts the
+rows, and each micro-batch contributes ``world_size * its row sum / that count`` (times the
+accumulation steps when the Trainer divides the loss by them, i.e. when the LM loss is not normalised
+by ``num_items_in_batch``). A ``training_step`` called on its own (no count) uses the mean of the
+micro-batch losses, ``L_attn / s`` with ``s`` the accumulation steps when the LM loss is normalised.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .distributed import count_loss_rows, data_parallel_share
 from .graph import CausalGraph
 from .patch import CATHandle, patch_model
 
@@ -130,6 +133,7 @@ class CATTrainer(Trainer):
         self.cat = cat_handle
         self.gamma_fn = make_gamma(gamma)
         self._cat_logs: dict[str, list[float]] = defaultdict(list)
+        self._cat_rows = None  # Re-Attention rows of the current optimizer step on all ranks
 
     # -------------------------------------------------------------- schedule
     def current_gamma(self) -> float:
@@ -156,7 +160,14 @@ class CATTrainer(Trainer):
         if has_graph:
             attn, st = self.cat.loss(return_stats=True)
             gamma = self.current_gamma()
-            loss = loss + (gamma / ga_steps if scaled else gamma) * attn
+            if training and self._cat_rows is not None:
+                # mean over the rows of the whole step on all ranks (causal_attn.distributed); training_step
+                # divides an unscaled loss by the accumulation steps, so this term is multiplied back
+                share = data_parallel_share(attn, st.rows.sum(), reduction=self.cat.reduction,
+                                            global_rows=self._cat_rows)
+                loss = loss + gamma * (share if scaled else share * ga_steps)
+            else:  # training_step called outside train(): mean of the micro-batch losses
+                loss = loss + (gamma / ga_steps if scaled else gamma) * attn
             if training:
                 self._cat_logs["attn_loss"].append(float(attn.detach()))
                 self._cat_logs["gamma"].append(gamma)
@@ -165,6 +176,13 @@ class CATTrainer(Trainer):
                     self._cat_logs["ratio_mean"].append(float(r.mean()))
                     self._cat_logs["ratio_ge_alpha"].append(float((r >= self.cat.alpha).float().mean()))
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the Re-Attention rows of this step's micro-batches, summed over the ranks (one
+        all-reduce, like the Trainer's ``num_items_in_batch``)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._cat_rows = count_loss_rows(batch_samples)
+        return batch_samples, num_items_in_batch
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._cat_logs:  # a training log: add our means and start over

@@ -106,7 +106,6 @@ def test_fsdp_step_equals_single_process_step(distributed_results):
     _check_matches_single_process(distributed_results, "fsdp")
 
 
-@pytest.mark.xfail(strict=True, reason="CATTrainer still averages per-micro-batch Re-Attention means")
 @pytest.mark.parametrize("scenario", ["trainer_ddp", "trainer_ddp_checkpointing"])
 def test_distributed_cat_trainer_ddp_step_equals_single_process_step(distributed_results, scenario):
     """CATTrainer under torchrun: 2 ranks x 2 per device x 2 accumulation steps = the 8-sample batch;
