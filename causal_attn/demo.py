@@ -17,7 +17,7 @@ from .demo_fit import Recipe
 METHODS = ("vanilla", "cat")
 FACTOR_KINDS = ("causal", "spurious", "irrelevant")
 # The default recipe (README, "Demo"): what the demo measured to be robust on 2 CPU cores in ~5 minutes.
-DEFAULT = Recipe(steps=1600)
+DEFAULT = Recipe(steps=1600, alpha=3.0)
 EXTRA_TRAIN = 0        # generated STG_E IID training records added to STG_M (generator seed EXTRA_SEED)
 EXTRA_SEED = 1042
 QUICK = Recipe(steps=30, batch_size=16, curve_points=10)
