@@ -20,7 +20,7 @@ FACTOR_KINDS = ("causal", "spurious", "irrelevant")
 DEFAULT = Recipe(steps=1600, alpha=3.0)
 EXTRA_TRAIN = 0        # generated STG_E IID training records added to STG_M (generator seed EXTRA_SEED)
 EXTRA_SEED = 1042
-QUICK = Recipe(steps=30, batch_size=16, curve_points=10)
+QUICK = Recipe(steps=30, batch_size=16, curve_points=10, alpha=DEFAULT.alpha)
 
 
 def add_parser(subparsers):
