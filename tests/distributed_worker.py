@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from causal_attn import CausalGraph, patch_model
 from causal_attn.distributed import count_loss_rows, data_parallel_handle_loss
+from causal_attn.loss import loss_rows
 from tiny_models import random_batch, random_edges, tiny_model
 
 T, GLOBAL_B = 12, 8
@@ -46,6 +47,14 @@ def build(dtype):
 def global_batch():
     ids, mask, labels = random_batch(97, GLOBAL_B, T, padding="right", seed=SEED)
     edges = [random_edges(mask[b:b + 1], density=d, seed=SEED + b)[0] for b, d in enumerate(DENSITIES)]
+    # the negative control needs the two halves (ranks) to hold different numbers of loss rows; with
+    # equal counts the naive per-rank mean happens to be right. Empty rank 0's samples until they differ.
+    half = GLOBAL_B // 2
+    for b in range(half):
+        rows, _, _ = loss_rows(CausalGraph.from_edges(edges, T), mask.bool())
+        if rows[:half].sum() != rows[half:].sum():
+            break
+        edges[b] = []
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "adjacency": CausalGraph.from_edges(edges, T).to_dense()}
 

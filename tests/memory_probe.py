@@ -2,16 +2,15 @@
 
 usage: python memory_probe.py BACKEND T H D   (BACKEND: a causal_attn backend name, or "eager" for the
 authors' way: explicit maps via the reference backend)."""
-import resource
+import os
 import sys
 
 import torch
 
 import causal_attn
 
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from common import measure_peak  # noqa: E402  (resettable VmHWM: the set-up's own peak does not hide ours)
 
 
 def main(backend, T, H, D):
@@ -26,10 +25,12 @@ def main(backend, T, H, D):
     o, m = causal_attn.attention(*small, causal_attn.CausalGraph.from_dense(torch.zeros(1, 64, 64, dtype=torch.bool)),
                                  backend="reference" if backend == "eager" else backend)
     (o.sum() + m.sum()).backward()
-    base = rss_mib()
-    out, mass = causal_attn.attention(q, k, v, graph, backend="reference" if backend == "eager" else backend)
-    (out.sum() + mass.sum()).backward()
-    print(f"{rss_mib() - base:.1f}")
+
+    def work():
+        out, mass = causal_attn.attention(q, k, v, graph, backend="reference" if backend == "eager" else backend)
+        (out.sum() + mass.sum()).backward()
+
+    print(f"{measure_peak(work):.1f}")
 
 
 if __name__ == "__main__":

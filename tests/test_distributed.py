@@ -48,7 +48,7 @@ def distributed_results(tmp_path_factory):
     scenarios += [] if FSDP_SKIP else ["fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
-    seed = fresh_seed()
+    seed = int(os.environ.get("CAT_TEST_SEED") or fresh_seed())  # set it to replay a failure
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
                           env={**os.environ, "CAT_TEST_SEED": str(seed)})
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}, seed {seed}):\n{proc.stdout[-3000:]}\n"
