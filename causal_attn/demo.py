@@ -60,6 +60,16 @@ def load_data(extra: int, quick: bool):
     return train, tests
 
 
+def demo_phrases() -> list[str]:
+    """Strings the demo's tokenizer keeps as one token: the fixed instruction and the multi-word names.
+
+    The instruction carries no information and the names are one variable each; as single tokens a
+    record is 37 tokens instead of 56, so the same CPU budget trains ~1.5x more steps."""
+    from .data.stg import STG_E_IRRELEVANT, STG_E_PREFIX, STG_E_SPURIOUS
+
+    return [STG_E_PREFIX.strip()] + [n for n in STG_E_SPURIOUS + STG_E_IRRELEVANT if " " in n]
+
+
 class Setup:
     """The data, tokenizer and encoded training records every run shares (rebuilt identically per worker)."""
 
@@ -70,7 +80,8 @@ class Setup:
 
         self.train, self.tests = load_data(extra, quick)
         self.tokenizer = build_word_tokenizer([r["input"] + r["target"]
-                                               for r in self.train + self.tests["iid"] + self.tests["ood"]])
+                                               for r in self.train + self.tests["iid"] + self.tests["ood"]],
+                                              phrases=demo_phrases())
         self.encoded = encode_records(self.train, self.tokenizer)
         self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
         self.probe = self.tests["ood"][: 16 if quick else 100]  # samples for the attention statistics

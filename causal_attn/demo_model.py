@@ -7,18 +7,27 @@ the project (and ``save_pretrained`` / ``AutoTokenizer``) treats it like any Hug
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 
 
-def build_word_tokenizer(texts: Iterable[str]):
-    """A fast word-level tokenizer whose vocabulary is every word / number / punctuation mark in ``texts``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def build_word_tokenizer(texts: Iterable[str], phrases: Sequence[str] = ()):
+    """A fast word-level tokenizer whose vocabulary is every word / number / punctuation mark in ``texts``.
+
+    Each string in ``phrases`` (e.g. a fixed instruction sentence, a two-word variable name) is kept whole
+    as one token wherever it occurs; everything else splits on whitespace and punctuation."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if phrases:  # the pattern matches the tokens; the whitespace between them is dropped
+        pattern = "|".join([re.escape(p) for p in sorted(phrases, key=len, reverse=True)] + [r"\w+", r"[^\w\s]"])
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[PAD, UNK, EOS]))
     # decoding joins words with spaces; "High Risk" round-trips, which is all the scorer needs
     from tokenizers import decoders
