@@ -87,3 +87,19 @@ def test_encoded_records_mark_the_answer_rows():
         rows = sorted({row for row, _ in enc["edges"]})
         assert rows == [n_prompt - 1, n_prompt]  # the rows predicting the two label words
         assert len({col for _, col in enc["edges"]}) == 9  # three "Name: value" spans of three tokens
+
+
+def test_phrase_tokenizer_keeps_phrases_whole_with_exact_offsets():
+    from causal_attn.demo import demo_phrases
+
+    recs = generate_stg_e(seed=random.randrange(10**6), n_iid=6, n_ood=2, n_test=0)["train_L"]
+    tok = build_word_tokenizer([r["input"] + r["target"] for r in recs], phrases=demo_phrases())
+    for r, enc in zip(recs, encode_records(recs, tok)):
+        text = r["input"] + r["target"]
+        got = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        pieces = [text[a:b] for a, b in got["offset_mapping"]]
+        assert pieces == tok.convert_ids_to_tokens(got["input_ids"])  # offsets cut out each token exactly
+        assert pieces[0] == demo_phrases()[0] and "Yellow fingers" in pieces and "Answer" in pieces
+        assert len({col for _, col in enc["edges"]}) == 9  # Smoking / Weight / Exercise, ":" and the number
+        covered = {i for a, b in got["offset_mapping"] for i in range(a, b)}
+        assert all(text[i].isspace() for i in range(len(text)) if i not in covered)  # only whitespace dropped
