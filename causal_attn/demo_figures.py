@@ -25,6 +25,7 @@ def attention_maps(path: str, maps: dict, tokens: list[str], title: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, len(maps), figsize=(7.5 * len(maps), 7.5), squeeze=False)
     T = len(tokens)
+    tokens = [t if len(t) <= 16 else t[:14] + "…" for t in tokens]  # a whole-sentence token would crowd the axes
     for ax, (method, m) in zip(axes[0], maps.items()):
         m = np.asarray(m)[:T, :T]
         im = ax.imshow(m, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=max(float(m.max()), 1e-6)))
