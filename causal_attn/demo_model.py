@@ -1,7 +1,8 @@
 """The demo's tokenizer and model: a word-level tokenizer trained on the corpus, a tiny random Llama.
 
 The tokenizer splits on whitespace and punctuation (``tokenizers`` WordLevel), so every label word
-("High", "Risk"), every variable name word and every number ("12") is one token, and character offsets
+("High", "Risk"), every variable name word and every number ("12") is one token; optional ``phrases``
+(the demo passes the instruction sentence and the two-word names) stay whole, and character offsets
 are exact — what the adjacency builder needs. It is wrapped as a ``PreTrainedTokenizerFast`` so the rest of
 the project (and ``save_pretrained`` / ``AutoTokenizer``) treats it like any Hugging Face tokenizer.
 """

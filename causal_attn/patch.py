@@ -180,7 +180,7 @@ class CATHandle:
     def _start_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
-        # the KV cache's keyword is `past_key_values`, `cache` in newer transformers (5.2x Llama / Qwen3)
+        # the KV cache's keyword is `past_key_values`, `cache` in transformers 5.24's Llama / Qwen3
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         full = cache is None or cache.get_seq_length() == 0
         adjacency = kwargs.get("adjacency", self._adjacency) if full else None
