@@ -1,8 +1,12 @@
 """causal_attn: Causal Attention Tuning at the cost of flash attention."""
-from .attention import attention, register_backend
-from .graph import CausalGraph
-from .loss import causal_ratio, re_attention_loss
-from .reference import reference_attention
+from ._layout import attach_kernels
+
+attach_kernels()
+
+from .attention import attention, register_backend  # noqa: E402
+from .graph import CausalGraph  # noqa: E402
+from .loss import causal_ratio, re_attention_loss  # noqa: E402
+from .reference import reference_attention  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,12 @@
 """Backend "cpp": the fused C++ CPU kernel of csrc/ (flash-style attention with causal mass).
 
-The compiled library ``causal_attn._cpp_attention`` (built by setup.py) registers the operators
-``torch.ops.causal_attn_cpp.forward`` / ``backward`` through ``TORCH_LIBRARY``; this module loads it and
-registers the pair as backend "cpp" with :func:`causal_attn.attention.register_backend`. When the
-library is missing (no compiler at install time) importing this module raises ImportError and
-``attention()`` falls back to the PyTorch CPU path with a one-time warning.
+The compiled library registers the operators ``torch.ops.causal_attn_cpp.forward`` / ``backward`` through
+``TORCH_LIBRARY``; this module loads it and registers the pair as backend "cpp" with
+:func:`causal_attn.attention.register_backend`. The library is the one setup.py prebuilt
+(``causal_attn._cpp_attention``) when that exists and was built against the running torch, otherwise the
+first-use build of :mod:`causal_attn.cpp_build` (compiled once into the user's cache). When neither works (no
+compiler) importing this module raises ImportError and ``attention()`` falls back to the PyTorch CPU path
+with a one-time warning.
 
 float32, bfloat16 and float16 run in the kernel (fp32 accumulation); float64 is routed to the
 PyTorch blocked path, which computes in float64.
@@ -16,21 +18,32 @@ from pathlib import Path
 
 import torch
 
-from . import blocked
+from . import blocked, cpp_build
+from ._layout import folder
 from .attention import Backend, register_backend
 
 LIBRARY = "causal_attn._cpp_attention"
 
 
 def _load() -> Path:
+    """Load the library; returns its path. The reason a prebuilt one was passed over is kept in PREBUILT_SKIPPED."""
+    global PREBUILT_SKIPPED
     spec = importlib.util.find_spec(LIBRARY)
     if spec is None or spec.origin is None:
-        raise ImportError(f"{LIBRARY} is not built (reinstall with a C++ compiler: "
-                          "pip install --no-build-isolation -e .)")
-    torch.ops.load_library(spec.origin)
-    return Path(spec.origin)
+        PREBUILT_SKIPPED = "not built at install time"
+    else:
+        built = cpp_build.built_with_torch(spec.origin)
+        if built == cpp_build.torch_release(torch.__version__):
+            torch.ops.load_library(spec.origin)
+            return Path(spec.origin)
+        PREBUILT_SKIPPED = f"{spec.origin} was built against torch {built}, this is {torch.__version__}"
+    sources = folder("csrc")
+    if sources is None or not (sources / cpp_build.SOURCES[0]).is_file():
+        raise ImportError(f"the C++ sources (csrc/) are not part of this install ({PREBUILT_SKIPPED})")
+    return cpp_build.build_and_load(sources)
 
 
+PREBUILT_SKIPPED: str | None = None
 LIBRARY_PATH = _load()
 
 

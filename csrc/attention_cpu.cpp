@@ -18,6 +18,7 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <vector>
@@ -318,6 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 }  // namespace
 }  // namespace causal_attn_cpu
+
+// Read from the file, without loading it, by causal_attn/cpp_build.py (built_with_torch): a library built
+// against another torch is rebuilt instead of loaded.
+extern "C" __attribute__((used, visibility("default"))) const char causal_attn_cpp_build_info[] =
+    "causal_attn_cpp built with torch " TORCH_VERSION ";";
 
 TORCH_LIBRARY(causal_attn_cpp, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? packed, Tensor? key_padding_mask, float scale, "

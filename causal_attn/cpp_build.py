@@ -1,0 +1,160 @@
+"""How the fused C++ CPU kernel (``csrc/``) is compiled, and its first-use build.
+
+One set of flags serves both builds:
+
+* setup.py compiles ``causal_attn._cpp_attention`` at install time when torch is importable there (the
+  Makefile's ``pip install --no-build-isolation -e .``). setup.py runs this file with ``runpy``, so nothing at
+  module level may import torch or the package.
+* Every other install path (``pip install .`` / ``-e .`` with build isolation, a wheel, the sdist) has no
+  prebuilt library, and a prebuilt one may belong to another torch. :func:`build_and_load` then compiles the
+  same sources once with ``torch.utils.cpp_extension.load`` into the user's cache, keyed by the sources, the
+  flags, torch and Python, and later processes load the cached library directly.
+
+Concurrency: builders take an exclusive ``flock`` on the cache folder (released by the kernel if a process
+dies), publish a ``complete`` stamp only after the library is written, and load only a stamped library, so a
+process started while another compiles waits for it and never loads a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SOURCES = ("attention_cpu.cpp",)
+HEADERS = ("gemm.h", "row_ops.h")
+JIT_NAME = "causal_attn_cpp"
+MARKER = b"causal_attn_cpp built with torch "  # + TORCH_VERSION + ";" inside the library (attention_cpu.cpp)
+
+
+def compile_args(platform: str = sys.platform) -> list[str]:
+    # -fopenmp: ATen's at::parallel_for is header-inlined, so only an OpenMP build of this file runs its
+    # range on torch's intra-op threads; without it every loop is serial. No -march: row_ops.h dispatches
+    # its SIMD clones at load time, so the library runs on any x86-64 CPU.
+    return ["-O3", "-fopenmp-simd"] + (["-fopenmp"] if platform.startswith("linux") else [])
+
+
+def link_args(platform: str = sys.platform) -> list[str]:
+    # Links libgomp.so.1 by soname; the copy torch loaded first (torch/lib/libgomp.so.1) satisfies it, so
+    # kernel and torch share one OpenMP runtime and torch.set_num_threads governs both.
+    return ["-fopenmp"] if platform.startswith("linux") else []
+
+
+def built_with_torch(library: str | os.PathLike) -> str | None:
+    """The torch version (``major.minor.patch``) a compiled library was built against, read from its bytes
+    without loading it (a library, once loaded, cannot be unloaded)."""
+    data = Path(library).read_bytes()
+    at = data.find(MARKER)
+    if at < 0:
+        return None
+    end = data.find(b";", at)
+    return data[at + len(MARKER):end].decode("ascii", "replace") if end > 0 else None
+
+
+def torch_release(version: str) -> str:
+    """``2.13.0+cpu`` -> ``2.13.0`` (TORCH_VERSION in the headers carries no local suffix)."""
+    return version.split("+")[0]
+
+
+def cache_root() -> Path:
+    if os.environ.get("CAUSAL_ATTN_CACHE_DIR"):
+        return Path(os.environ["CAUSAL_ATTN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "causal_attn"
+
+
+def build_folder(source_dir: Path, torch_version: str) -> Path:
+    """One folder per (sources, flags, torch, Python): a changed input never reuses an old library."""
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
+    h.update(repr((compile_args(), link_args(), torch_version, sys.version, sys.platform)).encode())
+    tag = f"cpp-torch{torch_release(torch_version)}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache_root() / f"{tag}-{h.hexdigest()[:16]}"
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+class _Lock:
+    """Exclusive flock on ``path``; says once on stderr when it has to wait for another process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process lock
+            return self
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"causal_attn: waiting for another process compiling the C++ CPU kernel in {self.path.parent}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
+
+
+def build_and_load(source_dir: Path) -> Path:
+    """Load the cached library for these sources and this torch, compiling it first if needed.
+
+    Raises ImportError with the reason when it cannot be built (no compiler, compile error, no writable cache).
+    """
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = compiler()
+    if cxx is None:
+        raise ImportError("no C++ compiler found (install g++ or clang++, or set CXX) to build the fused CPU kernel")
+    folder = build_folder(source_dir, torch.__version__)
+    library = folder / f"{JIT_NAME}.so"
+    stamp = folder / "complete"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImportError(f"cannot create the build cache {folder} ({e}); set CAUSAL_ATTN_CACHE_DIR") from e
+    with _Lock(folder / "build.lock"):
+        if not stamp.is_file():
+            (folder / "lock").unlink(missing_ok=True)  # torch's own build baton, stale if a builder died
+            stamp.unlink(missing_ok=True)
+            print(f"causal_attn: compiling the fused C++ CPU kernel for torch {torch.__version__} (once, about "
+                  f"a minute) into {folder}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            _with_ninja_on_path()
+            try:
+                cpp_extension.load(name=JIT_NAME, sources=[str(source_dir / s) for s in SOURCES],
+                                   extra_cflags=compile_args(), extra_ldflags=link_args(),
+                                   extra_include_paths=[str(source_dir)], build_directory=str(folder),
+                                   is_python_module=False, verbose=False)
+            except Exception as e:
+                raise ImportError(f"compiling {source_dir / SOURCES[0]} failed ({type(e).__name__}: "
+                                  f"{str(e).strip()[-500:]})") from e
+            stamp.write_text(f"{time.perf_counter() - t0:.1f} s\n")
+            return library  # load() has loaded it into this process
+    torch.ops.load_library(str(library))
+    return library
+
+
+def _with_ninja_on_path():
+    """torch's load() runs ``ninja`` from PATH; the PyPI ``ninja`` package's binary sits in the environment's
+    bin folder, which is not on PATH when the environment's python is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for c in candidates:
+        if (c / "ninja").is_file():
+            os.environ["PATH"] = f"{c}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
