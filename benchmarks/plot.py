@@ -76,12 +76,41 @@ def plot_train(csv_path: str, out_dir: str) -> dict[str, str]:
     return {"train_step.png": path}
 
 
+def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
+    """Speed-up over 1 thread per part and method (bars), the ideal line at y = threads."""
+    rows = [r for r in read_csv(csv_path) if _num(r, "speedup_vs_1") is not None]
+    parts = sorted({r["part"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(parts)), figsize=(4.2 * max(1, len(parts)), 3.4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        counts = sorted({int(r["threads"]) for r in rows if r["part"] == part})
+        methods = sorted({r["method"] for r in rows if r["part"] == part})
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            ys = [next((_num(r, "speedup_vs_1") for r in rows if r["part"] == part and r["method"] == m
+                        and int(r["threads"]) == n), 0.0) for n in counts]
+            ax.bar([c + (i - (len(methods) - 1) / 2) * width for c in range(len(counts))], ys, width,
+                   label=KERNEL_LABELS.get(m, m) if part == "kernel" else STEP_LABELS.get(m, m))
+        ax.plot(range(len(counts)), counts, "k--", lw=0.8, label="ideal")
+        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
+        ax.set_xlabel("threads")
+        ax.set_ylabel("speed-up over 1 thread")
+        ax.set_title(part.replace("_", " "), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "threads.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"threads.png": path}
+
+
 def plot_all(out_dir: str) -> dict[str, str]:
     paths = {}
     if os.path.exists(os.path.join(out_dir, "kernels.csv")):
         paths.update(plot_kernels(os.path.join(out_dir, "kernels.csv"), out_dir))
     if os.path.exists(os.path.join(out_dir, "train_step.csv")):
         paths.update(plot_train(os.path.join(out_dir, "train_step.csv"), out_dir))
+    if os.path.exists(os.path.join(out_dir, "threads.csv")):
+        paths.update(plot_threads(os.path.join(out_dir, "threads.csv"), out_dir))
     return paths
 
 

@@ -60,6 +60,21 @@ def train_section(rows) -> list[str]:
                 "authors mem", "authors extra MiB"], lines) + [""] + skipped + ([""] if skipped else [])
 
 
+def threads_section(rows) -> list[str]:
+    by = {(r["part"], int(r["threads"]), r["method"]): r for r in rows}
+    lines = []
+    for part, n in sorted({(r["part"], int(r["threads"])) for r in rows}):
+        get = lambda m, k: _f(by.get((part, n, m), {}), k)  # noqa: E731
+        T = by[(part, n, "cat")]["T"] if (part, n, "cat") in by else "-"
+        lines.append([part.replace("_", " "), T, n, _fmt(get("sdpa", "ms"), ".0f"), _fmt(get("cat", "ms"), ".0f"),
+                      _fmt(get("cat", "x_sdpa"), ".2f", "x"), _fmt(get("cat", "speedup_vs_1"), ".2f", "x"),
+                      _fmt(get("sdpa", "speedup_vs_1"), ".2f", "x")])
+    return ["## Thread scaling (kernel: fwd+bwd with mass, B=1, 8 heads; training step as above)", "",
+            "Ours and SDPA interleaved at each thread count; speed-up = time at 1 thread / time at n threads.", ""] + \
+        _table(["part", "T", "threads", "SDPA ms", "ours ms", "ours / SDPA", "ours speed-up", "SDPA speed-up"],
+               lines) + [""]
+
+
 def growth_fits(train_rows, kernel_rows) -> list[str]:
     """Fits of extra memory vs T: CAT should be linear (exponent ~1), the authors' way quadratic (~2)."""
     out = ["## Memory growth with T (least-squares fits)", ""]
@@ -81,8 +96,28 @@ def growth_fits(train_rows, kernel_rows) -> list[str]:
     return out + [""]
 
 
-def targets(train_rows, kernel_rows) -> list[str]:
-    out = ["## Targets (issue 8)", ""]
+def thread_targets(rows) -> list[str]:
+    """Issue 14: at all threads the kernel scales >= 1.8x over 1 thread (2 cores) and is <= 1.0x SDPA; the CAT
+    step is <= 1.0x the SDPA step."""
+    out = []
+    top = max((int(r["threads"]) for r in rows), default=1)
+    for part, what in (("kernel", "attention fwd+bwd with mass"), ("train_step", "CAT training step")):
+        r = next((r for r in rows if r["part"] == part and r["method"] == "cat" and int(r["threads"]) == top), None)
+        if r is None or top == 1:
+            continue
+        x, up = _f(r, "x_sdpa"), _f(r, "speedup_vs_1")
+        line = f"- {what} at {top} threads, T={r['T']}: {_fmt(x, '.2f', 'x')} SDPA (target <= 1.00x)"
+        if part == "kernel":
+            line += f", {_fmt(up, '.2f', 'x')} faster than 1 thread (target >= {0.9 * top:.1f}x)"
+            met = x is not None and up is not None and x <= 1.0 and up >= 0.9 * top
+        else:
+            met = x is not None and x <= 1.0
+        out.append(line + (": met" if met else ": MISSED"))
+    return out
+
+
+def targets(train_rows, kernel_rows, thread_rows=()) -> list[str]:
+    out = ["## Targets (issues 8 and 14)", ""] + thread_targets(thread_rows)
     for T in (1024, 2048):
         r = next((r for r in train_rows if r["method"] == "cat" and int(r["T"]) == T), None)
         if r is None:
@@ -107,6 +142,8 @@ def targets(train_rows, kernel_rows) -> list[str]:
 def write_summary(out_dir: str, command: str | None = None, note: str | None = None) -> str:
     kpath, tpath = os.path.join(out_dir, "kernels.csv"), os.path.join(out_dir, "train_step.csv")
     krows = read_csv(kpath) if os.path.exists(kpath) else []
+    hpath = os.path.join(out_dir, "threads.csv")
+    hrows = read_csv(hpath) if os.path.exists(hpath) else []
     trows = read_csv(tpath) if os.path.exists(tpath) else []
     lines = ["# Benchmark summary", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
@@ -114,7 +151,9 @@ def write_summary(out_dir: str, command: str | None = None, note: str | None = N
              "methods interleaved per case on a shared machine." + (f" Reproduce: `{command}`" if command else ""), ""]
     if note:
         lines += [note, ""]
-    lines += targets(trows, krows) + growth_fits(trows, krows)
+    lines += targets(trows, krows, hrows) + growth_fits(trows, krows)
+    if hrows:
+        lines += threads_section(hrows)
     if trows:
         lines += train_section(trows)
     if krows:

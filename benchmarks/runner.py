@@ -19,18 +19,22 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_kernels  # noqa: E402
+import bench_threads  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import setup_threads, write_csv  # noqa: E402
 
-RESULTS = os.path.join(HERE, "results")
+# A checkout writes into benchmarks/results; an installed copy (causal_attn/benchmarks) into the working folder.
+IN_CHECKOUT = os.path.basename(os.path.dirname(HERE)) != "causal_attn"
+RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("causal_attn_bench")
 
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
-             train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0)
+             train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0, scaling_seq_len=1024,
+             scaling_train_seq_len=256)
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--only", choices=["kernels", "train", "all"], default="all")
+    p.add_argument("--only", choices=["kernels", "train", "threads", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="small grid, same code path (<= 2 minutes)")
     p.add_argument("--out", help=f"output folder (default {RESULTS}, or its quick/ subfolder with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-plots", action="store_true")
     bench_kernels.add_arguments(p)
     bench_train_step.add_arguments(p)
+    bench_threads.add_arguments(p)
 
 
 def finalize_args(args):
@@ -73,6 +78,8 @@ def check_args(args) -> str | None:
         vals = getattr(args, name) or []
         if any(v < 1 for v in vals):
             return f"--{name.replace('_', '-')} must be positive, got {vals}"
+    if any(n < 1 for n in args.scaling_threads or []):
+        return f"--scaling-threads must be >= 1, got {args.scaling_threads}"
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         return "--repeats and --threads must be >= 1 and --warmup >= 0"
     return None
@@ -102,6 +109,9 @@ def run(args, log=print) -> dict[str, str]:
     if args.only in ("train", "all"):
         rows = bench_train_step.run_sweep(args, log=log)
         paths["train_csv"] = write_csv(rows, os.path.join(args.out, "train_step.csv"))
+    if args.only in ("threads", "all") and args.device == "cpu":
+        rows = bench_threads.run_sweep(args, log=log)
+        paths["threads_csv"] = write_csv(rows, os.path.join(args.out, "threads.csv"))
     for T in args.profile or []:
         for m in ("sdpa", "cat"):
             path = os.path.join(args.out, f"profile_train_{m}_T{T}.txt")
@@ -124,7 +134,11 @@ def run(args, log=print) -> dict[str, str]:
 
 
 def code_version() -> str:
-    """``git describe`` of the checkout (with -dirty for uncommitted changes), or "unknown"."""
+    """``git describe`` of the checkout (with -dirty for uncommitted changes), else the installed version."""
+    if not IN_CHECKOUT:
+        import causal_attn
+
+        return f"causal_attn {causal_attn.__version__} (installed)"
     try:
         res = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty"], capture_output=True, text=True,
                              timeout=10)

@@ -1,9 +1,8 @@
 """``causal-attn bench``: run the kernel and training-step benchmarks of the repository's benchmarks/ folder.
 
-The benchmark code lives in the repository (``benchmarks/runner.py`` and its siblings), not in the installed
-package: its memory measurements re-run those scripts as fresh child processes. The command therefore
-needs a source checkout: it finds ``benchmarks/`` next to the package (an editable install, ``pip install
--e .``, or running from the checkout) or at ``$CAUSAL_ATTN_BENCHMARKS``.
+The benchmark code lives in the repository's ``benchmarks/`` folder (``runner.py`` and its siblings; its memory
+measurements re-run those scripts as fresh child processes). Installs carry a copy as ``causal_attn/benchmarks``;
+a source checkout uses its own folder; ``$CAUSAL_ATTN_BENCHMARKS`` points at another one.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ._layout import folder
 from .cli import CliError
 
 ENV = "CAUSAL_ATTN_BENCHMARKS"
@@ -20,7 +20,7 @@ ENV = "CAUSAL_ATTN_BENCHMARKS"
 
 def benchmarks_dir() -> Path | None:
     """The benchmarks/ folder holding runner.py, or None."""
-    candidates = [os.environ.get(ENV), Path(__file__).resolve().parents[1] / "benchmarks"]
+    candidates = [os.environ.get(ENV), folder("benchmarks")]
     for c in candidates:
         if c and (Path(c) / "runner.py").is_file():
             return Path(c)
@@ -30,8 +30,8 @@ def benchmarks_dir() -> Path | None:
 def load_runner():
     folder = benchmarks_dir()
     if folder is None:
-        raise CliError(f"benchmarks/runner.py not found next to the package or at ${ENV}; `causal-attn bench` "
-                       "needs a source checkout installed with `pip install -e .` (or set ${ENV})")
+        raise CliError(f"benchmarks/runner.py is not part of this install; reinstall causal_attn (pip install .) "
+                       f"or set ${ENV} to a checkout's benchmarks/ folder")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     return importlib.import_module("runner")

@@ -124,8 +124,8 @@ def build_and_load(source_dir: Path) -> Path:
         if not stamp.is_file():
             (folder / "lock").unlink(missing_ok=True)  # torch's own build baton, stale if a builder died
             stamp.unlink(missing_ok=True)
-            print(f"causal_attn: compiling the fused C++ CPU kernel for torch {torch.__version__} (once, about "
-                  f"a minute) into {folder}", file=sys.stderr, flush=True)
+            print(f"causal_attn: compiling the fused C++ CPU kernel for torch {torch.__version__} (once, 10-60 s) "
+                  f"into {folder}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             _with_ninja_on_path()
             try:

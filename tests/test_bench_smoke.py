@@ -74,7 +74,7 @@ def test_fit_growth_recovers_linear_and_quadratic():
 
 def test_bench_without_benchmarks_folder_is_a_clear_cli_error(monkeypatch):
     monkeypatch.setattr(bench_cli, "benchmarks_dir", lambda: None)
-    with pytest.raises(CliError, match="benchmarks/runner.py not found"):
+    with pytest.raises(CliError, match="not part of this install"):
         bench_cli.load_runner()
 
 
@@ -92,7 +92,8 @@ def rows(path):
 
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
-               "--train-seq-lens", "64", "--repeats", "1", "--out", str(tmp_path)])
+               "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
+               "--scaling-threads", "1", "2", "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
     assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
@@ -109,6 +110,13 @@ def test_tiny_sweep_through_the_cli(tmp_path):
     for r in train:
         assert r["status"] == "ok", r
         assert float(r["step_ms"]) > 0 and math.isfinite(float(r["peak_mib"]))
-    for name in ("kernels_time.png", "kernels_memory.png", "train_step.png", "summary.md"):
+    scaling = rows(tmp_path / "threads.csv")
+    assert {(r["part"], int(r["threads"]), r["method"]) for r in scaling} == {
+        (p, n, m) for p in ("kernel", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
+    for r in scaling:
+        assert float(r["ms"]) > 0 and float(r["speedup_vs_1"]) > 0, r
+        assert (float(r["speedup_vs_1"]) == 1.0) == (r["threads"] == "1"), r
+    for name in ("kernels_time.png", "kernels_memory.png", "train_step.png", "threads.png", "summary.md"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| 512 | 32 | off |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 2 |" in summary
