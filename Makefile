@@ -21,6 +21,7 @@ demo: setup
 	$(VENV)/bin/causal-attn demo --out demo_out
 
 test: setup
+	$(PY) -m causal_attn.versions
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 

@@ -110,20 +110,21 @@ def build_and_load(source_dir: Path) -> Path:
     import torch
     from torch.utils import cpp_extension
 
-    cxx = compiler()
-    if cxx is None:
-        raise ImportError("no C++ compiler found (install g++ or clang++, or set CXX) to build the fused CPU kernel")
     folder = build_folder(source_dir, torch.__version__)
     library = folder / f"{JIT_NAME}.so"
     stamp = folder / "complete"
+    if stamp.is_file():  # built before, by any process
+        torch.ops.load_library(str(library))
+        return library
+    if compiler() is None:
+        raise ImportError("no C++ compiler found to build the fused CPU kernel (install g++ or clang++, or set CXX)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ImportError(f"cannot create the build cache {folder} ({e}); set CAUSAL_ATTN_CACHE_DIR") from e
     with _Lock(folder / "build.lock"):
-        if not stamp.is_file():
+        if not stamp.is_file():  # nobody finished it while this process waited for the lock
             (folder / "lock").unlink(missing_ok=True)  # torch's own build baton, stale if a builder died
-            stamp.unlink(missing_ok=True)
             print(f"causal_attn: compiling the fused C++ CPU kernel for torch {torch.__version__} (once, 10-60 s) "
                   f"into {folder}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()

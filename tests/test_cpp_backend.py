@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import causal_attn
+from causal_attn import cpp_build
 from causal_attn.attention import get_backend
 from numerics import check_against_oracle, fresh_seed, make_case
 
@@ -66,9 +67,9 @@ def test_attention_map_matches_torch_backend():
     assert torch.allclose(maps["cpp"], maps["torch"], atol=1e-6), f"seed {seed}"
 
 
-def test_fallback_warns_once_when_the_extension_is_missing():
-    """A clean interpreter in which the compiled library cannot be found: backend "auto" on CPU runs the
-    PyTorch path and warns exactly once."""
+def test_fallback_warns_once_when_the_extension_is_missing_and_no_compiler_exists(tmp_path):
+    """A clean interpreter in which the prebuilt library cannot be found, nothing is cached and no compiler is
+    on PATH: backend "auto" on CPU runs the PyTorch path and warns exactly once, naming the missing compiler."""
     script = textwrap.dedent(f"""
         import importlib.util, warnings
         real_find_spec = importlib.util.find_spec
@@ -82,13 +83,14 @@ def test_fallback_warns_once_when_the_extension_is_missing():
             out1, _ = causal_attn.attention(q, q, q)
             out2, _ = causal_attn.attention(q, q, q, backend="cpu")
         msgs = [str(w.message) for w in caught if "C++ CPU extension unavailable" in str(w.message)]
-        assert len(msgs) == 1, [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "no C++ compiler found" in msgs[0], [str(w.message) for w in caught]
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
         ref, _ = causal_attn.attention(q, q, q, backend="reference")
         assert torch.allclose(out1, ref, atol=1e-5) and torch.equal(out1, out2)
         print("ok")
     """)
-    env = dict(os.environ, CAUSAL_ATTN_DISABLE_CPP="0")
+    env = dict(os.environ, CAUSAL_ATTN_DISABLE_CPP="0", CAUSAL_ATTN_CACHE_DIR=str(tmp_path / "cache"),
+               PATH=str(tmp_path), CXX="no-such-compiler")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
@@ -122,3 +124,98 @@ def test_torch_compile_sees_one_op_and_loads_the_backend_lazily():
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_cpp
+@pytest.mark.parametrize("phase", ["forward", "backward", "map"])
+def test_kernel_work_runs_on_every_torch_thread(phase):
+    """With torch.set_num_threads(2) both OS threads of torch's pool do kernel work: each gains at least a
+    fifth of the process's CPU time during the call (per-thread CPU time from /proc/self/task). A kernel
+    whose loops run serially (built without OpenMP) leaves all of it on one thread."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux /proc")
+    script = textwrap.dedent(f"""
+        import os, torch, causal_attn
+        torch.set_num_threads(2)
+        torch.manual_seed({fresh_seed()})
+        T = 1536
+        q, k, v = (torch.randn(1, 8, T, 64, requires_grad=True) for _ in range(3))
+        graph = causal_attn.CausalGraph.from_dense((torch.rand(1, T, T) < 0.05).tril())
+
+        def cpu_ticks():
+            ticks = {{}}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    fields = open(f"/proc/self/task/{{tid}}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+            return ticks
+
+        def work():
+            if "{phase}" == "forward":
+                with torch.no_grad():
+                    causal_attn.attention(q, k, v, graph, backend="cpp")
+            elif "{phase}" == "map":
+                with torch.no_grad():
+                    causal_attn.attention(q, k, v, graph, backend="cpp", attn_map=torch.zeros(1, T, T))
+            else:
+                out.backward(gout, retain_graph=True)
+
+        out, mass = causal_attn.attention(q, k, v, graph, backend="cpp")
+        out = out + mass[..., None]
+        gout = torch.randn_like(out)
+        work()  # warm-up: thread pool started
+        before = cpu_ticks()
+        for _ in range(40):  # until about 0.4 s of CPU time (ticks are 10 ms) is measured
+            work()
+            after = cpu_ticks()
+            gained = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)
+            total = sum(gained)
+            if total >= 40:
+                break
+        assert total >= 20, f"too little work measured: {{gained}} ticks"
+        assert gained[1] >= 0.2 * total, f"one thread did the work: CPU ticks per thread {{gained}}"
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-2000:]
+
+
+def test_a_prebuilt_library_of_another_torch_is_passed_over_for_the_first_use_build(tmp_path):
+    """The prebuilt library carries the torch version it was compiled against; one built against another torch
+    is not loaded (loading it could crash) and the library is built for this torch instead."""
+    fake = tmp_path / "_cpp_attention.so"
+    fake.write_bytes(b"\0ELF..." + cpp_build.MARKER + b"1.0.0;" + b"\0" * 64)
+    assert cpp_build.built_with_torch(fake) == "1.0.0"
+    script = textwrap.dedent(f"""
+        import importlib.machinery, importlib.util
+        real_find_spec = importlib.util.find_spec
+        def find_spec(name, *a):
+            if name == "causal_attn._cpp_attention":
+                return importlib.machinery.ModuleSpec(name, None, origin={str(fake)!r})
+            return real_find_spec(name, *a)
+        importlib.util.find_spec = find_spec
+        import torch, causal_attn
+        from causal_attn.attention import resolve_backend
+        assert resolve_backend("cpu", torch.device("cpu")) == "cpp"
+        from causal_attn import cpp_backend
+        assert "built against torch 1.0.0" in cpp_backend.PREBUILT_SKIPPED, cpp_backend.PREBUILT_SKIPPED
+        assert cpp_backend.LIBRARY_PATH.name == "{cpp_build.JIT_NAME}.so", cpp_backend.LIBRARY_PATH
+        q = torch.randn(1, 2, 40, 8)
+        a = (torch.rand(1, 40, 40) < 0.3).tril()
+        out, mass = causal_attn.attention(q, q, q, a, backend="cpu")
+        ref, ref_mass = causal_attn.attention(q, q, q, a, backend="torch")
+        assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(mass, ref_mass, atol=1e-5)
+        print("ok")
+    """)
+    env = dict(os.environ, CAUSAL_ATTN_DISABLE_CPP="0")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_cpp
+def test_the_loaded_library_was_built_against_the_running_torch():
+    from causal_attn import cpp_backend
+
+    assert cpp_build.built_with_torch(cpp_backend.LIBRARY_PATH) == cpp_build.torch_release(torch.__version__)
