@@ -219,3 +219,6 @@ def test_the_loaded_library_was_built_against_the_running_torch():
     from causal_attn import cpp_backend
 
     assert cpp_build.built_with_torch(cpp_backend.LIBRARY_PATH) == cpp_build.torch_release(torch.__version__)
+    if os.path.exists("/proc/self/maps"):  # one OpenMP runtime, torch's: a second would ignore set_num_threads
+        gomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+        assert len(gomp) <= 1, gomp
