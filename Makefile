@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/causal-attn bench
+
+# On a CUDA machine, offline and without installing anything: the python there (torch, triton, transformers)
+# runs the checkout directly. GPU_CHECK_ARGS=--dry-run runs the same code on CPU tensors (TRITON_INTERPRET=1).
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) -m causal_attn gpu-check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,26 +65,32 @@ def authors_re_attention(attentions, dense_adj: torch.Tensor, alpha: float, eps:
 class StepBench:
     """One model + optimizer for ``method``; :meth:`prepare` sets inputs for a T, :meth:`step` trains once."""
 
-    def __init__(self, method: str, device, seed: int = 0):
+    def __init__(self, method: str, device, seed: int = 0, model: dict | None = None, dtype=torch.float32,
+                 backend: str = "auto"):
+        """``model``: LlamaConfig fields (default :data:`MODEL`); ``dtype`` of weights and optimizer state;
+        ``backend`` of the CAT attention."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-        self.method, self.device = method, torch.device(device)
-        cfg = LlamaConfig(**MODEL, max_position_embeddings=65536)
+        self.method, self.device, self.backend = method, torch.device(device), backend
+        self.config = dict(MODEL if model is None else model)
+        cfg = LlamaConfig(**self.config, max_position_embeddings=65536)
         torch.manual_seed(seed)
         impl = "eager" if method == "authors" else "sdpa"
-        self.model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl).to(self.device).train()
+        with self.device:  # initialised where it runs: a 1B model is built on the GPU in a second
+            self.model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+        self.model = self.model.to(dtype=dtype).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.handle = None
 
     def prepare(self, T: int, B: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed + T)
-        self.ids = torch.randint(0, MODEL["vocab_size"], (B, T), generator=g).to(self.device)
+        self.ids = torch.randint(0, self.config["vocab_size"], (B, T), generator=g).to(self.device)
         graph = stg_like_graph(B, T, g).to(self.device)
         if self.method == "cat":
             if self.handle is None:
-                self.handle = causal_attn.patch_model(self.model, graph, alpha=ALPHA)
+                self.handle = causal_attn.patch_model(self.model, graph, alpha=ALPHA, backend=self.backend)
             else:
                 self.handle.set_adjacency(graph)
         self.dense_adj = graph.to_dense() if self.method == "authors" else None
@@ -126,11 +132,12 @@ def memory_cuda(benches: dict) -> dict:
     return {m: measure_peak_cuda(bench.step) for m, bench in benches.items()}
 
 
-def projected_authors_gib(T: int, B: int) -> float:
-    """Rough peak of the authors' way: about 4 live (B, H, T, T) fp32 maps per layer (scores, masked
+def projected_authors_gib(T: int, B: int, model: dict | None = None, bytes_per_value: int = 4) -> float:
+    """Rough peak of the authors' way: about 4 live (B, H, T, T) maps per layer (scores, masked
     scores, softmax output kept for output_attentions, backward temporaries) plus the layer stack."""
-    per_map = B * MODEL["num_attention_heads"] * T * T * 4
-    return (4 * MODEL["num_hidden_layers"] + MODEL["num_hidden_layers"]) * per_map / 2**30
+    model = MODEL if model is None else model
+    per_map = B * model["num_attention_heads"] * T * T * bytes_per_value
+    return (4 * model["num_hidden_layers"] + model["num_hidden_layers"]) * per_map / 2**30
 
 
 # ------------------------------------------------------------------------------------------ sweep

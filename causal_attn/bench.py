@@ -46,6 +46,26 @@ def add_parser(subparsers):
     except CliError:
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+    add_gpu_check_parser(subparsers)
+
+
+def add_gpu_check_parser(subparsers):
+    p = subparsers.add_parser("gpu-check", help="correctness, kernels and training step of the Triton path on a "
+                              "GPU, offline (--dry-run: CPU tensors under TRITON_INTERPRET=1)",
+                              description="GPU evidence kit (benchmarks/gpu_check.py): summary.md, CSVs, PNGs.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if benchmarks_dir() is not None:
+        _import("gpu_check").add_arguments(p)
+    p.set_defaults(func=run_gpu_check)
+
+
+def _import(name: str):
+    load_runner()  # puts the benchmarks folder on sys.path or says what is missing
+    return importlib.import_module(name)
+
+
+def run_gpu_check(args) -> int:
+    return _import("gpu_check").main(args)
 
 
 def run(args) -> int:

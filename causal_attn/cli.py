@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "train",
     "eval": "train",
     "bench": "bench",
+    "gpu-check": "bench",  # bench.py registers both
     "stg": "data.cli",
     "annotate": "data.cli",
     "capt": "data.capt_cli",

@@ -443,6 +443,17 @@ def _launcher(kernel: str, device: torch.device, head_dim: int, fp32: bool):
     return _tuned[key], None
 
 
+def autotune_choices() -> dict[str, str]:
+    """``{"<kernel> <tuning key>": "BLOCK_MxBLOCK_N w<warps> s<stages>"}`` for every shape autotuned so far
+    in this process (the key holds T, HEAD_D, HAS_ADJ, HAS_KPM, PRECISION and the argument dtypes)."""
+    out = {}
+    for (kernel, _gen, _dclass), tuner in _tuned.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            kw = cfg.kwargs
+            out[f"{kernel} {key}"] = f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}"
+    return out
+
+
 def _run(kernel: str, device, grid_rows: int, grid_cols: int, *args, **constexprs):
     fn, pinned = _launcher(kernel, device, constexprs["HEAD_D"], constexprs["PRECISION"] == "ieee")
 

@@ -7,21 +7,11 @@ import pytest
 import torch
 
 from causal_attn import CausalGraph, patch_model
-from numerics import fresh_seed, max_err
+from numerics import fa_rule, fresh_seed
 from test_loss import authors_loss
 from tiny_models import FAMILIES, forward_backward, random_batch, random_graph, tiny_model
 
 KV_HEADS = {"llama": 4, "qwen2": 2, "qwen3": 1, "mistral": 2}  # MHA, GQA, MQA, GQA
-
-
-def fa_rule(name, ours, eager, exact, seed, rel_atol=1e-6, factor=2.0):
-    """|ours - fp64| <= factor * |eager - fp64| + rel_atol * max|fp64| (FlashAttention's test rule)."""
-    e_ours, e_eager = max_err(ours, exact), max_err(eager, exact)
-    atol = rel_atol * max(exact.abs().max().item(), 1e-3)
-    assert torch.isfinite(ours).all(), f"{name}: non-finite (seed {seed})"
-    assert e_ours <= factor * e_eager + atol, (f"{name}: error vs fp64 {e_ours:.3e} > {factor} x eager's "
-                                               f"{e_eager:.3e} + {atol:.1e} (seed {seed})")
-    return e_ours
 
 
 def three_models(family, dtype, seed, **cfg):

@@ -1,0 +1,80 @@
+"""The GPU evidence kit (benchmarks/gpu_check.py) runs end to end before any GPU sees it: ``--dry-run`` takes
+the same code path on tiny shapes with CPU tensors under TRITON_INTERPRET=1."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpu_check(*args, timeout=600):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the command must switch the interpreter on by itself
+    return subprocess.run([sys.executable, "-m", "causal_attn", "gpu-check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_section(tmp_path):
+    out = tmp_path / "dry"
+    res = _gpu_check("--dry-run", "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["correctness.csv", "kernels.csv", "kernels.png", "summary.md", "train_step.csv",
+                     "train_step.png"], files
+    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
+
+    corr = _rows(out / "correctness.csv")
+    attention = [r for r in corr if r["part"] == "attention"]
+    assert len(attention) == 8 and {r["dtype"] for r in attention} == {"float32", "float16"}
+    assert [r for r in corr if r["status"] != "ok"] == []
+    assert {r["family"] for r in corr if r["part"] == "patch_model"} == {"llama", "qwen2"}
+    for r in attention:  # the errors are measured, not assumed: finite and of the dtype's order
+        assert 0 <= float(r["out_err"]) < (1e-3 if r["dtype"] == "float32" else 1e-2), r
+
+    kern = _rows(out / "kernels.csv")
+    assert len(kern) == 2 * 2 * 2 * 5  # head dims x GQA x T x methods
+    for r in kern:
+        if r["method"] == "flex":  # CPU FlexAttention has no backward; older torch may lack it entirely
+            assert r["status"].startswith("ok: forward only") or r["status"] == "unavailable", r
+        else:
+            assert r["status"] == "ok", r
+            assert float(r["fwdbwd_ms"]) > 0 and float(r["fwdbwd_x_sdpa"]) > 0
+    assert all(r["autotune"] == "pinned interpreter config" for r in kern if r["method"] == "cat")
+
+    train = _rows(out / "train_step.csv")
+    assert sorted((r["method"], r["T"]) for r in train) == sorted(
+        (m, str(T)) for m in ("sdpa", "cat", "authors") for T in (32, 64))
+    assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in train)
+
+    summary = (out / "summary.md").read_text()
+    for heading in ("# GPU check (dry run)", "## Correctness", "patch_model vs Hugging Face eager", "## Kernels",
+                    "Autotune choice", "## Training step"):
+        assert heading in summary
+    assert "cut:" not in summary
+
+
+def test_budget_cuts_cases_and_says_so(tmp_path):
+    out = tmp_path / "cut"
+    res = _gpu_check("--dry-run", "--out", str(out), "--budget-s", "0.2", "--sections", "kernels")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    kern = _rows(out / "kernels.csv")
+    assert len(kern) == 5  # the first case always runs; every later one would overrun the 0.1 s share
+    summary = (out / "summary.md").read_text()
+    assert "kernels: cut: 7 case(s) not started" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_without_cuda_says_what_to_do(tmp_path):
+    res = _gpu_check("--out", str(tmp_path / "x"), timeout=300)
+    assert res.returncode != 0
+    assert "no CUDA device" in res.stderr and "--dry-run" in res.stderr
