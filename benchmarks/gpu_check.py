@@ -62,12 +62,6 @@ GPU_CASES = [
     (2, 4, 2, 515, 128, "right", "random", 30.0),
     (3, 2, 1, 129, 64, "left", "empty", 1.0),
 ]
-DRY_CASES = [
-    (1, 1, 1, 1, 16, "none", "random", 1.0),
-    (2, 2, 1, 70, 16, "left", "random", 1.0),
-    (3, 4, 2, 45, 64, "right", "full", 1.0),
-    (2, 4, 1, 40, 80, "left", "random", 30.0),
-]
 TRAIN_MODEL_GPU = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                        num_attention_heads=16, num_key_value_heads=4)
 TRAIN_MODEL_DRY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -82,7 +76,7 @@ class Plan:
     backend: str
     low: torch.dtype  # the half-precision dtype of the kernel and training sections
     dtypes: tuple
-    cases: list
+    cases: list | None  # None: the interpreter cases of tests/numerics.py
     kernel_tokens: int
     kernel_seq_lens: tuple
     kernel_heads: tuple  # (Hq, Hkv with GQA on)
@@ -95,7 +89,7 @@ class Plan:
     @staticmethod
     def make(dry: bool) -> "Plan":
         if dry:
-            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), DRY_CASES,
+            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), None,
                         kernel_tokens=128, kernel_seq_lens=(32, 64), kernel_heads=(2, 1), head_dims=(16, 32),
                         eager_max_t=64, train_model=TRAIN_MODEL_DRY, train_seq_lens=(32, 64))
         return Plan(False, torch.device("cuda"), "auto", torch.bfloat16,
@@ -153,10 +147,10 @@ def correctness(plan: Plan, sec: Section, log) -> tuple[list[dict], list[str]]:
                     "run from a source checkout"]
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    from numerics import check_against_oracle, make_case
+    from numerics import TRITON_CASES, check_against_oracle, make_case
 
     rows = []
-    for case in plan.cases:
+    for case in plan.cases or TRITON_CASES:  # dry run: the interpreter cases of tests/test_triton.py
         for dtype in plan.dtypes:
             B, Hq, Hkv, T, D, padding, adjacency, logit_scale = case
             label = f"T={T} D={D} {_dtype_name(dtype)}"

@@ -7,6 +7,19 @@ import torch
 from oracle import oracle_attention
 
 
+# (B, Hq, Hkv, T, D, padding, adjacency, logit_scale). Interpreter blocks are 64x32 (forward, dQ) and
+# 32x64 (dK/dV), so T in {1, 33, 45, 70, 129} hits tails, several diagonal sub-blocks and off-diagonal loops;
+# Hq/Hkv {1, 2, 4}; D {16, 64, 80, 128} (80 pads to 128); B=3 with padding has one all-padding sample.
+TRITON_CASES = [
+    (1, 1, 1, 1, 16, "none", "random", 1.0),
+    (2, 2, 1, 70, 16, "left", "random", 1.0),
+    (3, 4, 2, 45, 64, "right", "full", 1.0),
+    (2, 2, 2, 33, 128, "none", "none", 1.0),
+    (2, 4, 1, 40, 80, "left", "random", 30.0),
+    (1, 2, 1, 129, 16, "none", "empty", 1.0),
+]
+
+
 def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 

@@ -35,7 +35,7 @@ def test_dry_run_writes_every_section(tmp_path):
 
     corr = _rows(out / "correctness.csv")
     attention = [r for r in corr if r["part"] == "attention"]
-    assert len(attention) == 8 and {r["dtype"] for r in attention} == {"float32", "float16"}
+    assert len(attention) == 12 and {r["dtype"] for r in attention} == {"float32", "float16"}
     assert [r for r in corr if r["status"] != "ok"] == []
     assert {r["family"] for r in corr if r["part"] == "patch_model"} == {"llama", "qwen2"}
     for r in attention:  # the errors are measured, not assumed: finite and of the dtype's order

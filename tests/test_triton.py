@@ -15,24 +15,14 @@ import pytest
 import torch
 
 import causal_attn
-from numerics import check_against_oracle, make_case, max_err
+from numerics import TRITON_CASES, check_against_oracle, make_case, max_err
 from oracle import oracle_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
 
-# (B, Hq, Hkv, T, D, padding, adjacency, logit_scale). Interpreter blocks are 64x32 (forward, dQ) and
-# 32x64 (dK/dV), so T in {1, 33, 45, 70, 129} hits tails, several diagonal sub-blocks and off-diagonal loops;
-# Hq/Hkv {1, 2, 4}; D {16, 64, 80, 128} (80 pads to 128); B=3 with padding has one all-padding sample.
-CASES = [
-    (1, 1, 1, 1, 16, "none", "random", 1.0),
-    (2, 2, 1, 70, 16, "left", "random", 1.0),
-    (3, 4, 2, 45, 64, "right", "full", 1.0),
-    (2, 2, 2, 33, 128, "none", "none", 1.0),
-    (2, 4, 1, 40, 80, "left", "random", 30.0),
-    (1, 2, 1, 129, 16, "none", "empty", 1.0),
-]
+CASES = TRITON_CASES
 
 
 def _require_device():
