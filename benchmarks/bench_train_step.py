@@ -80,7 +80,7 @@ class StepBench:
         impl = "eager" if method == "authors" else "sdpa"
         with self.device:  # initialised where it runs: a 1B model is built on the GPU in a second
             self.model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
-        self.model = self.model.to(dtype=dtype).train()
+        self.model = self.model.to(device=self.device, dtype=dtype).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.handle = None
 
