@@ -8,7 +8,7 @@ cosine, checkpoints every epoch, ``--resume`` from the last one. CAPT symbolises
 record with fresh random letters (``--capt-copies`` copies). The final model (LoRA merged) and tokenizer
 go to ``--out``.
 
-eval: batched greedy decoding with left padding (:func:`causal_attn.demo_decode.greedy_decode`) and
+eval: batched greedy decoding with left padding (:func:`causal_attn.demo.decode.greedy_decode`) and
 the task scorer; writes ``predictions.jsonl`` and ``metrics.json``.
 """
 from __future__ import annotations
@@ -256,7 +256,7 @@ def run_train(args) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 def run_eval(args) -> int:
     from .cli import CliError
-    from .demo_decode import greedy_decode
+    from .demo.decode import greedy_decode
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
         raise CliError("--batch-size and --max-new-tokens must be positive, --limit >= 0")

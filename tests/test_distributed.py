@@ -65,7 +65,7 @@ CLI_RECORDS = 16
 def _cli_workspace(ws):
     """A tiny Llama with a word-level tokenizer and 16 annotated STG_E training records."""
     from causal_attn.data.stg import generate_stg_e
-    from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+    from causal_attn.demo.model import build_word_tokenizer, tiny_llama
 
     ws.mkdir()
     g = generate_stg_e(seed=random.randrange(10**6), n_iid=40, n_ood=8, n_test=8)

@@ -9,8 +9,8 @@ import torch
 
 from causal_attn.cli import main
 from causal_attn.data.stg import generate_stg_e
-from causal_attn.demo_decode import greedy_decode
-from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+from causal_attn.demo.decode import greedy_decode
+from causal_attn.demo.model import build_word_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

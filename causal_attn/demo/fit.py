@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.adjacency import collate, encode_example
-from .data.scoring import score_stg_e
-from .demo_decode import greedy_decode
-from .demo_model import tiny_llama
+from ..data.adjacency import collate, encode_example
+from ..data.scoring import score_stg_e
+from .decode import greedy_decode
+from .model import tiny_llama
 
 
 @dataclass
@@ -68,7 +68,7 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
     """Train one model; returns ``(model, handle, curve)`` with ``curve`` a list of logged points."""
     from tqdm.auto import tqdm
 
-    from .patch import patch_model
+    from ..patch import patch_model
 
     if method not in ("vanilla", "cat"):
         raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")

@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from .demo_fit import Recipe
+from .fit import Recipe
 
 METHODS = ("vanilla", "cat")
 FACTOR_KINDS = ("causal", "spurious", "irrelevant")
@@ -46,7 +46,7 @@ def _mean_std(xs):
 
 def load_data(extra: int, quick: bool):
     """STG_M training records (+ ``extra`` generated IID records not in the test sets) and the test sets."""
-    from .data.stg import generate_stg_e
+    from ..data.stg import generate_stg_e
 
     released = generate_stg_e(seed=42)  # reproduces the released files record for record
     train = list(released["train_M"])
@@ -65,7 +65,7 @@ def demo_phrases() -> list[str]:
 
     The instruction carries no information and the names are one variable each; as single tokens a
     record is 37 tokens instead of 56, so the same CPU budget trains ~1.5x more steps."""
-    from .data.stg import STG_E_IRRELEVANT, STG_E_PREFIX, STG_E_SPURIOUS
+    from ..data.stg import STG_E_IRRELEVANT, STG_E_PREFIX, STG_E_SPURIOUS
 
     return [STG_E_PREFIX.strip()] + [n for n in STG_E_SPURIOUS + STG_E_IRRELEVANT if " " in n]
 
@@ -74,9 +74,9 @@ class Setup:
     """The data, tokenizer and encoded training records every run shares (rebuilt identically per worker)."""
 
     def __init__(self, extra: int, quick: bool):
-        from .data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
-        from .demo_fit import encode_records
-        from .demo_model import build_word_tokenizer
+        from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
+        from .fit import encode_records
+        from .model import build_word_tokenizer
 
         self.train, self.tests = load_data(extra, quick)
         self.tokenizer = build_word_tokenizer([r["input"] + r["target"]
@@ -100,7 +100,7 @@ def _init_worker(extra: int, quick: bool, threads: int):
 
 def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
     """Train, score and probe one model; returns a JSON-able record (plus the first probe's map)."""
-    from .demo_fit import evaluate, factor_masses, train_run
+    from .fit import evaluate, factor_masses, train_run
 
     s = setup or _SETUP
     t_run = time.perf_counter()
@@ -119,8 +119,8 @@ def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) 
 def run(args) -> int:
     import torch
 
-    from .cli import CliError
-    from .demo_figures import attention_maps, ensure_dir, factor_mass, training_curves
+    from ..cli import CliError
+    from .figures import attention_maps, ensure_dir, factor_mass, training_curves
 
     t0 = time.perf_counter()
     recipe = QUICK if args.quick else DEFAULT
