@@ -6,8 +6,12 @@ registered autograd formula, so ``torch.compile`` sees a single op and non-reent
 recomputes it like any other op. The op takes the backend name as an argument and looks it up in
 :data:`BACKENDS`; a backend is a pair of plain functions::
 
-    forward(q, k, v, packed, key_padding_mask, scale, attn_map, attn_map_weight) -> (out, lse, mass)
-    backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale) -> (dq, dk, dv)
+    forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map, attn_map_weight) -> (out, lse, mass)
+    backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale) -> (dq, dk, dv)
+
+``seg_start`` (packed sequences) is None or int32 (B, T), non-decreasing along a row with
+``seg_start[b, i] <= i``: row ``i`` may attend only to keys ``seg_start[b, i] <= j <= i`` (its own segment),
+so a backend may skip key blocks that end before the first row's ``seg_start`` of a query block.
 
 ``lse`` (B, Hq, T) fp32 is private to the backend (its own log base, +inf on rows without keys);
 ``mass`` is an empty tensor when ``packed`` is None; ``dmass`` may be None.
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import blocked
-from .graph import CausalGraph, as_graph, check_key_padding_mask
+from .graph import CausalGraph, as_graph, check_key_padding_mask, segment_starts
 from .reference import reference_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,16 +94,17 @@ def _warn_once(key: str, msg: str):
 # ---------------------------------------------------------------------------------------------- ops
 @torch.library.custom_op("causal_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, packed: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  scale: float, backend: str, want_map: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  seg_start: Optional[Tensor], scale: float, backend: str,
+                  want_map: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out, lse, mass, head-summed P (B, T, T) fp32 if want_map else empty)."""
     B, _, T, _ = q.shape
     pmap = q.new_zeros(B, T, T, dtype=torch.float32) if want_map else None
-    out, lse, mass = BACKENDS[backend].forward(q, k, v, packed, key_padding_mask, scale, pmap, 1.0)
+    out, lse, mass = BACKENDS[backend].forward(q, k, v, packed, key_padding_mask, seg_start, scale, pmap, 1.0)
     return out, lse, mass, (pmap if want_map else q.new_empty(0, dtype=torch.float32))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, packed, key_padding_mask, scale, backend, want_map):
+def _(q, k, v, packed, key_padding_mask, seg_start, scale, backend, want_map):
     B, Hq, T, D = q.shape
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(B, Hq, T, D)
@@ -112,33 +117,34 @@ def _(q, k, v, packed, key_padding_mask, scale, backend, want_map):
 @torch.library.custom_op("causal_attn::attention_bwd", mutates_args=())
 def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mass: Tensor, dout: Tensor,
                   dmass: Optional[Tensor], packed: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = BACKENDS[backend].backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale)
+                  seg_start: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = BACKENDS[backend].backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask,
+                                            seg_start, scale)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
-def _(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale, backend):
+def _(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, packed, kpm, scale, backend, _want_map = inputs
+    q, k, v, packed, kpm, seg_start, scale, backend, _want_map = inputs
     out, lse, mass, _pmap = output
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, lse, mass, packed, kpm)
+    ctx.save_for_backward(q, k, v, out, lse, mass, packed, kpm, seg_start)
     ctx.scale, ctx.backend = scale, backend
 
 
 def _backward(ctx, dout, dlse, dmass, dpmap):
-    q, k, v, out, lse, mass, packed, kpm = ctx.saved_tensors
+    q, k, v, out, lse, mass, packed, kpm, seg_start = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if packed is None or mass.numel() == 0:
         dmass = None
     dq, dk, dv = attention_bwd(q, k, v, out, lse, mass, dout.contiguous() if dout.dtype == out.dtype else dout.to(out.dtype),
-                               dmass, packed, kpm, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+                               dmass, packed, kpm, seg_start, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -176,6 +182,17 @@ def check_inputs(q, k, v, key_padding_mask=None):
     return key_padding_mask
 
 
+def segments_for(graph: CausalGraph | None, segment_ids, B: int, T: int, device) -> Tensor | None:
+    """The int32 (B, T) segment starts of ``segment_ids``, else of the graph's own segments; None = one
+    segment per row. Passing both is fine when they agree."""
+    if segment_ids is None:
+        return graph.segment_starts() if graph is not None else None
+    seg_start = segment_starts(segment_ids, B, T, device)
+    if graph is not None and graph.segment_ids is not None and not torch.equal(graph.segment_starts(), seg_start):
+        raise ValueError("segment_ids disagree with the packed adjacency's own segments (CausalGraph.pack)")
+    return seg_start
+
+
 # Evaluated eagerly under torch.compile: the first call may load a backend (mutating BACKENDS), which
 # Dynamo cannot trace ("Guard failed on the same frame it was created").
 @torch.compiler.assume_constant_result
@@ -197,7 +214,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'cpu', 'torch' or 'reference'")
 
 
-def attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, backend="auto",
+def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None, backend="auto",
               attn_map=None, attn_map_weight=1.0):
     """Causal attention with the causal mass of each row (SPEC §2, §3).
 
@@ -205,6 +222,9 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, bac
         q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with Hq % Hkv == 0 (any strides).
         adjacency: :class:`CausalGraph` or bool (B, T, T), row-aligned; None for plain attention.
         key_padding_mask: bool (B, T), True = real token.
+        segment_ids: packed (padding-free) rows: integer (B, T), non-decreasing along a row, one id per
+            sample; a row attends only to earlier keys of its own sample. Defaults to the adjacency's own
+            segments (:meth:`CausalGraph.pack`).
         scale: softmax scale, default ``D ** -0.5``.
         backend: "auto" (Triton on CUDA, CPU implementation otherwise), "triton", "cpu", "torch"
             (the pure-PyTorch blocked path) or "reference" (eager, materialises the maps).
@@ -218,19 +238,20 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, bac
     kpm = check_inputs(q, k, v, key_padding_mask)
     B, Hq, T, D = q.shape
     graph = as_graph(adjacency, B, T, q.device)
+    seg_start = segments_for(graph, segment_ids, B, T, q.device)
     scale = float(D ** -0.5 if scale is None else scale)
     if attn_map is not None:
         if attn_map.shape != (B, T, T) or attn_map.dtype != torch.float32 or attn_map.device != q.device:
             raise ValueError(f"attn_map must be a float32 ({B}, {T}, {T}) tensor on {q.device}; got "
                              f"{attn_map.dtype} {tuple(attn_map.shape)} on {attn_map.device}")
     if backend == "reference":
-        out, mass, p = reference_forward(q, k, v, graph, kpm, scale)
+        out, mass, p = reference_forward(q, k, v, graph, kpm, scale, seg_start)
         if attn_map is not None:
             attn_map += attn_map_weight * p.detach().sum(1).float()
         return out, mass
     name = resolve_backend(backend, q.device)
     packed = graph.packed if graph is not None else None
-    out, _lse, mass, pmap = attention_fwd(q, k, v, packed, kpm, scale, name, attn_map is not None)
+    out, _lse, mass, pmap = attention_fwd(q, k, v, packed, kpm, seg_start, scale, name, attn_map is not None)
     if attn_map is not None:
         attn_map += attn_map_weight * pmap.detach()
     return out, (mass if graph is not None else None)

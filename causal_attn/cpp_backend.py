@@ -53,24 +53,25 @@ def _check_cpu(*tensors):
             raise ValueError(f"the C++ backend runs on CPU tensors only; got a tensor on {t.device}")
 
 
-def forward(q, k, v, packed=None, key_padding_mask=None, scale=None, attn_map=None, attn_map_weight=1.0):
+def forward(q, k, v, packed=None, key_padding_mask=None, seg_start=None, scale=None, attn_map=None,
+            attn_map_weight=1.0):
     """``(out, lse, mass)`` per the backend contract of :mod:`causal_attn.attention`."""
-    _check_cpu(q, k, v, packed, key_padding_mask, attn_map)
+    _check_cpu(q, k, v, packed, key_padding_mask, seg_start, attn_map)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.dtype == torch.float64:
-        return blocked.forward(q, k, v, packed, key_padding_mask, scale, attn_map, attn_map_weight)
+    if q.dtype == torch.float64 or seg_start is not None:  # TODO(issue 17): segments in the C++ kernel
+        return blocked.forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map, attn_map_weight)
     out, lse, mass = torch.ops.causal_attn_cpp.forward(
         q, k, v, _contiguous(packed), _contiguous(key_padding_mask), float(scale), attn_map,
         float(attn_map_weight))
     return out, lse, mass
 
 
-def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask=None, scale=None):
+def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask=None, seg_start=None, scale=None):
     """``(dq, dk, dv)`` in the input dtypes; ``dmass`` may be None."""
-    _check_cpu(q, k, v, dout, packed, key_padding_mask)
+    _check_cpu(q, k, v, dout, packed, key_padding_mask, seg_start)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.dtype == torch.float64:
-        return blocked.backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale)
+    if q.dtype == torch.float64 or seg_start is not None:  # TODO(issue 17): segments in the C++ kernel
+        return blocked.backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale)
     dq, dk, dv = torch.ops.causal_attn_cpp.backward(
         q, k, v, out, lse, mass, dout, dmass, _contiguous(packed), _contiguous(key_padding_mask), float(scale))
     return dq, dk, dv

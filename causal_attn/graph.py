@@ -4,6 +4,11 @@ Row ``i`` is the position whose output predicts token ``i+1`` (SPEC §2); ``A[b,
 row ``i`` of sample ``b`` should attend to key ``j``. Only ``j <= i`` can be an edge. Storage is one
 ``int32`` word per 32 columns: bit ``j % 32`` of word ``j // 32`` in row ``i``, shape
 ``(B, T, ceil(T/32))``, shared by every layer and head. ``row_counts`` (B, T) keeps ``c_i`` beside it.
+
+Packed (padding-free) rows hold several samples one after another; ``segment_ids`` (B, T), non-decreasing
+along a row, says which sample each position belongs to. Row ``i`` may then attend only to keys
+``seg_start[i] <= j <= i`` (its own sample): :func:`segment_starts` turns the ids into that lower bound,
+the form every backend takes.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ class CausalGraph:
     """
 
     def __init__(self, packed: torch.Tensor, seq_len: int, *, row_counts: torch.Tensor | None = None,
-                 dropped: int = 0):
+                 dropped: int = 0, segment_ids: torch.Tensor | None = None):
         if packed.dim() != 3 or packed.dtype != torch.int32:
             raise ValueError(f"packed adjacency must be int32 (B, T, ceil(T/32)); got {packed.dtype} "
                              f"{tuple(packed.shape)}")
@@ -67,6 +72,9 @@ class CausalGraph:
         self.seq_len = int(seq_len)
         self.row_counts = popcount(packed) if row_counts is None else row_counts
         self.dropped = int(dropped)
+        if segment_ids is not None:
+            segment_starts(segment_ids, packed.shape[0], seq_len, packed.device)  # validates
+        self.segment_ids = segment_ids
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,10 +143,48 @@ class CausalGraph:
         if not graphs:
             raise ValueError("CausalGraph.cat needs at least one graph")
         T = max(g.seq_len for g in graphs)
+        if any(g.segment_ids is not None for g in graphs) and any(g.seq_len != T for g in graphs):
+            raise ValueError("CausalGraph.cat cannot pad packed graphs; pack all samples with CausalGraph.pack(..., "
+                             "seq_len=T) to one length first")
         gs = [g.pad_to(T, side=side) for g in graphs]
+        seg = None
+        if any(g.segment_ids is not None for g in gs):
+            seg = torch.cat([g.segment_ids if g.segment_ids is not None
+                             else torch.zeros(g.batch_size, T, dtype=torch.int32, device=g.device) for g in gs])
         return CausalGraph(torch.cat([g.packed for g in gs]), T,
                            row_counts=torch.cat([g.row_counts for g in gs]),
-                           dropped=sum(g.dropped for g in gs))
+                           dropped=sum(g.dropped for g in gs), segment_ids=seg)
+
+    @staticmethod
+    def pack(rows: Sequence[Sequence["CausalGraph"]], *, seq_len: int | None = None) -> "CausalGraph":
+        """Packed (padding-free) graph: ``rows[b]`` lists the single-sample graphs laid end to end in packed
+        row ``b``. Each sample's edges are shifted by its offset; ``segment_ids`` numbers the samples of a row
+        0, 1, ... (positions past the last sample, up to ``seq_len``, form one more edge-free segment, for a
+        row padded to the batch length). Edges cannot cross samples by construction."""
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("CausalGraph.pack needs at least one sample graph per packed row")
+        for r in rows:
+            for g in r:
+                if not isinstance(g, CausalGraph) or g.batch_size != 1:
+                    raise ValueError("CausalGraph.pack takes single-sample CausalGraphs (B=1); index a batch "
+                                     "graph with graph[i]")
+                if g.segment_ids is not None:
+                    raise ValueError("CausalGraph.pack takes unpacked sample graphs")
+        lengths = [sum(g.seq_len for g in r) for r in rows]
+        T = max(lengths) if seq_len is None else int(seq_len)
+        if T < max(lengths):
+            raise ValueError(f"seq_len={T} is shorter than the longest packed row ({max(lengths)} tokens)")
+        device = rows[0][0].device
+        dense = torch.zeros(len(rows), T, T, dtype=torch.bool, device=device)
+        seg = torch.empty(len(rows), T, dtype=torch.int32, device=device)
+        for b, r in enumerate(rows):
+            o = 0
+            for s_idx, g in enumerate(r):
+                dense[b, o:o + g.seq_len, o:o + g.seq_len] = g.to(device).to_dense()[0]
+                seg[b, o:o + g.seq_len] = s_idx
+                o += g.seq_len
+            seg[b, o:] = len(r)
+        return CausalGraph(pack_bits(dense), T, dropped=sum(g.dropped for r in rows for g in r), segment_ids=seg)
 
     # ------------------------------------------------------------------ views
     @property
@@ -159,17 +205,23 @@ class CausalGraph:
     def __getitem__(self, idx) -> "CausalGraph":
         if isinstance(idx, int):
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        return CausalGraph(self.packed[idx], self.seq_len, row_counts=self.row_counts[idx])
+        seg = self.segment_ids[idx] if self.segment_ids is not None else None
+        return CausalGraph(self.packed[idx], self.seq_len, row_counts=self.row_counts[idx], segment_ids=seg)
 
     def __repr__(self) -> str:
-        return f"CausalGraph(B={self.batch_size}, T={self.seq_len}, edges={self.num_edges}, device={self.device})"
+        packed = ""
+        if self.segment_ids is not None:  # a segment starts where seg_start[i] == i
+            n_seg = int((self.segment_starts() == torch.arange(self.seq_len, device=self.device)).sum())
+            packed = f", segments={n_seg}"
+        return f"CausalGraph(B={self.batch_size}, T={self.seq_len}, edges={self.num_edges}{packed}, device={self.device})"
 
     def to_dense(self) -> torch.Tensor:
         return unpack_bits(self.packed, self.seq_len)
 
     def to(self, device) -> "CausalGraph":
+        seg = self.segment_ids.to(device) if self.segment_ids is not None else None
         return CausalGraph(self.packed.to(device), self.seq_len, row_counts=self.row_counts.to(device),
-                           dropped=self.dropped)
+                           dropped=self.dropped, segment_ids=seg)
 
     def pad_to(self, seq_len: int, *, side: str = "right") -> "CausalGraph":
         """Grow to ``seq_len`` with edge-free rows/cols. ``side="left"`` shifts every edge by the
@@ -180,24 +232,76 @@ class CausalGraph:
             raise ValueError(f"side must be 'right' or 'left', got {side!r}")
         if seq_len == self.seq_len:
             return self
+        if self.segment_ids is not None:
+            raise ValueError("cannot pad a packed graph; give CausalGraph.pack the batch length (seq_len=)")
         p = seq_len - self.seq_len
         dense = self.to_dense()
         pads = (0, p, 0, p) if side == "right" else (p, 0, p, 0)
         dense = torch.nn.functional.pad(dense, pads)
         return CausalGraph(pack_bits(dense), seq_len, dropped=self.dropped)
 
-    def counts(self, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def segment_starts(self) -> torch.Tensor | None:
+        """int32 (B, T) first position of each row's segment, or None for an unpacked graph."""
+        if self.segment_ids is None:
+            return None
+        return segment_starts(self.segment_ids, self.batch_size, self.seq_len, self.device)
+
+    def counts(self, key_padding_mask: torch.Tensor | None = None,
+               seg_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c, n)`` int32 (B, T): annotated allowed keys and all allowed keys per row (SPEC §2).
 
-        Allowed = ``j <= i`` and key ``j`` is real (``key_padding_mask`` True)."""
+        Allowed = ``seg_start[i] <= j <= i`` and key ``j`` is real (``key_padding_mask`` True);
+        ``seg_start`` defaults to the graph's own segments (0 for an unpacked graph)."""
         B, T = self.batch_size, self.seq_len
-        if key_padding_mask is None:
+        if seg_start is None:
+            seg_start = self.segment_starts()
+        kpm = None if key_padding_mask is None else check_key_padding_mask(key_padding_mask, B, T, self.device)
+        if kpm is None and seg_start is None:
             n = torch.arange(1, T + 1, device=self.device, dtype=torch.int32).expand(B, T)
             return self.row_counts, n.contiguous()
-        kpm = check_key_padding_mask(key_padding_mask, B, T, self.device)
-        c = popcount(self.packed & pack_bits(kpm).unsqueeze(1))
-        n = torch.cumsum(kpm.to(torch.int32), dim=1, dtype=torch.int32)
-        return c, n
+        words = self.packed
+        if kpm is not None:
+            words = words & pack_bits(kpm).unsqueeze(1)
+        real = torch.ones(B, T, dtype=torch.int32, device=self.device) if kpm is None else kpm.to(torch.int32)
+        n = torch.cumsum(real, dim=1, dtype=torch.int32)
+        if seg_start is not None:
+            words = words & _words_from(seg_start, words.shape[-1])
+            before = torch.nn.functional.pad(n, (1, 0))  # before[:, s] = real keys at positions < s
+            n = n - before.gather(1, seg_start.long())
+        return popcount(words), n
+
+
+def _words_from(start: torch.Tensor, n_words: int) -> torch.Tensor:
+    """int32 (B, T, W) bit masks of the columns ``j >= start[b, i]``."""
+    w = torch.arange(n_words, device=start.device, dtype=torch.int64)
+    first = (start.long() // WORD).unsqueeze(-1)
+    partial = (-1 << (start.long() % WORD)).unsqueeze(-1) & 0xFFFFFFFF  # bits >= start % 32 of the first word
+    word = torch.where(w < first, 0, torch.where(w == first, partial, 0xFFFFFFFF))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def segment_starts(segment_ids: torch.Tensor, B: int, T: int, device) -> torch.Tensor:
+    """int32 (B, T): for each position the index of the first position of its segment.
+
+    ``segment_ids`` (B, T) integer, non-decreasing along each row (samples laid end to end, as transformers'
+    ``DataCollatorWithFlattening`` makes them); equal ids = one sample."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"segment_ids must be an integer tensor (B, T), got {type(segment_ids).__name__}")
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must have shape (B, T) = ({B}, {T}); got {tuple(segment_ids.shape)}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    if segment_ids.device != torch.device(device):
+        raise ValueError(f"segment_ids is on {segment_ids.device} but the inputs are on {device}")
+    step = segment_ids[:, 1:] - segment_ids[:, :-1]
+    if bool((step < 0).any()):
+        b, i = (int(x) for x in (step < 0).nonzero()[0])
+        raise ValueError(f"segment_ids decrease within row {b} (position {i + 1}: {int(segment_ids[b, i])} -> "
+                         f"{int(segment_ids[b, i + 1])}); packed samples must lie end to end with non-decreasing ids")
+    new = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    new[:, 1:] = step != 0
+    pos = torch.arange(T, device=segment_ids.device).expand(B, T)
+    return torch.where(new, pos, 0).cummax(dim=1).values.to(torch.int32).contiguous()
 
 
 def check_key_padding_mask(mask: torch.Tensor, B: int, T: int, device) -> torch.Tensor:

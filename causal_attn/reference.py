@@ -10,15 +10,18 @@ import torch
 from .graph import CausalGraph
 
 
-def allowed_mask(T: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
-    """bool (B or 1, T, T): key j is allowed for row i iff j <= i and key j is real."""
+def allowed_mask(T: int, key_padding_mask: torch.Tensor | None, device,
+                 seg_start: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (B or 1, T, T): key j is allowed for row i iff seg_start[i] <= j <= i and key j is real."""
     allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril().unsqueeze(0)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, :]
+    if seg_start is not None:
+        allowed = allowed & (torch.arange(T, device=device) >= seg_start[:, :, None])
     return allowed
 
 
-def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scale: float):
+def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scale: float, seg_start=None):
     """(out, mass, P) with P the (B, Hq, T, T) attention map in float32 (float64 for float64 input)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
@@ -26,7 +29,7 @@ def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scal
     kr = k.repeat_interleave(G, dim=1).to(acc)
     vr = v.repeat_interleave(G, dim=1).to(acc)
     s = torch.matmul(q.to(acc), kr.transpose(-1, -2)) * scale
-    allowed = allowed_mask(T, key_padding_mask, q.device).unsqueeze(1)  # (B|1, 1, T, T)
+    allowed = allowed_mask(T, key_padding_mask, q.device, seg_start).unsqueeze(1)  # (B|1, 1, T, T)
     s = s.masked_fill(~allowed, float("-inf"))
     row_has_key = allowed.any(-1, keepdim=True)
     # rows with no allowed key (left padding) get P = 0: softmax of a finite dummy, then zeroed
@@ -39,8 +42,10 @@ def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scal
     return out, mass, p
 
 
-def reference_attention(q, k, v, adjacency=None, *, key_padding_mask=None, scale=None, backend="reference"):
+def reference_attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None,
+                        backend="reference"):
     """Same contract as :func:`causal_attn.attention`, computed eagerly."""
     from .attention import attention
 
-    return attention(q, k, v, adjacency, key_padding_mask=key_padding_mask, scale=scale, backend="reference")
+    return attention(q, k, v, adjacency, key_padding_mask=key_padding_mask, segment_ids=segment_ids, scale=scale,
+                     backend="reference")

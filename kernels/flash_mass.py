@@ -503,9 +503,11 @@ def _common(q, packed, key_padding_mask):
     return dict(HEAD_D=D, BLOCK_D=block_d, PRECISION=precision), adj, (*adj_strides, kpm_stride), kpm, n_words
 
 
-def forward(q, k, v, packed, key_padding_mask, scale, attn_map=None, attn_map_weight=1.0):
+def forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map=None, attn_map_weight=1.0):
     """Backend forward -> (out, lse2, mass); see the module docstring."""
     _check(q, packed, attn_map)
+    if seg_start is not None:
+        raise NotImplementedError("TODO(issue 17): packed segments in the Triton kernels")
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     const, adj, adj_kpm_strides, kpm, n_words = _common(q, packed, key_padding_mask)
@@ -525,9 +527,11 @@ def forward(q, k, v, packed, key_padding_mask, scale, attn_map=None, attn_map_we
     return out, lse, mass
 
 
-def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, scale):
+def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale):
     """Backend backward -> (dq, dk, dv); ``dmass`` None (or no adjacency) drops the mass terms."""
     _check(q, packed)
+    if seg_start is not None:
+        raise NotImplementedError("TODO(issue 17): packed segments in the Triton kernels")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv

@@ -60,16 +60,40 @@ def make_case(B, Hq, Hkv, T, D, dtype, *, padding="none", adjacency="random", lo
     return q, k, v, adj, kpm, seed
 
 
-def eager_low_precision(q, k, v, adj, kpm, scale=None):
+def random_segments(B, T, layout, seed):
+    """int64 (B, T) non-decreasing segment ids: "one" (a single segment), "ones" (every token its own),
+    "random" (random lengths 1 .. T/2, so segments start anywhere, also inside and across tiles)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    if layout == "one":
+        return torch.zeros(B, T, dtype=torch.int64)
+    if layout == "ones":
+        return torch.arange(T).expand(B, T).clone()
+    seg = torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        cuts = torch.rand(T, generator=g) < (4.0 / max(T, 1) + 0.05 * b)
+        cuts[0] = False
+        seg[b] = torch.cumsum(cuts.long(), 0)
+    return seg
+
+
+def allowed_keys(T, kpm, seg, device):
+    """bool (B|1, 1, T, T) mask of the tests' eager baselines: causal, real key, same segment."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    if seg is not None:
+        allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :]).to(device)
+    return allowed
+
+
+def eager_low_precision(q, k, v, adj, kpm, scale=None, seg=None):
     """What PyTorch's own eager attention computes in q's dtype (HF style: softmax in fp32, cast back)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = torch.matmul(q, kr.transpose(-1, -2)) * scale
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
-    if kpm is not None:
-        allowed = allowed & kpm[:, None, None, :]
+    allowed = allowed_keys(T, kpm, seg, q.device)
     s = s.float().masked_fill(~allowed, float("-inf"))
     has = allowed.any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~has, 0.0), -1) * has
@@ -117,7 +141,7 @@ def fa_rule(name, ours, eager, exact, seed, rel_atol=1e-6, factor=2.0):
                           factor)[0]
 
 
-def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0):
+def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0, seg=None):
     """Allowance for a backward that recomputes ``s = q k^T`` and rounds it differently from the forward.
 
     A flash backward never stores P: it recomputes ``P = exp(s - LSE)``, and when its matrix product sums in
@@ -132,9 +156,7 @@ def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0):
     scale = D ** -0.5 if scale is None else scale
     q, k, v = (t.detach().double() for t in (q, k, v))
     kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
-    if kpm is not None:
-        allowed = allowed & kpm[:, None, None, :]
+    allowed = allowed_keys(T, kpm, seg, q.device)
     s = (q @ kr.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     dprob = p * (ulps * torch.finfo(torch.float32).eps / 2 * scale * (q.abs() @ kr.abs().transpose(-1, -2)))
@@ -153,8 +175,9 @@ def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0):
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float64: 1e-10}
 
 
-def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None):
-    """Compare ``run(q, k, v) -> (out, mass)`` with the fp64 oracle and eager in the same dtype.
+def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None, seg=None):
+    """Compare ``run(q, k, v) -> (out, mass)`` with the fp64 oracle and eager in the same dtype
+    (``seg``: packed segment ids, given to both).
 
     Returns {quantity: (our error, eager error)}. Every quantity is checked; broken rules raise one
     AssertionError naming all of them, or, with a ``failures`` list, are appended to it instead."""
@@ -162,15 +185,16 @@ def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None
     g = torch.Generator().manual_seed(seed + 1)
     w_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.device)
     w_mass = torch.randn(q.shape[:3], generator=g, dtype=torch.float64).to(q.device)
-    exact = outputs_and_grads(lambda a, b, c: oracle_attention(a, b, c, adj, kpm, scale), q, k, v, w_out, w_mass)
-    eager = outputs_and_grads(lambda a, b, c: eager_low_precision(a, b, c, adj, kpm, scale), q, k, v, w_out, w_mass)
+    exact = outputs_and_grads(lambda a, b, c: oracle_attention(a, b, c, adj, kpm, scale, seg), q, k, v, w_out, w_mass)
+    eager = outputs_and_grads(lambda a, b, c: eager_low_precision(a, b, c, adj, kpm, scale, seg), q, k, v, w_out,
+                              w_mass)
     ours = outputs_and_grads(run, q, k, v, w_out, w_mass)
     assert ours[0].dtype == dtype and ours[0].shape == q.shape
     if adj is None:
         assert ours[1] is None
     else:
         assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
-    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale)
+    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale, seg=seg)
     names = ["out", "mass", "dq", "dk", "dv"]
     flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
     errs, problems = {}, []
@@ -188,3 +212,15 @@ def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None
     else:
         assert not problems, "; ".join(problems)
     return errs
+
+
+# Packed-sequence cases (B, Hq, Hkv, T, D, padding, segments, logit_scale), shared by the CPU backends'
+# tests and the Triton interpreter tests: one segment, length-1 segments, random layouts crossing the
+# 64/32-row tiles, GQA, trailing padding of a packed row, large logits.
+SEGMENT_CASES = [
+    (2, 2, 1, 70, 16, "none", "random", 1.0),
+    (3, 4, 2, 129, 32, "right", "random", 1.0),
+    (1, 2, 2, 45, 16, "none", "ones", 1.0),
+    (2, 2, 1, 33, 64, "none", "one", 1.0),
+    (2, 4, 1, 97, 16, "none", "random", 30.0),
+]

@@ -8,8 +8,9 @@ import math
 import torch
 
 
-def oracle_attention(q, k, v, adj=None, key_padding_mask=None, scale=None):
+def oracle_attention(q, k, v, adj=None, key_padding_mask=None, scale=None, segment_ids=None):
     """q (B,Hq,T,D), k/v (B,Hkv,T,D), adj dense bool (B,T,T) or None -> (out, mass) in float64.
+    ``segment_ids`` (B,T): a key is allowed only within the query's own segment (equal id).
 
     Differentiable (float64 autograd). Rows without an allowed key give out = 0, mass = 0."""
     B, Hq, T, D = q.shape
@@ -23,6 +24,9 @@ def oracle_attention(q, k, v, adj=None, key_padding_mask=None, scale=None):
         allowed = causal.clone()
         if key_padding_mask is not None:
             allowed &= key_padding_mask[b].cpu().bool()[None, :]
+        if segment_ids is not None:
+            seg = segment_ids[b].cpu()
+            allowed &= seg[None, :] == seg[:, None]
         allowed = allowed.to(q.device)
         o_b, m_b = [], []
         for h in range(Hq):

@@ -1,0 +1,122 @@
+"""Packed (padding-free) rows: attention(..., segment_ids=) per backend vs the fp64 oracle with
+block-diagonal causal masks, graph packing, the loss of a packed batch vs the same samples padded."""
+import pytest
+import torch
+
+import causal_attn
+from causal_attn import CausalGraph, re_attention_loss
+from causal_attn.attention import get_backend
+from numerics import SEGMENT_CASES, check_against_oracle, make_case, random_segments
+
+CPU_BACKENDS = ["reference", "torch", "cpp"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _require(backend):
+    if backend == "cpp" and get_backend("cpp") is None:
+        pytest.skip("C++ CPU extension not built here")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda s: "B{}-H{}/{}-T{}-D{}-{}-{}-x{:g}".format(*s))
+def test_segments_match_fp64_oracle(backend, dtype, case):
+    _require(backend)
+    B, Hq, Hkv, T, D, padding, layout, logit_scale = case
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, D, dtype, padding=padding, logit_scale=logit_scale)
+    seg = random_segments(B, T, layout, seed)
+
+    def run(a, b, c):
+        return causal_attn.attention(a, b, c, adj, key_padding_mask=kpm, segment_ids=seg, backend=backend)
+
+    check_against_oracle(run, q, k, v, adj, kpm, seed, seg=seg)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_small_blocks_skip_keys_exactly(backend):
+    """Blocked path with 16-row blocks: segments start inside and at block edges (key ranges start at lo>0)."""
+    _require(backend)
+    from causal_attn import blocked
+
+    q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
+    seg = random_segments(2, 50, "random", seed)
+    starts = causal_attn.graph.segment_starts(seg, 2, 50, "cpu")
+    assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
+    packed = CausalGraph.from_dense(adj).packed
+    out, lse, mass = blocked.forward(q, k, v, packed, None, starts, 0.25, block=16)
+    ref_out, ref_mass, _ = causal_attn.reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25,
+                                                                   starts)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12)
+
+
+def _samples(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [CausalGraph.from_dense((torch.rand(n, n, generator=g) < 0.3).tril()) for n in lengths]
+
+
+def test_pack_offsets_edges_and_marks_segments():
+    graphs = _samples([5, 3, 7], seed=0)
+    packed = CausalGraph.pack([[graphs[0], graphs[1]], [graphs[2]]], seq_len=9)
+    assert packed.segment_ids.tolist() == [[0] * 5 + [1] * 3 + [2], [0] * 7 + [1] * 2]
+    dense = packed.to_dense()
+    assert torch.equal(dense[0, :5, :5], graphs[0].to_dense()[0])
+    assert torch.equal(dense[0, 5:8, 5:8], graphs[1].to_dense()[0])
+    assert torch.equal(dense[1, :7, :7], graphs[2].to_dense()[0])
+    assert packed.num_edges == sum(g.num_edges for g in graphs)
+    c, n = packed.counts()
+    assert n[0].tolist() == [1, 2, 3, 4, 5, 1, 2, 3, 1]
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        CausalGraph.pack([graphs], seq_len=10)
+
+
+def test_decreasing_segment_ids_are_an_error():
+    q = torch.randn(1, 1, 6, 8)
+    with pytest.raises(ValueError, match="decrease within row 0"):
+        causal_attn.attention(q, q, q, segment_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        causal_attn.attention(q, q, q, segment_ids=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        causal_attn.attention(q, q, q, segment_ids=torch.zeros(1, 6))
+
+
+def test_cross_segment_edges_are_ignored_and_uncounted():
+    """An adjacency given beside segment ids may name keys of another sample: not allowed, so neither in the
+    mass nor in c_i (SPEC §2: entries outside the allowed set are ignored everywhere)."""
+    T = 10
+    seg = torch.tensor([[0] * 4 + [1] * 6])
+    adj = torch.ones(1, T, T, dtype=torch.bool).tril()
+    graph = CausalGraph.from_dense(adj)
+    c, n = graph.counts(seg_start=causal_attn.graph.segment_starts(seg, 1, T, "cpu"))
+    assert c.tolist() == n.tolist() == [[1, 2, 3, 4, 1, 2, 3, 4, 5, 6]]
+    q = torch.randn(1, 2, T, 8)
+    _, mass = causal_attn.attention(q, q, q, graph, segment_ids=seg, backend="torch")
+    torch.testing.assert_close(mass, torch.ones_like(mass))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_loss_equals_padded_loss(backend):
+    """Same samples packed into one row vs padded into a batch: masses per row and the loss agree."""
+    _require(backend)
+    lengths = [9, 1, 17, 5]
+    graphs = _samples(lengths, seed=1)
+    Tpad, Tpack = max(lengths), sum(lengths)
+    torch.manual_seed(3)
+    qs = [torch.randn(1, 4, n, 16, dtype=torch.float64) for n in lengths]
+    ks = [torch.randn(1, 2, n, 16, dtype=torch.float64) for n in lengths]
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, Tpad - x.shape[2]))  # noqa: E731
+    qp, kp = torch.cat([pad(x) for x in qs]), torch.cat([pad(x) for x in ks])
+    kpm = torch.zeros(len(lengths), Tpad, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        kpm[b, :n] = True
+    padded_graph = CausalGraph.cat(graphs)
+    _, mass_pad = causal_attn.attention(qp, kp, kp, padded_graph, key_padding_mask=kpm, backend=backend)
+    packed_graph = CausalGraph.pack([graphs])
+    _, mass_pack = causal_attn.attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(ks, 2), packed_graph,
+                                         backend=backend)
+    torch.testing.assert_close(mass_pack[0], torch.cat([mass_pad[b, :, :n] for b, n in enumerate(lengths)], 1))
+    for reduction in ("mean", "sum"):
+        want = re_attention_loss([mass_pad], padded_graph, alpha=2.0, key_padding_mask=kpm, reduction=reduction)
+        got = re_attention_loss([mass_pack], packed_graph, alpha=2.0, reduction=reduction)
+        torch.testing.assert_close(got, want)
+    assert Tpack == mass_pack.shape[-1]
