@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, launched as ``torchrun --nproc_per_node 2 distributed_worker.py
-OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``fsdp``, ``trainer_ddp``, ``trainer_fsdp``,
-``cli_train``).
+OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``ddp_packed_ga``, ``fsdp``, ``trainer_ddp``,
+``trainer_ddp_packed``, ``trainer_fsdp``, ``cli_train``).
 
 Every rank builds the same tiny Llama (tests/tiny_models.py) patched with ``patch_model`` and the same
 global batch (seeded), then
@@ -11,7 +11,10 @@ global batch (seeded), then
    layer sharding), the LM term normalised as the HF Trainer does (``num_items_in_batch`` summed over
    ranks, times the world size) and the Re-Attention term by :mod:`causal_attn.distributed`; ``_ga``
    scenarios split the half into two accumulation micro-batches; ``trainer_*`` scenarios take the step
-   with ``CATTrainer`` (2 per device, 2 accumulation steps) as a user's torchrun script would;
+   with ``CATTrainer`` (2 per device, 2 accumulation steps) as a user's torchrun script would; ``_packed``
+   scenarios feed each rank's samples as padding-free rows (``CATCollator(packing=True)``: one row per
+   micro-batch, position ids restarting per sample, the adjacency packed with its segments) and are still
+   compared with the padded single-process step;
 3. for DDP, also takes the step with the naive Re-Attention rule (each micro-batch's own mean,
    averaged by DDP) as a negative control that the comparison detects a wrong reduction.
 ``cli_train`` runs ``causal-attn train`` in every rank as torchrun would.
@@ -83,6 +86,20 @@ def micro_batches(local, ga):
     return [part(local, slice(i, i + step)) for i in range(0, local["input_ids"].shape[0], step)]
 
 
+def as_records(batch):
+    """The samples of a (right-)padded batch as collator records: real tokens, their labels, row-aligned edges."""
+    return [{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist(), "edges": adj.nonzero().tolist()}
+            for ids, m, lab, adj in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        batch["adjacency"])]
+
+
+def packed_micro_batches(local, ga):
+    """Each micro-batch of ``micro_batches`` as one padding-free row."""
+    from causal_attn.trainer import CATCollator
+
+    return [CATCollator(0, packing=True)(as_records(m)) for m in micro_batches(local, ga)]
+
+
 def accumulate_gradients(model, handle, micros, naive, no_sync=None):
     """Forward/backward every micro-batch. LM term as the HF Trainer scales it. Re-Attention term,
     correct rule: rows counted over all micro-batches and ranks; naive rule: each micro-batch's own
@@ -121,21 +138,18 @@ def fsdp_params(micros):
     return {n: p.detach().full_tensor().double() for n, p in model.named_parameters()}
 
 
-def trainer_params(batch, fsdp, checkpointing=False):
+def trainer_params(batch, fsdp, checkpointing=False, packing=False):
     """One optimizer step of ``CATTrainer`` (SGD, constant lr, no clipping, gamma 1) over the 8 samples:
     2 per device, 2 accumulation steps, on the launching torchrun's ranks, optionally with non-reentrant
-    gradient checkpointing (the patched layers are replayed during backward). Also returns the engine
-    accelerate actually used (it runs FSDP only on accelerator devices)."""
+    gradient checkpointing (the patched layers are replayed during backward) or packed micro-batches. Also
+    returns the engine accelerate actually used (it runs FSDP only on accelerator devices)."""
     import tempfile
 
     from transformers import TrainingArguments
 
     from causal_attn.trainer import CATCollator, CATTrainer
 
-    records = [{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist(),
-                "edges": adj.nonzero().tolist()}
-               for ids, m, lab, adj in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           batch["adjacency"])]
+    records = as_records(batch)
     model = tiny_model("llama", seed=SEED % 1000, train=True)
     extra = {}
     if fsdp:
@@ -148,7 +162,8 @@ def trainer_params(batch, fsdp, checkpointing=False):
                                  disable_tqdm=True, logging_strategy="no", gradient_checkpointing=checkpointing,
                                  gradient_checkpointing_kwargs={"use_reentrant": False}, **extra)
         trainer = CATTrainer(model=model, args=args, train_dataset=records, alpha=ALPHA, gamma=GAMMA,
-                             data_collator=CATCollator(0, pad_to_multiple_of=T))
+                             data_collator=CATCollator(0, packing=True) if packing
+                             else CATCollator(0, pad_to_multiple_of=T))
         trainer.train()
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in trainer.model.named_parameters()}
     params = {n.removeprefix("module."): p.detach().double() for n, p in full.items()}
@@ -175,17 +190,21 @@ def run(scenario, batch, ref64, ref32, rank, world, out_dir):
     if scenario == "cli_train":
         return cli_train(out_dir)
     per_rank = GLOBAL_B // world
-    micros = micro_batches(part(batch, slice(rank * per_rank, (rank + 1) * per_rank)),
-                           ga=2 if scenario.endswith("_ga") else 1)
+    packed = "_packed" in scenario
+    micros = (packed_micro_batches if packed else micro_batches)(
+        part(batch, slice(rank * per_rank, (rank + 1) * per_rank)), ga=2 if scenario.endswith("_ga") else 1)
     result = {}
     if scenario.startswith("ddp"):
         got = ddp_params(micros, naive=False)
-        result["naive_err"] = max_diff(ddp_params(micros, naive=True), ref64)
+        if packed:
+            result["packed_rows"] = [m["input_ids"].shape[0] for m in micros]  # the same on every rank
+        else:
+            result["naive_err"] = max_diff(ddp_params(micros, naive=True), ref64)
     elif scenario == "fsdp":
         got = fsdp_params(micros)
     elif scenario.startswith("trainer"):
         got, result["engine"] = trainer_params(batch, fsdp=scenario == "trainer_fsdp",
-                                               checkpointing=scenario == "trainer_ddp_checkpointing")
+                                               checkpointing=scenario == "trainer_ddp_checkpointing", packing=packed)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     result["dist_err"] = max_diff(got, ref64)

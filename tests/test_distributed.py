@@ -44,7 +44,8 @@ def distributed_results(tmp_path_factory):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out = tmp_path_factory.mktemp("distributed")
     _cli_workspace(out / "cli")
-    scenarios = ["ddp", "ddp_ga", "trainer_ddp", "trainer_ddp_checkpointing", "trainer_fsdp", "cli_train"]
+    scenarios = ["ddp", "ddp_ga", "ddp_packed_ga", "trainer_ddp", "trainer_ddp_checkpointing", "trainer_ddp_packed",
+                 "trainer_fsdp", "cli_train"]
     scenarios += [] if FSDP_SKIP else ["fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "distributed_worker.py"), str(out), *scenarios]
@@ -94,6 +95,14 @@ def test_ddp_gradient_accumulation_step_equals_single_process_step(distributed_r
     _check_matches_single_process(distributed_results, "ddp_ga")
 
 
+def test_ddp_packed_step_equals_padded_single_process_step(distributed_results):
+    """Each rank's 4 samples as 2 accumulated padding-free rows of 2 samples (CATCollator(packing=True)) against
+    the padded float64 single-process step on the whole batch."""
+    res = distributed_results
+    assert res["ddp_packed_ga"]["packed_rows"] == [1, 1]  # one row per micro-batch
+    _check_matches_single_process(res, "ddp_packed_ga")
+
+
 @pytest.mark.parametrize("scenario", ["ddp", "ddp_ga"])
 def test_ddp_detects_per_rank_mean_averaging(distributed_results, scenario):
     """Negative control: averaging each rank's own Re-Attention mean (the naive rule) is visibly wrong."""
@@ -106,10 +115,10 @@ def test_fsdp_step_equals_single_process_step(distributed_results):
     _check_matches_single_process(distributed_results, "fsdp")
 
 
-@pytest.mark.parametrize("scenario", ["trainer_ddp", "trainer_ddp_checkpointing"])
+@pytest.mark.parametrize("scenario", ["trainer_ddp", "trainer_ddp_checkpointing", "trainer_ddp_packed"])
 def test_distributed_cat_trainer_ddp_step_equals_single_process_step(distributed_results, scenario):
     """CATTrainer under torchrun: 2 ranks x 2 per device x 2 accumulation steps = the 8-sample batch;
-    also with non-reentrant gradient checkpointing."""
+    also with non-reentrant gradient checkpointing, and packed (padding-free rows) against the padded step."""
     assert distributed_results[scenario]["engine"] == "DistributedType.MULTI_CPU"
     _check_matches_single_process(distributed_results, scenario)
 
