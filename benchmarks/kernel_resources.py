@@ -38,7 +38,7 @@ FIELDS = ["kernel", "arch", "config", "regs", "shared", "spills", "tensor_core_i
 # pointer arguments: None = the input dtype (q, k, v, O and their gradients)
 POINTER_TYPES = {"Q": None, "K": None, "V": None, "Out": None, "DO": None, "DQ": None, "DK": None, "DV": None,
                  "Lse": "*fp32", "Mass": "*fp32", "Delta": "*fp32", "Gm": "*fp32", "Map": "*fp32",
-                 "Adj": "*i32", "Kpm": "*i8"}
+                 "Adj": "*i32", "Kpm": "*i8", "Seg": "*i32", "SegEnd": "*i32"}
 FLOAT_ARGS = {"qk_scale", "scale", "weight"}
 UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdd", "smc"}
 UNALIGNED_INTS = {"Hq", "G", "n_words"}
@@ -46,8 +46,9 @@ KERNEL_NAMES = (*fm.KERNELS, "preprocess")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), kernels=KERNEL_NAMES, dtype="fp16"):
-    """Yield (JITFunction, arch, KernelConfig or None, head dim, mass flag)."""
+def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), kernels=KERNEL_NAMES, dtype="fp16",
+                packed_variants=(False,)):
+    """Yield (JITFunction, arch, KernelConfig or None, head dim, mass flag, packed-segments flag)."""
     for arch in archs:
         gen = ARCHS[arch]
         for d in head_dims:
@@ -57,9 +58,10 @@ def kernel_jobs(head_dims, archs, configs="all", mass_variants=(True, False), ke
                 cfgs = fm.FP32_CONFIGS[name] if dtype == "fp32" else fm.GPU_CONFIGS[gen][fm.head_dim_class(d)][name]
                 for cfg in (cfgs if configs == "all" else cfgs[:1]):
                     for mass in mass_variants:
-                        yield fn, arch, cfg, d, mass
+                        for packed in packed_variants:
+                            yield fn, arch, cfg, d, mass, packed
             if "preprocess" in kernels:
-                yield fm._attn_bwd_preprocess, arch, None, d, True
+                yield fm._attn_bwd_preprocess, arch, None, d, True, False
 
 
 def build_source(fn, io_dtype: str, constexprs: dict) -> ASTSource:
@@ -98,17 +100,18 @@ def resource_usage(cubin: bytes) -> dict:
             "tensor_core_instructions": mma}
 
 
-def compile_one(fn, arch, cfg, head_dim, mass, dtype="fp16") -> dict:
+def compile_one(fn, arch, cfg, head_dim, mass, packed=False, dtype="fp16") -> dict:
     block_m = cfg.block_m if cfg else fm.PREPROCESS_BLOCK_M
     constexprs = {"HEAD_D": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_M": block_m,
-                  "BLOCK_N": cfg.block_n if cfg else 0, "HAS_ADJ": mass, "HAS_KPM": True,
+                  "BLOCK_N": cfg.block_n if cfg else 0, "HAS_ADJ": mass, "HAS_KPM": True, "HAS_SEG": packed,
                   "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     options = {"num_warps": cfg.num_warps if cfg else 4, "num_stages": cfg.num_stages if cfg else 1}
     compiled = triton.compile(build_source(fn, "*" + dtype, constexprs), target=GPUTarget("cuda", ARCHS[arch], 32),
                               options=options)
     use = resource_usage(compiled.asm["cubin"])
     config = f"D{head_dim}/" + (cfg.name if cfg else f"M{block_m}-w4")
-    return {"kernel": fn.__name__.lstrip("_") + ("+mass" if mass else ""), "arch": arch, "config": config,
+    name = fn.__name__.lstrip("_") + ("+mass" if mass else "") + ("+seg" if packed else "")
+    return {"kernel": name, "arch": arch, "config": config,
             "regs": use["regs"], "shared": compiled.metadata.shared + use["static_shared"], "spills": use["spills"],
             "tensor_core_instructions": use["tensor_core_instructions"]}
 
@@ -121,6 +124,8 @@ def main(argv=None):
     ap.add_argument("--configs", choices=["all", "first"], default="all",
                     help="every autotune config, or only the first of each kernel (quick check)")
     ap.add_argument("--mass", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--packed", choices=["both", "on", "off"], default="off",
+                    help="packed-sequence variants (HAS_SEG: segment masks and key-range skipping)")
     ap.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES), choices=list(KERNEL_NAMES))
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                     help="fp32 compiles the FP32_CONFIGS with exact (ieee) dot products")
@@ -129,7 +134,8 @@ def main(argv=None):
         sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")
     variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.mass]
     rows = []
-    for job in kernel_jobs(args.head_dims, args.arch, args.configs, variants, args.kernels, args.dtype):
+    packed = {"both": (False, True), "on": (True,), "off": (False,)}[args.packed]
+    for job in kernel_jobs(args.head_dims, args.arch, args.configs, variants, args.kernels, args.dtype, packed):
         t0 = time.time()
         row = compile_one(*job, dtype=args.dtype)
         rows.append(row)

@@ -33,10 +33,19 @@ def _load() -> Path:
         PREBUILT_SKIPPED = "not built at install time"
     else:
         built = cpp_build.built_with_torch(spec.origin)
-        if built == cpp_build.torch_release(torch.__version__):
+        sources = folder("csrc")
+        want = cpp_build.sources_hash(sources) if sources is not None and (sources / cpp_build.SOURCES[0]).is_file() \
+            else None
+        have = cpp_build.built_from_sources(spec.origin)
+        if built != cpp_build.torch_release(torch.__version__):
+            PREBUILT_SKIPPED = f"{spec.origin} was built against torch {built}, this is {torch.__version__}"
+        elif want is not None and have != want:
+            # an edited checkout whose prebuilt library was not rebuilt: its operators may have another schema
+            PREBUILT_SKIPPED = (f"{spec.origin} was built from other sources than {sources} (sources {have}, "
+                                f"these are {want}; rebuild it with `python setup.py build_ext --inplace`)")
+        else:
             torch.ops.load_library(spec.origin)
             return Path(spec.origin)
-        PREBUILT_SKIPPED = f"{spec.origin} was built against torch {built}, this is {torch.__version__}"
     sources = folder("csrc")
     if sources is None or not (sources / cpp_build.SOURCES[0]).is_file():
         raise ImportError(f"the C++ sources (csrc/) are not part of this install ({PREBUILT_SKIPPED})")
@@ -58,10 +67,10 @@ def forward(q, k, v, packed=None, key_padding_mask=None, seg_start=None, scale=N
     """``(out, lse, mass)`` per the backend contract of :mod:`causal_attn.attention`."""
     _check_cpu(q, k, v, packed, key_padding_mask, seg_start, attn_map)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.dtype == torch.float64 or seg_start is not None:  # TODO(issue 17): segments in the C++ kernel
+    if q.dtype == torch.float64:
         return blocked.forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map, attn_map_weight)
     out, lse, mass = torch.ops.causal_attn_cpp.forward(
-        q, k, v, _contiguous(packed), _contiguous(key_padding_mask), float(scale), attn_map,
+        q, k, v, _contiguous(packed), _contiguous(key_padding_mask), _contiguous(seg_start), float(scale), attn_map,
         float(attn_map_weight))
     return out, lse, mass
 
@@ -70,10 +79,11 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask
     """``(dq, dk, dv)`` in the input dtypes; ``dmass`` may be None."""
     _check_cpu(q, k, v, dout, packed, key_padding_mask, seg_start)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.dtype == torch.float64 or seg_start is not None:  # TODO(issue 17): segments in the C++ kernel
+    if q.dtype == torch.float64:
         return blocked.backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale)
     dq, dk, dv = torch.ops.causal_attn_cpp.backward(
-        q, k, v, out, lse, mass, dout, dmass, _contiguous(packed), _contiguous(key_padding_mask), float(scale))
+        q, k, v, out, lse, mass, dout, dmass, _contiguous(packed), _contiguous(key_padding_mask),
+        _contiguous(seg_start), float(scale))
     return dq, dk, dv
 
 

@@ -27,16 +27,43 @@ SOURCES = ("attention_cpu.cpp",)
 HEADERS = ("gemm.h", "row_ops.h")
 JIT_NAME = "causal_attn_cpp"
 MARKER = b"causal_attn_cpp built with torch "  # + TORCH_VERSION + ";" inside the library (attention_cpu.cpp)
+SOURCES_MARKER = b"; sources "  # + sources_hash + ";" right after it
 
 
-def compile_args(platform: str = sys.platform) -> list[str]:
+def default_source_dir() -> Path | None:
+    """csrc/ as causal_attn._layout.folder finds it (installed copy inside the package, else the checkout's),
+    located from this file alone: setup.py runs this module before the package is importable."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    return None
+
+
+def sources_hash(source_dir: Path | None = None) -> str | None:
+    """Short hash of the kernel's sources (SOURCES + HEADERS): compiled into the library, so a prebuilt library
+    from other sources (an edited checkout not rebuilt: another operator schema) is recognised and not loaded."""
+    source_dir = default_source_dir() if source_dir is None else Path(source_dir)
+    if source_dir is None:
+        return None
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
+    return "h" + h.hexdigest()[:16]
+
+
+def compile_args(platform: str = sys.platform, source_dir: Path | None = None) -> list[str]:
     # -fopenmp: ATen's at::parallel_for is header-inlined, so only an OpenMP build of this file runs its
     # range on torch's intra-op threads; without it every loop is serial. No -march: row_ops.h dispatches
     # its SIMD clones at load time, so the library runs on any x86-64 CPU. -fno-trapping-math (torch's own
     # flag): with trapping math GCC keeps the clamps of fast_exp as branches, and on AVX2 / SSE2 (no mask
     # registers) the exp loops then stay scalar; measured: the AVX2 forward spent as long in exp as in sgemm.
+    # -DCAUSAL_ATTN_SOURCES: the sources' hash, embedded in the library (built_from_sources); an identifier
+    # (no quotes, which a shell in torch's ninja build would strip), stringified in attention_cpu.cpp.
+    digest = sources_hash(source_dir)
     return ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"] + \
-        (["-fopenmp"] if platform.startswith("linux") else [])
+        (["-fopenmp"] if platform.startswith("linux") else []) + \
+        ([f"-DCAUSAL_ATTN_SOURCES={digest}"] if digest else [])
 
 
 def link_args(platform: str = sys.platform) -> list[str]:
@@ -56,6 +83,21 @@ def built_with_torch(library: str | os.PathLike) -> str | None:
     return data[at + len(MARKER):end].decode("ascii", "replace") if end > 0 else None
 
 
+def built_from_sources(library: str | os.PathLike) -> str | None:
+    """The sources hash (:func:`sources_hash`) compiled into a library, or None (a library from before the hash
+    was embedded, or one built without it)."""
+    data = Path(library).read_bytes()
+    at = data.find(MARKER)
+    if at < 0:
+        return None
+    at = data.find(SOURCES_MARKER, at, at + 200)
+    if at < 0:
+        return None
+    end = data.find(b";", at + len(SOURCES_MARKER))
+    value = data[at + len(SOURCES_MARKER):end].decode("ascii", "replace") if end > 0 else None
+    return None if value in (None, "unknown") else value
+
+
 def torch_release(version: str) -> str:
     """``2.13.0+cpu`` -> ``2.13.0`` (TORCH_VERSION in the headers carries no local suffix)."""
     return version.split("+")[0]
@@ -72,7 +114,8 @@ def build_folder(source_dir: Path, torch_version: str) -> Path:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
-    h.update(repr((compile_args(), link_args(), torch_version, sys.version, sys.platform)).encode())
+    h.update(repr((compile_args(source_dir=source_dir), link_args(), torch_version, sys.version,
+                   sys.platform)).encode())
     tag = f"cpp-torch{torch_release(torch_version)}-py{sys.version_info[0]}{sys.version_info[1]}"
     return cache_root() / f"{tag}-{h.hexdigest()[:16]}"
 
@@ -134,7 +177,7 @@ def build_and_load(source_dir: Path) -> Path:
             _with_ninja_on_path()
             try:
                 cpp_extension.load(name=JIT_NAME, sources=[str(source_dir / s) for s in SOURCES],
-                                   extra_cflags=compile_args(), extra_ldflags=link_args(),
+                                   extra_cflags=compile_args(source_dir=source_dir), extra_ldflags=link_args(),
                                    extra_include_paths=[str(source_dir)], build_directory=str(folder),
                                    is_python_module=False, verbose=False)
             except Exception as e:

@@ -73,7 +73,13 @@ class CausalGraph:
         self.row_counts = popcount(packed) if row_counts is None else row_counts
         self.dropped = int(dropped)
         if segment_ids is not None:
-            segment_starts(segment_ids, packed.shape[0], seq_len, packed.device)  # validates
+            starts = segment_starts(segment_ids, packed.shape[0], seq_len, packed.device)  # validates
+            cross = unpack_bits(packed, seq_len) & (torch.arange(seq_len, device=packed.device) < starts[:, :, None])
+            if bool(cross.any()):
+                b, i, j = (int(t) for t in cross.nonzero()[0])
+                raise ValueError(f"packed row {b}: adjacency edge (row={i}, col={j}) crosses from one packed sample "
+                                 f"into an earlier one (that sample starts at {int(starts[b, i])}); build packed "
+                                 "graphs from per-sample graphs with CausalGraph.pack")
         self.segment_ids = segment_ids
 
     # ------------------------------------------------------------------ construction

@@ -17,6 +17,12 @@ How it plugs in (transformers 5.x, SPEC §8):
   its mass in the record once: replays during backward store nothing and compute exactly what the
   first pass computed (same saved tensors). Reentrant checkpointing runs the layer under ``no_grad``,
   which would silently cut the loss's gradient, so it raises.
+* Packed (padding-free) batches, as ``DataCollatorWithFlattening`` makes them: the pre-hook reads the
+  segments from ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` restarting inside a row (without a
+  padding mask), also when a (still empty) cache object exists, where transformers itself stops looking
+  and lets packed samples attend to each other. Every patched layer then runs
+  :func:`causal_attn.attention` with those segments, with or without an adjacency, and the handle's
+  loss counts each row's keys within its own sample.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import attention
-from .graph import CausalGraph, as_graph
+from .graph import CausalGraph, as_graph, segment_starts
 from .loss import re_attention_loss
 
 ATTN_NAME = "causal_attn"  # must not contain "flash", "sdpa" or "flex" (transformers treats those specially)
@@ -91,9 +97,13 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     the first pass exactly; only storing the mass and the map is skipped then."""
     handle = getattr(module, _HANDLE_ATTR, None)
     graph = kwargs.get("adjacency") if handle is not None else None
+    segments = kwargs.get(SEGMENTS_KW) if handle is not None else None
+    if segments is not None:
+        _check_packed(module, query, key, segments, kwargs.get("sliding_window", getattr(module, "sliding_window", None)))
+        attention_mask = None  # the block-diagonal causal mask transformers built (if it detected the packing)
     full = query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2)
     want_map = handle is not None and handle.collect_attention_map and full
-    if graph is None and not want_map:
+    if graph is None and not want_map and segments is None:
         out = plain_attention(query, key, value, attention_mask, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
     if not full:
@@ -123,14 +133,54 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
             B, _, T, _ = query.shape
             rec.attn_map = torch.zeros(B, T, T, dtype=torch.float32, device=query.device)
         attn_map = rec.attn_map
-    out, mass = attention(query, key, value, graph, key_padding_mask=attention_mask, scale=scaling,
-                          backend=handle.backend, attn_map=attn_map,
+    out, mass = attention(query, key, value, graph, key_padding_mask=attention_mask, segment_ids=segments,
+                          scale=scaling, backend=handle.backend, attn_map=attn_map,
                           attn_map_weight=1.0 / (len(handle.layers) * query.shape[1]))
     if mass is not None and rec is not None:
         rec.masses[module.layer_idx] = mass
         rec.key_padding_mask = attention_mask
     return out.transpose(1, 2).contiguous(), None
 
+
+def _check_packed(module, query, key, segments, window):
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("packed sequences (position_ids restarting inside a row) are supported for full-sequence "
+                         "forwards only, not for KV-cache decoding")
+    if window is not None:
+        longest = max(int(torch.unique_consecutive(row, return_counts=True)[1].max()) for row in segments)
+        if window < longest:
+            raise ValueError(f"layer {module.layer_idx} uses a sliding window of {window} tokens but a packed sample "
+                             f"has {longest}: CAT attention computes full causal attention per sample; pack samples "
+                             f"no longer than the window or disable the sliding window")
+
+
+def packed_segments(kwargs, x) -> torch.Tensor | None:
+    """Segment ids (B, T) of a packed forward from the decoder's keyword arguments, or None.
+
+    ``seq_idx`` (B, T) wins, then ``cu_seq_lens_q`` (offsets, one packed row), then ``position_ids`` that
+    restart inside a row (a step other than +1 starts a sample, as transformers' own detection), read only
+    when there is no padding mask (with padding, position ids may be anything)."""
+    B, T = x.shape[0], x.shape[1]
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is not None:
+        return seq_idx.to(x.device).expand(B, T)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu = cu.to(x.device).long()
+        if B != 1 or int(cu[-1]) != T:
+            raise ValueError(f"cu_seq_lens_q {cu.tolist()} does not describe one packed row of {T} tokens (B={B})")
+        return (torch.bucketize(torch.arange(T, device=x.device), cu[1:], right=True)).unsqueeze(0)
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if pos is None or (mask is not None and not (mask.dim() == 2 and bool(mask.bool().all()))):
+        return None
+    pos = pos.to(x.device).expand(B, T)
+    step = torch.diff(pos, dim=-1)
+    if bool((step == 1).all()):
+        return None
+    return torch.nn.functional.pad((step != 1).cumsum(-1), (1, 0))
+
+
+SEGMENTS_KW = "cat_segment_ids"  # the decoder's keyword argument that carries a packed forward's segments
 
 AttentionInterface.register(ATTN_NAME, cat_attention)
 AttentionMaskInterface.register(ATTN_NAME, cat_mask)
@@ -145,6 +195,18 @@ class _Forward:
     masses: dict = field(default_factory=dict)  # layer index -> mass (B, Hq, T) fp32
     key_padding_mask: torch.Tensor | None = None
     attn_map: torch.Tensor | None = None
+
+
+def _with_segments(graph: CausalGraph, segments: torch.Tensor) -> CausalGraph:
+    """The graph with the forward's segments; a packed graph must agree with them."""
+    starts = segment_starts(segments, graph.batch_size, graph.seq_len, graph.device)
+    if graph.segment_ids is not None:
+        if not torch.equal(graph.segment_starts(), starts):
+            raise ValueError("the adjacency's segments (CausalGraph.pack) disagree with the packed samples that "
+                             "position_ids / seq_idx / cu_seq_lens_q describe")
+        return graph
+    return CausalGraph(graph.packed, graph.seq_len, row_counts=graph.row_counts, dropped=graph.dropped,
+                       segment_ids=segments)
 
 
 def _base_model(model):
@@ -187,11 +249,21 @@ class CATHandle:
         if isinstance(adjacency, (CausalGraph, torch.Tensor)):
             adjacency = adjacency.to(x.device)  # e.g. a collator's CPU graph for a CUDA model
         graph = as_graph(adjacency, x.shape[0], x.shape[1], x.device)  # type, B and T checks
+        segments = packed_segments(kwargs, x) if full else None
+        if segments is not None:
+            segment_starts(segments, x.shape[0], x.shape[1], x.device)  # non-decreasing
+            if graph is not None:
+                graph = _with_segments(graph, segments)
+        elif graph is not None and graph.segment_ids is not None:
+            segments = graph.segment_ids
         self._local.record = _Forward(grad_enabled=torch.is_grad_enabled(), graph=graph)
         kwargs = dict(kwargs)
         kwargs.pop("adjacency", None)
+        kwargs.pop(SEGMENTS_KW, None)
         if graph is not None:
             kwargs["adjacency"] = graph
+        if segments is not None:
+            kwargs[SEGMENTS_KW] = segments
         return args, kwargs
 
     # -------------------------------------------------------------- public

@@ -38,6 +38,8 @@ def add_parser(subparsers):
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--max-length", type=int, default=1024)
+    t.add_argument("--packing", action="store_true",
+                   help="padding-free batches: each batch's records end to end in one row (no compute on padding)")
     t.add_argument("--capt-copies", type=int, default=1, help="CAPT: copies of the training set, new letters each")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: every epoch)")
@@ -231,7 +233,7 @@ def run_train(args) -> int:
         logging_steps=args.logging_steps, report_to=[], bf16=bf16, remove_unused_columns=False,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available())
     trainer = CATTrainer(model=model, args=targs, cat_handle=handle, gamma=gamma if use_graph else 0.0,
-                         train_dataset=encoded, processing_class=tokenizer)
+                         packing=args.packing, train_dataset=encoded, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=last)
     handle.unpatch()
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
@@ -243,7 +245,7 @@ def run_train(args) -> int:
         return 0
     tokenizer.save_pretrained(args.out)
     summary = {"model": args.model, "data": args.data, "method": args.method, "lora": args.lora,
-               "alpha": args.alpha, "gamma": args.gamma, "records": len(encoded), "missing_spans": missing,
+               "alpha": args.alpha, "gamma": args.gamma, "packing": args.packing, "records": len(encoded), "missing_spans": missing,
                "resumed_from": last, "train_loss": result.training_loss, "global_step": result.global_step,
                "log_history": trainer.state.log_history}
     with open(os.path.join(args.out, "train_summary.json"), "w") as f:

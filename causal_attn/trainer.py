@@ -49,14 +49,23 @@ class CATCollator:
 
     A record holds ``input_ids`` and optionally ``labels`` (default: a copy of ``input_ids``),
     ``attention_mask`` and ``edges`` (row-aligned ``[row, col]`` pairs for the unpadded sequence);
-    other fields are ignored. With ``padding_side="left"`` the edges shift with the tokens."""
+    other fields are ignored. With ``padding_side="left"`` the edges shift with the tokens.
 
-    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+    ``packing=True`` (padding-free, like ``DataCollatorWithFlattening``): the records are laid end to end
+    in one row with ``position_ids`` restarting at 0 per record and no ``attention_mask``; each record's
+    first label is -100 so the LM loss never predicts a record from the one before it; the adjacency is
+    :meth:`CausalGraph.pack` of the records' graphs (it carries the segments)."""
+
+    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None,
+                 packing: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if packing and pad_to_multiple_of:
+            raise ValueError("packing=True makes one row without padding; pad_to_multiple_of does not apply")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = bool(packing)
 
     def _pad(self, seqs, value, T):
         out = torch.full((len(seqs), T), value, dtype=torch.long)
@@ -78,6 +87,8 @@ class CATCollator:
             for key in ("labels", "attention_mask"):
                 if key in r and len(r[key]) != len(s):
                     raise ValueError(f"record {b}: {key} has length {len(r[key])} but input_ids has {len(s)}")
+        if self.packing:
+            return self._packed(records, ids)
         T = max(len(s) for s in ids)
         if self.pad_to_multiple_of:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -90,12 +101,37 @@ class CATCollator:
             edges = []
             for r, s in zip(records, ids):
                 shift = T - len(s) if self.padding_side == "left" else 0
-                edges.append([(int(i) + shift, int(j) + shift) for i, j in (r.get("edges") or [])])
-                if any(not (shift <= j <= i < T) for i, j in edges[-1]):
-                    raise ValueError(f"record with {len(s)} tokens has an edge outside its sequence or pointing "
-                                     "to the future (edges are row-aligned (row, col) with col <= row)")
+                edges.append(_record_edges(r, len(s), shift, T))
             batch["adjacency"] = CausalGraph.from_edges(edges, T)
         return batch
+
+    def _packed(self, records, ids) -> dict:
+        for b, r in enumerate(records):
+            if "attention_mask" in r and not all(r["attention_mask"]):
+                raise ValueError(f"record {b} has padding in its attention_mask; packing lays records end to end "
+                                 "and needs unpadded records")
+        labels = []
+        for r, s in zip(records, ids):
+            lab = list(r.get("labels", s))
+            labels += [-100] + lab[1:]
+        batch = {
+            "input_ids": torch.tensor([sum(ids, [])], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.cat([torch.arange(len(s)) for s in ids]).unsqueeze(0),
+        }
+        if any(r.get("edges") is not None for r in records):
+            graphs = [CausalGraph.from_edges([_record_edges(r, len(s), 0, len(s))], len(s))
+                      for r, s in zip(records, ids)]
+            batch["adjacency"] = CausalGraph.pack([graphs])
+        return batch
+
+
+def _record_edges(record, n: int, shift: int, T: int) -> list[tuple[int, int]]:
+    edges = [(int(i) + shift, int(j) + shift) for i, j in (record.get("edges") or [])]
+    if any(not (shift <= j <= i < T) for i, j in edges):
+        raise ValueError(f"record with {n} tokens has an edge outside its sequence or pointing "
+                         "to the future (edges are row-aligned (row, col) with col <= row)")
+    return edges
 
 
 class CATTrainer(Trainer):
@@ -105,6 +141,9 @@ class CATTrainer(Trainer):
         cat_handle: the :class:`CATHandle` of an already patched model; default: ``patch_model(model,
             alpha=alpha, reduction=reduction, kind=kind, layers=layers)``.
         gamma: see :func:`make_gamma`; default ``"exp"`` = ``exp(-epoch)``.
+        packing: padding-free batches (the default collator with ``packing=True``): each micro-batch is
+            one row holding its records end to end; attention, the LM loss and the Re-Attention loss stay
+            within each record.
     ``args.remove_unused_columns`` is set to False (the adjacency is not a model argument the Trainer
     knows). The default collator is :class:`CATCollator` with the tokenizer's (or config's) pad id.
     Logged beside ``loss``: ``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean`` (mean R over the
@@ -114,7 +153,7 @@ class CATTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *, cat_handle: CATHandle | None = None,
                  alpha: float = 0.2, reduction: str = "mean", kind: str = "hinge", layers="all", gamma="exp",
-                 data_collator=None, processing_class=None, **kwargs):
+                 packing: bool = False, data_collator=None, processing_class=None, **kwargs):
         if model is None:
             raise ValueError("CATTrainer needs a model")
         if args is None:
@@ -127,7 +166,7 @@ class CATTrainer(Trainer):
             if pad is None:
                 pad = getattr(getattr(model, "config", None), "pad_token_id", None)
             side = getattr(processing_class, "padding_side", "right") or "right"
-            data_collator = CATCollator(0 if pad is None else pad, padding_side=side)
+            data_collator = CATCollator(0 if pad is None else pad, padding_side=side, packing=packing)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **kwargs)
         self.cat = cat_handle

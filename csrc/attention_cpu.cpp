@@ -5,6 +5,13 @@
 // online softmax with running max m, sum l and mass accumulator macc (rescaled like l), O += P V (BLAS).
 // At the end O /= l, mass = macc / l, LSE = m + log l (+inf and zeros on rows without keys).
 //
+// Packed sequences (seg_start, int32 (B, T), non-decreasing, seg_start[i] <= i): row i sees keys
+// seg_start[i] <= j <= i only. A query block's key tiles start at its first row's segment start (rounded
+// down to a packed word), and each key tile runs its GEMMs on the rows that can see one of its keys only
+// (causal: i >= j0; segment: seg_start[i] < j0 + bk, a prefix of the block), so the work follows the sum of
+// squared segment lengths instead of T^2. Masked entries give P = 0, so the skipped rows and tiles would
+// have contributed nothing.
+//
 // Backward: one task per (batch, key/value head), so dK and dV of a GQA group are summed without races
 // (per (batch, query head) with partial dK, dV when there are fewer kv heads than threads).
 // For each query head of the group and each query block: delta = rowsum(dO * O) + g * mass, then per key
@@ -21,6 +28,8 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "gemm.h"
@@ -55,13 +64,15 @@ struct Problem {
   float scale;
   const int32_t* packed;  // (B, T, W) or nullptr
   const uint8_t* kpm;     // (B, T) or nullptr
+  const int32_t* seg;     // (B, T) segment start of each row, or nullptr (one segment)
 };
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& packed,
-                     const std::optional<at::Tensor>& kpm, double scale) {
+                     const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start,
+                     double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be (B, H, T, D)");
   Problem p{q.size(0), q.size(1), k.size(1), 0, q.size(2), q.size(3), (q.size(2) + 31) / 32,
-            static_cast<float>(scale), nullptr, nullptr};
+            static_cast<float>(scale), nullptr, nullptr, nullptr};
   TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "Hq must be a multiple of Hkv");
   p.G = p.Hq / p.Hkv;
   if (packed.has_value()) {
@@ -77,7 +88,44 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::option
                 "key_padding_mask must be contiguous bool (B, T)");
     p.kpm = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   }
+  if (seg_start.has_value()) {
+    const auto& s = *seg_start;
+    TORCH_CHECK(s.device().is_cpu(), "seg_start must be a CPU tensor, got one on ", s.device());
+    TORCH_CHECK(s.scalar_type() == at::kInt, "seg_start must be int32, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == p.B && s.size(1) == p.T, "seg_start must have shape (B, T) = (", p.B,
+                ", ", p.T, "), got ", s.sizes());
+    TORCH_CHECK(s.is_contiguous(), "seg_start must be contiguous");
+    p.seg = s.data_ptr<int32_t>();
+    // The tiles below index keys from seg_start: an out-of-range value would read outside the inputs.
+    for (int64_t b = 0; b < p.B; ++b) {
+      const int32_t* row = p.seg + b * p.T;
+      for (int64_t i = 0; i < p.T; ++i) {
+        TORCH_CHECK(row[i] >= 0 && row[i] <= i && (i == 0 || row[i] >= row[i - 1]),
+                    "seg_start must be non-decreasing along a row with 0 <= seg_start[b, i] <= i; row ", b,
+                    " position ", i, " has ", row[i], i > 0 ? " after " : "", i > 0 ? std::to_string(row[i - 1]) : "");
+      }
+    }
+  }
   return p;
+}
+
+// First key column the query block starting at row i0 reads: its first row's segment start (the block's
+// smallest, seg_start is non-decreasing) rounded down to a packed word; 0 without segments.
+int64_t first_key(const Problem& P, int64_t b, int64_t i0) {
+  return P.seg ? (static_cast<int64_t>(P.seg[b * P.T + i0]) & ~int64_t{31}) : 0;
+}
+
+// Rows [r0, r1) (relative to i0) of query block [i0, i1) that may see a key of tile [j0, j0 + bk): causal
+// rows i >= j0, and rows whose segment starts before the tile ends (a prefix: seg_start is non-decreasing).
+// Empty (r0 >= r1) when no row can.
+std::pair<int64_t, int64_t> tile_rows(const Problem& P, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t bk) {
+  const int64_t r0 = std::max<int64_t>(0, j0 - i0);
+  int64_t r1 = i1 - i0;
+  if (P.seg) {
+    const int32_t* seg = P.seg + b * P.T + i0;
+    while (r1 > r0 && seg[r1 - 1] >= j0 + bk) --r1;
+  }
+  return {r0, r1};
 }
 
 // Query block of a task index: consecutive tasks alternate between short (early) and long (late) blocks
@@ -90,14 +138,17 @@ int64_t balanced_block(int64_t t, int64_t nblocks) {
 int64_t round_up32(int64_t n) { return (n + 31) & ~int64_t{31}; }
 
 // S (bq x bk, row stride BK) = scale Q[i0:i1] K[j0:j0+bk]^T with the keys a row may not see (past the
-// diagonal, padded) and the tail up to whole 32-column words set to -inf; rowmax[r] gets row r's max.
+// diagonal, before its segment, padded) and the tail up to whole 32-column words set to -inf; rowmax[r]
+// gets row r's max.
 void masked_scores(const Problem& P, const Rows& Q, const Rows& K, int64_t b, int64_t i0, int64_t i1, int64_t j0,
                    int64_t bk, float* S, float* rowmax) {
   const uint8_t* kpm = P.kpm ? P.kpm + b * P.T + j0 : nullptr;
+  const int32_t* seg = P.seg ? P.seg + b * P.T : nullptr;
   gemm_rm(false, true, i1 - i0, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
   for (int64_t r = 0; r < i1 - i0; ++r) {
     const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-    rowmax[r] = mask_and_max(S + r * BK, n, round_up32(bk), kpm);
+    const int64_t lo = seg ? std::clamp<int64_t>(seg[i0 + r] - j0, 0, n) : 0;
+    rowmax[r] = mask_and_max(S + r * BK, lo, n, round_up32(bk), kpm);
   }
 }
 
@@ -121,10 +172,12 @@ void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V,
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.0f);
   std::fill(macc, macc + bq, 0.0f);
-  for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+  for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
     const int64_t bk = std::min(BK, i1 - j0);
-    masked_scores(P, Q, K, b, i0, i1, j0, bk, S, buf.rowmax.data());
-    for (int64_t r = 0; r < bq; ++r) {
+    const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows see no key of this tile
+    if (r0 >= r1) continue;
+    masked_scores(P, Q, K, b, i0 + r0, i0 + r1, j0, bk, S + r0 * BK, buf.rowmax.data() + r0);
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       float* s = S + r * BK;
       const float m_new = std::max(m[r], buf.rowmax[r]);
@@ -140,7 +193,7 @@ void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V,
       macc[r] = macc[r] * alpha + msum;
       m[r] = m_new;
     }
-    gemm_rm(false, false, bq, D, bk, 1.0f, S, BK, V.row(j0), V.ld, 1.0f, O, D);
+    gemm_rm(false, false, r1 - r0, D, bk, 1.0f, S + r0 * BK, BK, V.row(j0), V.ld, 1.0f, O + r0 * D, D);
   }
   for (int64_t r = 0; r < bq; ++r) {
     if (l[r] > 0.0f) {
@@ -165,15 +218,17 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
     SingleThreadedBlas one_thread;
     std::vector<float> S(BQ * BK), rowmax(BQ);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ), bq = i1 - i0;
+      const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
       for (int64_t h = 0; h < P.Hq; ++h) {
         const float* L = lse + (b * P.Hq + h) * P.T + i0;
-        for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+        for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
           const int64_t bk = std::min(BK, i1 - j0);
-          masked_scores(P, head_rows(q, b, h), head_rows(k, b, h / P.G), b, i0, i1, j0, bk, S.data(),
-                        rowmax.data());
-          probabilities(S.data(), bq, bk, L);
-          for (int64_t r = 0; r < bq; ++r) {
+          const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);
+          if (r0 >= r1) continue;
+          masked_scores(P, head_rows(q, b, h), head_rows(k, b, h / P.G), b, i0 + r0, i0 + r1, j0, bk,
+                        S.data() + r0 * BK, rowmax.data() + r0);
+          probabilities(S.data() + r0 * BK, r1 - r0, bk, L + r0);
+          for (int64_t r = r0; r < r1; ++r) {
             float* s = S.data() + r * BK;
             const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
             scale_row(s, n, weight);
@@ -188,10 +243,10 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& packed,
-    const std::optional<at::Tensor>& kpm, double scale, const std::optional<at::Tensor>& attn_map,
-    double attn_map_weight) {
+    const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale,
+    const std::optional<at::Tensor>& attn_map, double attn_map_weight) {
   const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in);
-  const Problem P = make_problem(q, k, packed, kpm, scale);
+  const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
   TORCH_CHECK(P.D <= 1024, "head dim above 1024 is not supported by the C++ backend");
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32);
@@ -241,18 +296,22 @@ void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& 
   std::fill(dQ, dQ + bq * D, 0.0f);
   float* S = buf.S.data();
   float* dS = buf.dP.data();
-  for (int64_t j0 = 0; j0 < i1; j0 += BK) {
+  for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
     const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
-    masked_scores(P, Q, K, b, i0, i1, j0, bk, S, buf.rowmax.data());
-    probabilities(S, bq, bk, lse);
-    gemm_rm(true, false, bk, D, bq, 1.0f, S, BK, dO.row(i0), dO.ld, 1.0f, dV + j0 * D, D);
-    gemm_rm(false, true, bq, bk, D, 1.0f, dO.row(i0), dO.ld, V.row(j0), V.ld, 0.0f, dS, BK);
-    for (int64_t r = 0; r < bq; ++r) {
+    const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows have P = 0 on this tile
+    if (r0 >= r1) continue;
+    const int64_t n = r1 - r0, a0 = i0 + r0;
+    float *S0 = S + r0 * BK, *dS0 = dS + r0 * BK;
+    masked_scores(P, Q, K, b, a0, i0 + r1, j0, bk, S0, buf.rowmax.data() + r0);
+    probabilities(S0, n, bk, lse + r0);
+    gemm_rm(true, false, bk, D, n, 1.0f, S0, BK, dO.row(a0), dO.ld, 1.0f, dV + j0 * D, D);
+    gemm_rm(false, true, n, bk, D, 1.0f, dO.row(a0), dO.ld, V.row(j0), V.ld, 0.0f, dS0, BK);
+    for (int64_t r = r0; r < r1; ++r) {
       softmax_grad_row(S + r * BK, dS + r * BK, bk32, buf.delta[r], adj ? gmass[r] : 0.0f,
                        adj ? adj + (i0 + r) * P.W + j0 / 32 : nullptr);
     }
-    gemm_rm(false, false, bq, D, bk, P.scale, dS, BK, K.row(j0), K.ld, 1.0f, dQ, D);
-    gemm_rm(true, false, bk, D, bq, P.scale, dS, BK, Q.row(i0), Q.ld, 1.0f, dK + j0 * D, D);
+    gemm_rm(false, false, n, D, bk, P.scale, dS0, BK, K.row(j0), K.ld, 1.0f, dQ + r0 * D, D);
+    gemm_rm(true, false, bk, D, n, P.scale, dS0, BK, Q.row(a0), Q.ld, 1.0f, dK + j0 * D, D);
   }
 }
 
@@ -260,11 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, const at::Tensor& mass_in, const at::Tensor& dout_in,
     const std::optional<at::Tensor>& dmass_in, const std::optional<at::Tensor>& packed,
-    const std::optional<at::Tensor>& kpm, double scale) {
+    const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale) {
   const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in);
   const at::Tensor o = as_f32_rows(out_in), dout = as_f32_rows(dout_in);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
-  const Problem P = make_problem(q, k, packed, kpm, scale);
+  const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
   const bool use_mass = P.packed != nullptr && dmass_in.has_value() && mass_in.numel() > 0;
   at::Tensor mass, gmass;
   if (use_mass) {
@@ -320,16 +379,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 }  // namespace
 }  // namespace causal_attn_cpu
 
-// Read from the file, without loading it, by causal_attn/cpp_build.py (built_with_torch): a library built
-// against another torch is rebuilt instead of loaded.
+// Read from the file, without loading it, by causal_attn/cpp_build.py (built_with_torch, built_from_sources):
+// a library built against another torch, or from other sources than the ones installed beside it (an old
+// prebuilt with an old operator schema), is rebuilt instead of loaded. CAUSAL_ATTN_SOURCES is the hash of
+// csrc/ that cpp_build.compile_args passes as -DCAUSAL_ATTN_SOURCES=<hash>.
+#ifndef CAUSAL_ATTN_SOURCES
+#define CAUSAL_ATTN_SOURCES unknown
+#endif
+#define CAUSAL_ATTN_STR2(x) #x
+#define CAUSAL_ATTN_STR(x) CAUSAL_ATTN_STR2(x)
 extern "C" __attribute__((used, visibility("default"))) const char causal_attn_cpp_build_info[] =
-    "causal_attn_cpp built with torch " TORCH_VERSION ";";
+    "causal_attn_cpp built with torch " TORCH_VERSION "; sources " CAUSAL_ATTN_STR(CAUSAL_ATTN_SOURCES) ";";
 
 TORCH_LIBRARY(causal_attn_cpp, m) {
-  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? packed, Tensor? key_padding_mask, float scale, "
-        "Tensor(a!)? attn_map, float attn_map_weight) -> (Tensor, Tensor, Tensor)");
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? packed, Tensor? key_padding_mask, "
+        "Tensor? seg_start, float scale, Tensor(a!)? attn_map, float attn_map_weight) -> (Tensor, Tensor, Tensor)");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mass, Tensor dout, "
-        "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, Tensor? seg_start, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("has_blas() -> bool", []() { return causal_attn_cpu::have_blas(); });
 }
 

@@ -44,17 +44,19 @@ static inline float fast_exp(float x) {
   return x < lo ? 0.0f : y;
 }
 
-// Masks one score row in place: columns >= n_causal and padded keys (kpm[c] == 0) become -inf.
-// Returns the row maximum over the remaining columns (-inf if none).
+// Masks one score row in place: columns < n_lo (before the row's segment), columns >= n_causal and
+// padded keys (kpm[c] == 0) become -inf (0 <= n_lo <= n_causal <= n_total). Returns the row maximum over
+// the remaining columns (-inf if none).
 CA_MULTIVERSION
-float mask_and_max(float* s, int64_t n_causal, int64_t n_total, const uint8_t* kpm) {
+float mask_and_max(float* s, int64_t n_lo, int64_t n_causal, int64_t n_total, const uint8_t* kpm) {
+  for (int64_t c = 0; c < n_lo; ++c) s[c] = kNegInf;
   if (kpm != nullptr) {
-    for (int64_t c = 0; c < n_causal; ++c) s[c] = kpm[c] ? s[c] : kNegInf;
+    for (int64_t c = n_lo; c < n_causal; ++c) s[c] = kpm[c] ? s[c] : kNegInf;
   }
   for (int64_t c = n_causal; c < n_total; ++c) s[c] = kNegInf;
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n_causal; ++c) m = s[c] > m ? s[c] : m;
+  for (int64_t c = n_lo; c < n_causal; ++c) m = s[c] > m ? s[c] : m;
   return m;
 }
 

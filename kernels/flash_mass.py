@@ -20,6 +20,12 @@ products) but every output element is owned by exactly one program, so the backw
 without atomics and dK/dV sum the GQA group in registers; the fused form needs atomic dQ adds in fp32,
 whose summation order changes run to run.
 
+Packed sequences (``HAS_SEG``, int32 ``seg_start`` (B, T): the first position of each row's sample): row i
+sees keys ``seg_start[i] <= j <= i`` only. The forward and dQ key loops start at the key block holding the
+query block's first segment start, the dK/dV query loop stops at the end of its last column's sample, so
+the work follows the sum of squared sample lengths, not the packed length squared; inside the visited
+tiles keys of earlier samples are masked like padding.
+
 Diagnostics (:func:`_attn_map`, off by default): one program per (query block, batch) recomputes
 ``P = exp2(s - LSE2)`` for every query head and adds ``weight * sum_h P`` into a (B, T, T) fp32 buffer;
 the program owns its rows, so no atomics either.
@@ -85,6 +91,27 @@ def _key_ok(kpm_base, cols, T, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _segment_starts(seg_base, rows, row_ok, HAS_SEG: tl.constexpr):
+    """``seg_start`` of ``rows`` (first allowed key of each row); unused zeros without packed segments."""
+    if HAS_SEG:
+        starts = tl.load(seg_base + rows, mask=row_ok, other=0)
+    else:
+        starts = tl.zeros_like(rows)
+    return starts
+
+
+@triton.jit
+def _first_key_block(seg_base, start_m, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Start of the key loop of the query block at ``start_m``: the key block holding the smallest segment
+    start of its rows, which is its first row's (starts are non-decreasing); 0 without packed segments."""
+    if HAS_SEG:
+        lo = tl.load(seg_base + start_m) // BLOCK_N * BLOCK_N
+    else:
+        lo = 0
+    return lo
+
+
+@triton.jit
 def _query_block(Hq, G, T, BLOCK_M: tl.constexpr):
     """Program (query block, batch x query head) -> (bh, b, h, kv head, start_m, rows, row_ok)."""
     bh = tl.program_id(1)
@@ -95,10 +122,11 @@ def _query_block(Hq, G, T, BLOCK_M: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, rows, row_ok, start_n,
+def _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, rows, row_ok, seg, start_n,
               T, n_words, qk_scale, skt, skd, svt, svd, saw,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+              DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+              PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < T
     k = _load_rows(k_base, cols, col_ok, skt, skd, HEAD_D, BLOCK_D)
@@ -107,6 +135,8 @@ def _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, ro
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     if HAS_KPM:
         s = tl.where(_key_ok(kpm_base, cols, T, HAS_KPM)[None, :], s, float("-inf"))
+    if HAS_SEG:  # keys of earlier segments (any visited block may hold some: later rows start later)
+        s = tl.where(cols[None, :] >= seg[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without keys so far: no inf - inf
     alpha = tl.exp2(m_i - m_safe)
@@ -121,13 +151,15 @@ def _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, ro
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Mass, Adj, Kpm,
+def _attn_fwd(Q, K, V, Out, Lse, Mass, Adj, Kpm, Seg,
               sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
               sab, sar, saw, skpb,
               T, Hq, G, n_words, qk_scale,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     bh, b, h, hk, start_m, rows, row_ok = _query_block(Hq, G, T, BLOCK_M)
+    seg = _segment_starts(Seg + b * T, rows, row_ok, HAS_SEG)
+    lo = _first_key_block(Seg + b * T, start_m, BLOCK_N, HAS_SEG)
     q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -137,14 +169,16 @@ def _attn_fwd(Q, K, V, Out, Lse, Mass, Adj, Kpm,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     macc = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, start_m, BLOCK_N):
+    # off-diagonal key blocks [lo, start_m): no causal mask; lo = 0 unless packed (lo <= start_m always)
+    for start_n in range(lo, start_m, BLOCK_N):
         m_i, l_i, acc, macc = _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, rows, row_ok,
-                                        start_n, T, n_words, qk_scale, skt, skd, svt, svd, saw,
-                                        HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, PRECISION)
+                                        seg, start_n, T, n_words, qk_scale, skt, skd, svt, svd, saw,
+                                        HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
+    # diagonal key blocks [start_m, start_m + BLOCK_M): causal mask
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         m_i, l_i, acc, macc = _fwd_step(q, k_base, v_base, adj_row_ptrs, kpm_base, m_i, l_i, acc, macc, rows, row_ok,
-                                        start_n, T, n_words, qk_scale, skt, skd, svt, svd, saw,
-                                        HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, PRECISION)
+                                        seg, start_n, T, n_words, qk_scale, skt, skd, svt, svd, saw,
+                                        HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -179,15 +213,17 @@ def _attn_bwd_preprocess(Out, DO, Mass, Gm, Delta,
 
 
 @triton.jit
-def _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, DIAGONAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """P = exp2(q k^T * scale * log2 e - LSE2) with causal (diagonal blocks) and key padding masks.
+def _probabilities(q, k, lse, rows, cols, key_ok, seg, qk_scale, DIAGONAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """P = exp2(q k^T * scale * log2 e - LSE2) with causal (diagonal blocks), key padding and segment masks.
     LSE2 = +inf on rows without keys (and on rows past T), which gives P = 0 there."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if DIAGONAL:
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     if HAS_KPM:
         s = tl.where(key_ok[None, :], s, float("-inf"))
+    if HAS_SEG:
+        s = tl.where(cols[None, :] >= seg[:, None], s, float("-inf"))
     return tl.exp2(s - lse[:, None])
 
 
@@ -203,10 +239,11 @@ def _adjacency_tile_t(adj_base, rows, row_ok, start_n, n_words, stride_r, stride
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols, start_m, start_n,
+def _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, col_end, cols, start_m, start_n,
                T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+               DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+               PRECISION: tl.constexpr):
     """One query block against this program's key block, in transposed form (keys along dim 0), so P^T
     and dS^T come straight out of the dots: dV += P^T dO, dK += dS^T q."""
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -220,6 +257,8 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_bas
     s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
     if DIAGONAL:
         s_t = tl.where(cols[:, None] <= rows[None, :], s_t, float("-inf"))
+    if HAS_SEG:  # padded keys need no mask here (see _attn_bwd_dkdv), rows of later segments do
+        s_t = tl.where(rows[None, :] < col_end[:, None], s_t, float("-inf"))
     p_t = tl.exp2(s_t - lse[None, :])
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -232,12 +271,12 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_bas
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, Seg, SegEnd, DK, DV,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
                    sab, sar, saw, skpb,
                    T, Hq, G, n_words, qk_scale, scale,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = Hq // G
@@ -253,19 +292,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DK, DV,
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, T)
+    if HAS_SEG:
+        # col_end: the end of each column's segment (rows from there on cannot see it); rows at or past the
+        # last column's segment end start after every column of this block: the query loop stops there
+        col_end = tl.load(SegEnd + b * T + cols, mask=col_ok, other=0)
+        q_end = tl.load(SegEnd + b * T + diag_end - 1)
+    else:
+        col_end = cols
+        q_end = T
     for g in range(0, G):
         h = hk * G + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         stat_base = (b * Hq + h) * T
+        # diagonal query blocks [start_n, start_n + BLOCK_N): causal mask
         for start_m in range(start_n, diag_end, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, col_end, cols,
                                 start_m, start_n, T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
-                                HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, PRECISION)
-        for start_m in range(diag_end, T, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, cols,
+                                HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
+        # off-diagonal query blocks [diag_end, q_end): no causal mask; q_end = T unless packed
+        for start_m in range(diag_end, q_end, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, stat_base, Lse, Delta, Gm, adj_base, col_end, cols,
                                 start_m, start_n, T, n_words, qk_scale, sqt, sqd, sdt, sdd, sar, saw,
-                                HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, PRECISION)
+                                HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
     if HAS_KPM:
         # rows of padded keys only ever receive their own (meaningless, possibly inf) P^T and dS^T rows:
         # masking the two accumulators once replaces a mask on every (key, query) tile
@@ -278,16 +327,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DK, DV,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, start_n,
+def _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, seg, start_n,
              T, n_words, qk_scale, skt, skd, svt, svd, saw,
              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+             DIAGONAL: tl.constexpr, HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+             PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < T
     k = _load_rows(k_base, cols, col_ok, skt, skd, HEAD_D, BLOCK_D)
     v = _load_rows(v_base, cols, col_ok, svt, svd, HEAD_D, BLOCK_D)
     key_ok = _key_ok(kpm_base, cols, T, HAS_KPM)
-    p = _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, DIAGONAL, HAS_KPM, PRECISION)
+    p = _probabilities(q, k, lse, rows, cols, key_ok, seg, qk_scale, DIAGONAL, HAS_KPM, HAS_SEG, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_ADJ:
         dp += g[:, None] * _adjacency_tile(adj_row_ptrs, row_ok, start_n, n_words, saw, BLOCK_M, BLOCK_N)
@@ -296,13 +346,15 @@ def _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, r
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DQ,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, Seg, DQ,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
                  sab, sar, saw, skpb,
                  T, Hq, G, n_words, qk_scale, scale,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_ADJ: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
     bh, b, h, hk, start_m, rows, row_ok = _query_block(Hq, G, T, BLOCK_M)
+    seg = _segment_starts(Seg + b * T, rows, row_ok, HAS_SEG)
+    lo = _first_key_block(Seg + b * T, start_m, BLOCK_N, HAS_SEG)
     q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
     do = _load_rows(DO + b * sdb + h * sdh, rows, row_ok, sdt, sdd, HEAD_D, BLOCK_D)
     stat_off = bh * T + rows
@@ -316,32 +368,36 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, Gm, Adj, Kpm, DQ,
     kpm_base = Kpm + b * skpb
     adj_row_ptrs = Adj + b * sab + rows * sar
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, start_m, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, start_n,
+    # off-diagonal key blocks [lo, start_m), then the diagonal ones, as in the forward
+    for start_n in range(lo, start_m, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, seg, start_n,
                       T, n_words, qk_scale, skt, skd, svt, svd, saw,
-                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, PRECISION)
+                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, start_n,
+        dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, kpm_base, adj_row_ptrs, rows, row_ok, seg, start_n,
                       T, n_words, qk_scale, skt, skd, svt, svd, saw,
-                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, PRECISION)
+                      HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
     # dq is (B, Hq, T, D) contiguous
     _store_rows(DQ + bh * T * HEAD_D, rows, row_ok, HEAD_D, 1, (dq * scale).to(DQ.dtype.element_ty), HEAD_D, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------- diagnostics
 @triton.jit
-def _attn_map(Q, K, Lse, Kpm, Map,
+def _attn_map(Q, K, Lse, Kpm, Seg, Map,
               sqb, sqh, sqt, sqd, skb, skh, skt, skd, smb, smr, smc, skpb,
               T, Hq, G, qk_scale, weight,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
-    """Map[b, i, j] += weight * sum_h P[b, h, i, j] for the rows of one query block (no gradient)."""
+              HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr):
+    """Map[b, i, j] += weight * sum_h P[b, h, i, j] for the rows of one query block (no gradient); key blocks
+    before the block's first segment start hold P = 0 and are left untouched."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+    seg = _segment_starts(Seg + b * T, rows, row_ok, HAS_SEG)
+    lo = _first_key_block(Seg + b * T, start_m, BLOCK_N, HAS_SEG)
+    for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         key_ok = _key_ok(Kpm + b * skpb, cols, T, HAS_KPM)
@@ -350,7 +406,7 @@ def _attn_map(Q, K, Lse, Kpm, Map,
             q = _load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, sqd, HEAD_D, BLOCK_D)
             k = _load_rows(K + b * skb + (h // G) * skh, cols, col_ok, skt, skd, HEAD_D, BLOCK_D)
             lse = tl.load(Lse + (b * Hq + h) * T + rows, mask=row_ok, other=float("inf"))
-            tile += _probabilities(q, k, lse, rows, cols, key_ok, qk_scale, True, HAS_KPM, PRECISION)
+            tile += _probabilities(q, k, lse, rows, cols, key_ok, seg, qk_scale, True, HAS_KPM, HAS_SEG, PRECISION)
         ptrs = Map + b * smb + rows[:, None] * smr + cols[None, :] * smc
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + weight * tile, mask=ok)
@@ -412,7 +468,7 @@ INTERPRETER_CONFIG = {"fwd": C(64, 32, 4, 1), "dkdv": C(32, 64, 4, 1), "dq": C(6
 PREPROCESS_BLOCK_M = 64
 MAP_CONFIG = C(64, 32, 4, 1)
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-TUNE_KEY = ["T", "HEAD_D", "HAS_ADJ", "HAS_KPM", "PRECISION"]
+TUNE_KEY = ["T", "HEAD_D", "HAS_ADJ", "HAS_KPM", "HAS_SEG", "PRECISION"]
 
 
 def interpreting() -> bool:
@@ -445,7 +501,7 @@ def _launcher(kernel: str, device: torch.device, head_dim: int, fp32: bool):
 
 def autotune_choices() -> dict[str, str]:
     """``{"<kernel> <tuning key>": "BLOCK_MxBLOCK_N w<warps> s<stages>"}`` for every shape autotuned so far
-    in this process (the key holds T, HEAD_D, HAS_ADJ, HAS_KPM, PRECISION and the argument dtypes)."""
+    in this process (the key holds T, HEAD_D, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION and the argument dtypes)."""
     out = {}
     for (kernel, _gen, _dclass), tuner in _tuned.items():
         for key, cfg in getattr(tuner, "cache", {}).items():
@@ -489,6 +545,17 @@ def _check(q: torch.Tensor, packed, attn_map=None):
                          f"{packed.dtype} {tuple(packed.shape)}")
 
 
+def _segments(seg_start, dummy):
+    """(seg_start, seg_end) int32 (B, T) for the kernels: each position's segment start, and the exclusive end
+    of each position's segment (the dK/dV pass stops its query loop there); dummies without segments."""
+    if seg_start is None:
+        return dummy, dummy
+    B, T = seg_start.shape
+    pos = torch.arange(T, device=seg_start.device, dtype=seg_start.dtype).expand(B, T).contiguous()
+    seg_end = torch.searchsorted(seg_start.contiguous(), pos, right=True).to(torch.int32)
+    return seg_start.to(torch.int32).contiguous(), seg_end
+
+
 def _common(q, packed, key_padding_mask):
     """Shared launch arguments: block head dim, dot precision, adjacency / padding pointers and strides."""
     D = q.shape[-1]
@@ -506,22 +573,22 @@ def _common(q, packed, key_padding_mask):
 def forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map=None, attn_map_weight=1.0):
     """Backend forward -> (out, lse2, mass); see the module docstring."""
     _check(q, packed, attn_map)
-    if seg_start is not None:
-        raise NotImplementedError("TODO(issue 17): packed segments in the Triton kernels")
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     const, adj, adj_kpm_strides, kpm, n_words = _common(q, packed, key_padding_mask)
+    seg, _ = _segments(seg_start, adj.new_zeros(1))
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     mass = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device) if packed is not None else lse.new_empty(0)
     qk_scale = float(scale) * LOG2E
-    _run("fwd", q.device, T, B * Hq, q, k, v, out, lse, mass if packed is not None else lse, adj, kpm,
+    _run("fwd", q.device, T, B * Hq, q, k, v, out, lse, mass if packed is not None else lse, adj, kpm, seg,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *adj_kpm_strides, T, Hq, G, n_words, qk_scale,
-         HAS_ADJ=packed is not None, HAS_KPM=key_padding_mask is not None, **const)
+         HAS_ADJ=packed is not None, HAS_KPM=key_padding_mask is not None, HAS_SEG=seg_start is not None, **const)
     if attn_map is not None:
         grid = (triton.cdiv(T, MAP_CONFIG.block_m), B)
-        _attn_map[grid](q, k, lse, kpm, attn_map, *q.stride()[:4], *k.stride(), *attn_map.stride(), adj_kpm_strides[3],
+        _attn_map[grid](q, k, lse, kpm, seg, attn_map, *q.stride()[:4], *k.stride(), *attn_map.stride(), adj_kpm_strides[3],
                         T, Hq, G, qk_scale, float(attn_map_weight), HAS_KPM=key_padding_mask is not None,
+                        HAS_SEG=seg_start is not None,
                         BLOCK_M=MAP_CONFIG.block_m, BLOCK_N=MAP_CONFIG.block_n, num_warps=MAP_CONFIG.num_warps,
                         **const)
     return out, lse, mass
@@ -530,14 +597,13 @@ def forward(q, k, v, packed, key_padding_mask, seg_start, scale, attn_map=None, 
 def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale):
     """Backend backward -> (dq, dk, dv); ``dmass`` None (or no adjacency) drops the mass terms."""
     _check(q, packed)
-    if seg_start is not None:
-        raise NotImplementedError("TODO(issue 17): packed segments in the Triton kernels")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     use_mass = packed is not None and dmass is not None
     const, adj, adj_kpm_strides, kpm, n_words = _common(q, packed if use_mass else None, key_padding_mask)
     g = dmass.to(torch.float32).contiguous() if use_mass else lse
+    seg, seg_end = _segments(seg_start, adj.new_zeros(1))
     mass_arg = mass if use_mass else lse
     delta = torch.empty_like(lse)
     pre_grid = (triton.cdiv(T, PREPROCESS_BLOCK_M), B * Hq)
@@ -549,9 +615,9 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg
     qk_scale = float(scale) * LOG2E
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *adj_kpm_strides, T, Hq, G, n_words, qk_scale,
               float(scale))
-    flags = dict(HAS_ADJ=use_mass, HAS_KPM=key_padding_mask is not None, **const)
-    _run("dkdv", q.device, T, B * Hkv, q, k, v, dout, lse, delta, g, adj, kpm, dk, dv, *common, **flags)
-    _run("dq", q.device, T, B * Hq, q, k, v, dout, lse, delta, g, adj, kpm, dq, *common, **flags)
+    flags = dict(HAS_ADJ=use_mass, HAS_KPM=key_padding_mask is not None, HAS_SEG=seg_start is not None, **const)
+    _run("dkdv", q.device, T, B * Hkv, q, k, v, dout, lse, delta, g, adj, kpm, seg, seg_end, dk, dv, *common, **flags)
+    _run("dq", q.device, T, B * Hq, q, k, v, dout, lse, delta, g, adj, kpm, seg, dq, *common, **flags)
     return dq, dk, dv
 
 

@@ -1,5 +1,6 @@
 """Ahead-of-time compile check (no GPU): benchmarks/kernel_resources.py on a reduced set — the first autotune
-config of the forward, dK/dV and dQ kernels with the mass path, head dim 64, for sm_80 and sm_90."""
+config of the forward, dK/dV and dQ kernels with the mass path, head dim 64, for sm_80 and sm_90, with and without
+packed segments."""
 import csv
 import os
 import subprocess
@@ -20,7 +21,7 @@ def test_reduced_compile_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_resources.py"), "--out", str(out),
-           "--configs", "first", "--head-dims", "64", "--mass", "on", "--kernels", "fwd", "dkdv", "dq"]
+           "--configs", "first", "--head-dims", "64", "--mass", "on", "--packed", "both", "--kernels", "fwd", "dkdv", "dq"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(out) as f:
@@ -29,7 +30,8 @@ def test_reduced_compile_table(tmp_path):
                                      "tensor_core_instructions"]
         rows = list(reader)
     assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in ("attn_fwd+mass", "attn_bwd_dkdv+mass", "attn_bwd_dq+mass") for a in ("sm_80", "sm_90")}
+        (k + seg, a) for k in ("attn_fwd+mass", "attn_bwd_dkdv+mass", "attn_bwd_dq+mass") for a in ("sm_80", "sm_90")
+        for seg in ("", "+seg")}
     for r in rows:
         what = f"{r['kernel']} {r['arch']} {r['config']}"
         assert int(r["spills"]) == 0, f"{what}: {r['spills']} spill bytes"

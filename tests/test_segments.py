@@ -39,7 +39,8 @@ def test_small_blocks_skip_keys_exactly(backend):
     from causal_attn import blocked
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
-    seg = random_segments(2, 50, "random", seed)
+    lengths = torch.tensor([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
+    seg = torch.stack([torch.repeat_interleave(torch.arange(5), n) for n in lengths])
     starts = causal_attn.graph.segment_starts(seg, 2, 50, "cpu")
     assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
     packed = CausalGraph.from_dense(adj).packed

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import causal_attn
-from numerics import TRITON_CASES, check_against_oracle, make_case, max_err
+from numerics import SEGMENT_CASES, TRITON_CASES, check_against_oracle, make_case, max_err, random_segments
 from oracle import oracle_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,6 +43,23 @@ def test_matches_fp64_oracle(case, dtype):
                                         logit_scale=logit_scale, device=DEVICE)
     errs = check_against_oracle(_triton(adj, kpm), q, k, v, adj, kpm, seed)
     print(f"ERRORS {dtype} {case} " + " ".join(f"{n}={o:.3e}/{e:.3e}" for n, (o, e) in errs.items()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda s: "B{}-H{}/{}-T{}-D{}-{}-{}-x{:g}".format(*s))
+def test_segments_match_fp64_oracle(case, dtype):
+    """Packed rows: block-diagonal causal masks (key loops start at the query block's first segment)."""
+    _require_device()
+    B, Hq, Hkv, T, D, padding, layout, logit_scale = case
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, D, dtype, padding=padding, logit_scale=logit_scale,
+                                        device=DEVICE)
+    seg = random_segments(B, T, layout, seed).to(DEVICE)
+
+    def run(a, b, c):
+        return causal_attn.attention(a, b, c, adj, key_padding_mask=kpm, segment_ids=seg, backend="triton")
+
+    errs = check_against_oracle(run, q, k, v, adj, kpm, seed, seg=seg)
+    print(f"ERRORS segments {dtype} {case} " + " ".join(f"{n}={o:.3e}/{e:.3e}" for n, (o, e) in errs.items()))
 
 
 def test_scale_graph_and_strided_inputs():
@@ -86,18 +103,20 @@ def test_no_nan_on_fully_padded_rows_and_deterministic_backward():
     assert (first[0].float()[no_key] == 0).all() and (first[1][no_key] == 0).all()
 
 
-def test_attention_map_diagnostic():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_attention_map_diagnostic(packed):
     """Buffer += weight * sum over heads of P: equals the oracle's head-averaged map for weight 1/H."""
     _require_device()
-    B, Hq, T = 2, 4, 45
+    B, Hq, T = 2, 4, 45 if not packed else 100
     q, k, v, adj, kpm, seed = make_case(B, Hq, 2, T, 16, torch.float32, padding="right", device=DEVICE)
+    seg = random_segments(B, T, "random", seed).to(DEVICE) if packed else None
     buf = torch.full((B, T, T), 0.5, device=DEVICE)
     with torch.no_grad():
-        causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="triton", attn_map=buf,
+        causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, segment_ids=seg, backend="triton", attn_map=buf,
                               attn_map_weight=1.0 / Hq)
     # oracle map per head: P = d out / d v through a one-hot v (independent of the kernels)
     eye = torch.eye(T, dtype=torch.float64, device=DEVICE).expand(B, 1, T, T)
-    p, _ = oracle_attention(q.detach(), k.detach(), eye.repeat(1, 2, 1, 1), None, kpm, scale=16 ** -0.5)
+    p, _ = oracle_attention(q.detach(), k.detach(), eye.repeat(1, 2, 1, 1), None, kpm, scale=16 ** -0.5, segment_ids=seg)
     assert max_err(buf - 0.5, p.mean(1)) < 1e-5, f"seed {seed}"
 
 
@@ -125,8 +144,8 @@ def test_interpreter_subprocess():
     tail = res.stdout[-6000:] + res.stderr[-2000:]
     assert res.returncode == 0, f"interpreter run failed:\n{tail}"
     passed = re.search(r"(\d+) passed", res.stdout)
-    others = [n for n in globals() if n.startswith("test_") and n not in ("test_matches_fp64_oracle",
-                                                                         "test_interpreter_subprocess")]
-    expected = len(CASES) * 2 + len(others)  # fp32 and fp16 in the interpreter
+    parametrized = ("test_matches_fp64_oracle", "test_segments_match_fp64_oracle", "test_attention_map_diagnostic")
+    others = [n for n in globals() if n.startswith("test_") and n not in parametrized + ("test_interpreter_subprocess",)]
+    expected = (len(CASES) + len(SEGMENT_CASES)) * 2 + 2 + len(others)  # fp32 and fp16 in the interpreter
     assert passed and int(passed.group(1)) == expected, f"expected {expected} passing interpreter tests:\n{tail}"
     print("\n".join(re.findall(r"ERRORS.*", res.stdout)))  # errors vs fp64 (ours / eager), shown with -s
