@@ -7,18 +7,20 @@ import torch
 
 from causal_attn.cli import main
 from causal_attn.data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS, generate_stg_e
-from causal_attn.demo import format_table
-from causal_attn.demo_fit import Recipe, encode_records, factor_masses, lr_factor, span_columns
-from causal_attn.demo_model import build_word_tokenizer, tiny_llama
+from causal_attn.demo.fit import Recipe, encode_records, factor_masses, lr_factor, span_columns
+from causal_attn.demo.model import build_word_tokenizer, tiny_llama
+from causal_attn.demo.stg import demo_phrases, format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_demo_writes_table_results_and_figures(tmp_path, capsys):
+def test_quick_cat_demo_writes_table_results_and_figures(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--steps", "8"]) == 0
+    assert main(["demo", "cat", "--quick", "--out", str(out), "--steps", "8"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"cat", "seconds"}
+    res = res["cat"]
     for m in ("vanilla", "cat"):
         assert 0.0 <= res[m]["iid_acc"] <= 1.0 and 0.0 <= res[m]["ood_acc"] <= 1.0
         assert res[m]["iid_per_seed"] == [res[m]["iid_acc"]]
@@ -27,14 +29,15 @@ def test_quick_demo_writes_table_results_and_figures(tmp_path, capsys):
         assert len(res[m]["runs"][0]["curve"]) >= 2
     assert res["majority"]["label"] == "Low Risk" and res["seconds"] > 0
     table = (out / "table.md").read_text().strip()
-    assert table in printed and table == format_table(res)
+    assert format_table(res) in printed and format_table(res) in table
     for name in res["figures"].values():
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
 
 
 def test_demo_bad_arguments_give_one_line(tmp_path, capsys):
-    for bad in (["--seeds", "0"], ["--steps", "0"], ["--extra-train", "-1"]):
+    for bad in (["--seeds", "0"], ["--steps", "0"], ["--extra-train", "-1"], ["capt", "--capt-steps", "0"],
+                ["capt", "--capt-copies", "0"]):
         assert main(["demo", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1
@@ -90,8 +93,6 @@ def test_encoded_records_mark_the_answer_rows():
 
 
 def test_phrase_tokenizer_keeps_phrases_whole_with_exact_offsets():
-    from causal_attn.demo import demo_phrases
-
     recs = generate_stg_e(seed=random.randrange(10**6), n_iid=6, n_ood=2, n_test=0)["train_L"]
     tok = build_word_tokenizer([r["input"] + r["target"] for r in recs], phrases=demo_phrases())
     for r, enc in zip(recs, encode_records(recs, tok)):

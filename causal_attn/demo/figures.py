@@ -93,3 +93,29 @@ def training_curves(path: str, curves: dict) -> str:
 def ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def variant_accuracy(path: str, per_method: dict) -> str:
+    """Grouped bars: accuracy per test variant and method (mean over seeds, dots = seeds);
+    ``per_method``: method -> {variant: list of per-seed accuracies}."""
+    plt = _plt()
+    variants = list(next(iter(per_method.values())))
+    colors = {"vanilla": "tab:gray", "capt": "tab:green", "capt_order": "tab:olive"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(per_method)
+    for i, (method, accs) in enumerate(per_method.items()):
+        xs = [k + (i - (len(per_method) - 1) / 2) * width for k in range(len(variants))]
+        means = [100 * sum(accs[v]) / len(accs[v]) for v in variants]
+        ax.bar(xs, means, width * 0.9, color=colors.get(method, "tab:blue"), alpha=0.8, label=method)
+        for x, v in zip(xs, variants):
+            ax.plot([x] * len(accs[v]), [100 * a for a in accs[v]], "k.", ms=4)
+    ax.axhline(50, color="k", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, 100)
+    ax.set_title("Deduction test variants: accuracy per method (bars: mean, dots: seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

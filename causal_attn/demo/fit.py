@@ -42,6 +42,7 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
+    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
     curve_points: int = 40
 
 
@@ -74,7 +75,8 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
         raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
     model = tiny_llama(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                        intermediate=recipe.intermediate, seed=seed)
-    handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False)
+    handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False,
+                         layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, recipe.warmup))
     order = torch.Generator().manual_seed(seed)  # same batches for both methods of one seed

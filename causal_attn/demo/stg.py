@@ -1,18 +1,18 @@
-"""`causal-attn demo`: vanilla vs CAT on STG_E with a tiny Llama trained from scratch on CPU.
+"""`causal-attn demo cat`: vanilla vs CAT on STG_E with a tiny Llama trained from scratch on CPU.
 
-For each seed the same tiny model is trained twice on the same batches (see :mod:`causal_attn.demo_fit`),
+For each seed the same tiny model is trained twice on the same batches (see :mod:`causal_attn.demo.fit`),
 once with the LM loss only and once with the Re-Attention loss added; both are scored on the IID and OOD
-test sets of STG_E and their attention at the answer row is split by factor type. Writes
-``results.json``, ``table.md`` and three figures to ``--out`` and prints the table.
+test sets of STG_E and their attention at the answer row is split by factor type; three figures.
+The recipe was chosen on validation splits from the generator under :data:`VAL_SEED` (``causal_attn.demo.search``).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 
 from .fit import Recipe
+from .runner import mean_std
 
 METHODS = ("vanilla", "cat")
 FACTOR_KINDS = ("causal", "spurious", "irrelevant")
@@ -20,44 +20,42 @@ FACTOR_KINDS = ("causal", "spurious", "irrelevant")
 DEFAULT = Recipe(steps=1600, alpha=3.0)
 EXTRA_TRAIN = 0        # generated STG_E IID training records added to STG_M (generator seed EXTRA_SEED)
 EXTRA_SEED = 1042
+VAL_SEED = 7           # generator seed of the IID / OOD validation splits that chose the recipe (never 42)
+VAL_SIZE = 400
+QUICK_EXTRA = 0
 QUICK = Recipe(steps=30, batch_size=16, curve_points=10, alpha=DEFAULT.alpha)
 
 
-def add_parser(subparsers):
-    p = subparsers.add_parser("demo", help="vanilla vs CAT on STG_E with a tiny Llama (CPU, minutes)",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
-    p.add_argument("--quick", action="store_true", help="one seed, a few steps, small test subsets (smoke test)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {DEFAULT.steps})")
-    p.add_argument("--alpha", type=float, default=None, help=f"Re-Attention margin (default {DEFAULT.alpha})")
-    p.add_argument("--extra-train", type=int, default=None,
-                   help=f"generated STG_E training records added to STG_M (default {EXTRA_TRAIN})")
-    p.add_argument("--jobs", type=int, default=None, help="runs trained in parallel processes (default: 2 CPUs -> 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
-    p.set_defaults(func=run)
-    return p
+def validation_sets(released_tests: dict) -> dict:
+    """IID and OOD validation splits from the generator under :data:`VAL_SEED` (not 42), with every
+    record whose prompt is in a released test set removed: what the recipe search scored."""
+    from ..data.stg import generate_stg_e
+
+    held_out = {r["input"] for split in released_tests.values() for r in split}
+    g = generate_stg_e(seed=VAL_SEED, n_iid=VAL_SIZE, n_ood=VAL_SIZE, n_test=VAL_SIZE)
+    return {"iid": [r for r in g["test_iid"] if r["input"] not in held_out],
+            "ood": [r for r in g["test_ood"] if r["input"] not in held_out]}
 
 
-def _mean_std(xs):
-    xs = list(xs)
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def load_data(extra: int, quick: bool):
-    """STG_M training records (+ ``extra`` generated IID records not in the test sets) and the test sets."""
+def load_data(extra: int, quick: bool, split: str = "test"):
+    """STG_M training records (+ ``extra`` generated IID records in neither the test nor the validation
+    sets) and the evaluation sets: the released tests (``split="test"``) or the validation sets (``"val"``)."""
     from ..data.stg import generate_stg_e
 
     released = generate_stg_e(seed=42)  # reproduces the released files record for record
     train = list(released["train_M"])
     tests = {"iid": released["test_iid"], "ood": released["test_ood"]}
+    val = validation_sets(tests)
     if extra:
-        held_out = {r["input"] for split in tests.values() for r in split}
+        held_out = {r["input"] for sets in (tests, val) for split in sets.values() for r in split}
         more = generate_stg_e(seed=EXTRA_SEED, n_iid=extra, n_ood=0, n_test=0)["train_L"]
         train += [r for r in more if r["input"] not in held_out]
+    corpus = train + tests["iid"] + tests["ood"]  # the tokenizer's corpus: the same for both splits
+    if split == "val":
+        tests = val
     if quick:
         tests = {k: v[:48] for k, v in tests.items()}
-    return train, tests
+    return train, tests, corpus
 
 
 def demo_phrases() -> list[str]:
@@ -73,15 +71,13 @@ def demo_phrases() -> list[str]:
 class Setup:
     """The data, tokenizer and encoded training records every run shares (rebuilt identically per worker)."""
 
-    def __init__(self, extra: int, quick: bool):
+    def __init__(self, extra: int, quick: bool, split: str = "test"):
         from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
         from .fit import encode_records
         from .model import build_word_tokenizer
 
-        self.train, self.tests = load_data(extra, quick)
-        self.tokenizer = build_word_tokenizer([r["input"] + r["target"]
-                                               for r in self.train + self.tests["iid"] + self.tests["ood"]],
-                                              phrases=demo_phrases())
+        self.train, self.tests, corpus = load_data(extra, quick, split)
+        self.tokenizer = build_word_tokenizer([r["input"] + r["target"] for r in corpus], phrases=demo_phrases())
         self.encoded = encode_records(self.train, self.tokenizer)
         self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
         self.probe = self.tests["ood"][: 16 if quick else 100]  # samples for the attention statistics
@@ -90,12 +86,9 @@ class Setup:
 _SETUP: Setup | None = None
 
 
-def _init_worker(extra: int, quick: bool, threads: int):
-    import torch
-
+def _init_worker(extra: int, quick: bool, split: str = "test"):
     global _SETUP
-    torch.set_num_threads(threads)
-    _SETUP = Setup(extra, quick)
+    _SETUP = Setup(extra, quick, split)
 
 
 def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
@@ -116,32 +109,26 @@ def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) 
     return res
 
 
-def run(args) -> int:
-    import torch
-
+def run_part(args, out_dir: str) -> tuple[dict, str]:
+    """The STG part: trains and scores every run, draws the figures; returns ``(results, table)``."""
     from ..cli import CliError
-    from .figures import attention_maps, ensure_dir, factor_mass, training_curves
+    from .figures import attention_maps, factor_mass, training_curves
+    from .runner import map_runs
 
     t0 = time.perf_counter()
     recipe = QUICK if args.quick else DEFAULT
     overrides = {k: v for k, v in (("steps", args.steps), ("alpha", args.alpha)) if v is not None}
     recipe = Recipe(**{**recipe.__dict__, **overrides})
     seeds = list(range(1 if args.quick else args.seeds))
-    extra = (0 if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
-    jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
-    if not seeds or recipe.steps < 1 or extra < 0 or jobs < 1:
-        raise CliError("--seeds, --steps and --jobs must be >= 1 and --extra-train >= 0")
-    try:
-        out_dir = ensure_dir(args.out)
-    except OSError as e:
-        raise CliError(f"cannot create output directory {args.out!r}: {e}") from e
+    extra = (QUICK_EXTRA if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
+    if recipe.steps < 1 or extra < 0:
+        raise CliError("--steps must be >= 1 and --extra-train >= 0")
 
     setup = Setup(extra, args.quick)
     train, tests, tokenizer, probe = setup.train, setup.tests, setup.tokenizer, setup.probe
-    print(f"demo: {len(train)} training records, vocabulary {len(tokenizer)}, {len(seeds)} seed(s) x {METHODS}, "
-          f"{recipe.steps} steps of batch {recipe.batch_size}, alpha {recipe.alpha}, {jobs} process(es)", flush=True)
+    print(f"demo cat: {len(train)} training records, vocabulary {len(tokenizer)}, {len(seeds)} seed(s) x {METHODS}, "
+          f"{recipe.steps} steps of batch {recipe.batch_size}, alpha {recipe.alpha}", flush=True)
 
-    tasks = [(m, seed) for seed in seeds for m in METHODS]
     runs = {m: [] for m in METHODS}
 
     def report(res):
@@ -150,20 +137,8 @@ def run(args) -> int:
               "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
               + f"  ({res['seconds']:.0f} s)", flush=True)
 
-    if jobs == 1:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        for m, seed in tasks:
-            report(one_run(m, seed, recipe, setup))
-    else:  # one process per run, each on `threads` threads: tiny models scale badly across threads
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(extra, args.quick, args.threads or 1)) as pool:
-            for res in pool.map(one_run, *zip(*tasks), [recipe] * len(tasks)):
-                report(res)
+    tasks = [(m, seed, recipe) for seed in seeds for m in METHODS]
+    map_runs(one_run, tasks, args, report, setup=setup, init=_init_worker, init_args=(extra, args.quick))
     for m in METHODS:
         runs[m].sort(key=lambda r: r["seed"])
     sample_maps = {m: runs[m][0].pop("sample_map") for m in METHODS}
@@ -184,16 +159,9 @@ def run(args) -> int:
                                            {m: [r["curve"] for r in runs[m]] for m in METHODS}),
     }
     results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+    results["validation"] = {"seed": VAL_SEED, "size": VAL_SIZE}
     results["seconds"] = time.perf_counter() - t0
-    table = format_table(results)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"demo: {results['seconds']:.0f} s; wrote {out_dir}/results.json, table.md and "
-          + ", ".join(results["figures"].values()))
-    return 0
+    return results, format_table(results)
 
 
 def summarize(runs, train, tests, recipe, seeds, extra) -> dict:
@@ -205,7 +173,7 @@ def summarize(runs, train, tests, recipe, seeds, extra) -> dict:
     for m, rs in runs.items():
         entry = {}
         for split in tests:
-            mean, std = _mean_std(r[f"{split}_acc"] for r in rs)
+            mean, std = mean_std(r[f"{split}_acc"] for r in rs)
             entry.update({f"{split}_acc": mean, f"{split}_std": std, f"{split}_per_seed": [r[f"{split}_acc"] for r in rs]})
         entry["attention_mass"] = {k: statistics.fmean(r["attention_mass"][k] for r in rs) for k in FACTOR_KINDS}
         entry["runs"] = [{k: v for k, v in r.items() if k != "attention_mass_samples"} for r in rs]
