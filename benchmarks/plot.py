@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench_kernels import LABELS as KERNEL_LABELS  # noqa: E402
+from bench_packing import LABELS as PACKING_LABELS  # noqa: E402
 from bench_train_step import LABELS as STEP_LABELS  # noqa: E402
 from common import read_csv  # noqa: E402
 
@@ -31,6 +32,14 @@ def _series(rows, key, **match):
         ts.append(int(r["T"]))
         ys.append(y)
     return out
+
+
+def _save(fig, out_dir: str, name: str) -> dict[str, str]:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {name: path}
 
 
 def _panel(ax, series, title, ylabel, labels):
@@ -56,10 +65,7 @@ def plot_kernels(csv_path: str, out_dir: str) -> dict[str, str]:
         for ax, (D, gqa) in zip(axes[0], groups):
             _panel(ax, _series(rows, key, D=D, gqa=gqa), f"D={D}, GQA {'on' if gqa == 'True' else 'off'}", ylabel,
                    KERNEL_LABELS)
-        fig.tight_layout()
-        paths[name] = os.path.join(out_dir, name)
-        fig.savefig(paths[name], dpi=110)
-        plt.close(fig)
+        paths.update(_save(fig, out_dir, name))
     return paths
 
 
@@ -69,11 +75,7 @@ def plot_train(csv_path: str, out_dir: str) -> dict[str, str]:
     _panel(axes[0], _series(rows, "step_ms"), "training step time (Llama 4x256, B=2)", "ms (median)",
            STEP_LABELS)
     _panel(axes[1], _series(rows, "peak_mib"), "training step peak memory growth", "MiB", STEP_LABELS)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "train_step.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return {"train_step.png": path}
+    return _save(fig, out_dir, "train_step.png")
 
 
 def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
@@ -96,11 +98,34 @@ def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
         ax.set_ylabel("speed-up over 1 thread")
         ax.set_title(part.replace("_", " "), fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "threads.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return {"threads.png": path}
+    return _save(fig, out_dir, "threads.png")
+
+
+def plot_packing(csv_path: str, out_dir: str) -> dict[str, str]:
+    """Samples/s and peak memory per data set (bars per method); the packed bar names its ratio to CAT padded."""
+    rows = read_csv(csv_path)
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    width = 0.8 / max(1, len(methods))
+    for ax, key, ylabel in ((axes[0], "samples_per_s", "samples / s (training steps)"),
+                            (axes[1], "peak_mib", "peak memory growth, MiB")):
+        for i, m in enumerate(methods):
+            xs = [d + (i - (len(methods) - 1) / 2) * width for d in range(len(datasets))]
+            got = [next((r for r in rows if r["data"] == d and r["method"] == m), {}) for d in datasets]
+            bars = ax.bar(xs, [_num(r, key) or 0.0 for r in got], width, label=PACKING_LABELS.get(m, m))
+            if key == "samples_per_s" and m == "cat_packed":
+                for bar, r in zip(bars, got):
+                    if _num(r, "x_cat_padded") is not None:
+                        ax.annotate(f"{_num(r, 'x_cat_padded'):.2f}x", (bar.get_x() + bar.get_width() / 2,
+                                    bar.get_height()), ha="center", va="bottom", fontsize=7)
+        B = rows[0].get("B", "") if rows else ""
+        ax.set_xticks(range(len(datasets)), datasets)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' (')[0]}, batch {B}, same samples", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir, "packing.png")
 
 
 def plot_all(out_dir: str) -> dict[str, str]:
@@ -111,6 +136,8 @@ def plot_all(out_dir: str) -> dict[str, str]:
         paths.update(plot_train(os.path.join(out_dir, "train_step.csv"), out_dir))
     if os.path.exists(os.path.join(out_dir, "threads.csv")):
         paths.update(plot_threads(os.path.join(out_dir, "threads.csv"), out_dir))
+    if os.path.exists(os.path.join(out_dir, "packing.csv")):
+        paths.update(plot_packing(os.path.join(out_dir, "packing.csv"), out_dir))
     return paths
 
 

@@ -9,7 +9,8 @@ import torch
 
 from common import fit_growth, read_csv
 
-TARGETS = {"step_time": 1.10, "step_memory": 1.05, "kernel_fwdbwd": 1.25}
+TARGETS = {"step_time": 1.10, "step_memory": 1.05, "kernel_fwdbwd": 1.25, "packed_speedup": 1.30}
+PACKING_TARGET_DATA = "gsm8k_val"  # issue 17: CAT packed >= 1.3x CAT padded samples/s on GSM8K lengths at batch 16
 
 
 def _f(r, k):
@@ -75,6 +76,37 @@ def threads_section(rows) -> list[str]:
                lines) + [""]
 
 
+def packing_section(rows) -> list[str]:
+    lines, skipped = [], []
+    for r in rows:
+        if _f(r, "samples_per_s") is None:
+            skipped.append(f"- {r['data']} {r['method']}: {r.get('status', '')}")
+            continue
+        lines.append([r["data"], _fmt(_f(r, "mean_len"), ".0f"), r["max_len"],
+                      _fmt(_f(r, "padded_tokens") / _f(r, "tokens"), ".2f"), r["method"],
+                      _fmt(_f(r, "samples_per_s"), ".1f"), _fmt(_f(r, "x_cat_padded"), ".2f", "x"),
+                      _fmt(_f(r, "peak_mib"), ".0f"), _fmt(_f(r, "peak_x_cat_padded"), ".2f", "x"),
+                      _fmt(_f(r, "loss_max_abs_diff"), ".1e")])
+    B = rows[0].get("B", "") if rows else ""
+    return [f"## Packed vs padded training steps (real lengths, B={B}; Llama 4 layers, hidden 256; one AdamW step)", "",
+            "Same samples in the same batches for every method; samples/s over all timed steps; peak = RSS growth of "
+            "the first batches' steps in a fresh process, MiB; loss diff = max over steps of |CAT loss packed - "
+            "padded|.", ""] + _table(
+        ["data", "mean len", "max len", "padded / real tokens", "method", "samples/s", "vs CAT padded", "peak MiB",
+         "peak vs CAT padded", "loss diff"], lines) + [""] + skipped + ([""] if skipped else [])
+
+
+def packing_targets(rows) -> list[str]:
+    r = next((r for r in rows if r["data"] == PACKING_TARGET_DATA and r["method"] == "cat_packed"
+              and _f(r, "x_cat_padded") is not None), None)
+    if r is None:
+        return []
+    x, target = _f(r, "x_cat_padded"), TARGETS["packed_speedup"]
+    verdict = ("met" if x >= target else "MISSED") if int(r["B"]) == 16 else "not the target's batch 16"
+    return [f"- CAT packed samples/s on {r['data']} lengths at batch {r['B']}: {x:.2f}x CAT padded "
+            f"(target >= {target:.2f}x): {verdict}"]
+
+
 def growth_fits(train_rows, kernel_rows) -> list[str]:
     """Fits of extra memory vs T: CAT should be linear (exponent ~1), the authors' way quadratic (~2)."""
     out = ["## Memory growth with T (least-squares fits)", ""]
@@ -116,8 +148,8 @@ def thread_targets(rows) -> list[str]:
     return out
 
 
-def targets(train_rows, kernel_rows, thread_rows=()) -> list[str]:
-    out = ["## Targets (issues 8 and 14)", ""] + thread_targets(thread_rows)
+def targets(train_rows, kernel_rows, thread_rows=(), packing_rows=()) -> list[str]:
+    out = ["## Targets (issues 8, 14 and 17)", ""] + thread_targets(thread_rows) + packing_targets(packing_rows)
     for T in (1024, 2048):
         r = next((r for r in train_rows if r["method"] == "cat" and int(r["T"]) == T), None)
         if r is None:
@@ -145,13 +177,17 @@ def write_summary(out_dir: str, command: str | None = None, note: str | None = N
     hpath = os.path.join(out_dir, "threads.csv")
     hrows = read_csv(hpath) if os.path.exists(hpath) else []
     trows = read_csv(tpath) if os.path.exists(tpath) else []
+    ppath = os.path.join(out_dir, "packing.csv")
+    prows = read_csv(ppath) if os.path.exists(ppath) else []
     lines = ["# Benchmark summary", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "
              "methods interleaved per case on a shared machine." + (f" Reproduce: `{command}`" if command else ""), ""]
     if note:
         lines += [note, ""]
-    lines += targets(trows, krows, hrows) + growth_fits(trows, krows)
+    lines += targets(trows, krows, hrows, prows) + growth_fits(trows, krows)
+    if prows:
+        lines += packing_section(prows)
     if hrows:
         lines += threads_section(hrows)
     if trows:

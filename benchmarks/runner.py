@@ -1,9 +1,10 @@
 """Command-line driver shared by ``causal-attn bench`` and the scripts in this folder.
 
-Runs the kernel and/or training-step sweep, writes ``kernels.csv`` / ``train_step.csv``, the PNG plots
-and ``summary.md`` (ratio tables, memory-growth fits, targets) into ``--out``.
+Runs the kernel, training-step, thread-scaling and/or packing sweeps, writes ``kernels.csv`` /
+``train_step.csv`` / ``threads.csv`` / ``packing.csv``, the PNG plots and ``summary.md`` (ratio tables,
+memory-growth fits, targets) into ``--out``.
 
-    python benchmarks/runner.py [--quick] [--only kernels|train] [--out DIR]
+    python benchmarks/runner.py [--quick] [--only kernels|train|threads|packing] [--out DIR]
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_kernels  # noqa: E402
+import bench_packing  # noqa: E402
 import bench_threads  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import setup_threads, write_csv  # noqa: E402
@@ -30,11 +32,11 @@ RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("cau
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
              train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0, scaling_seq_len=1024,
-             scaling_train_seq_len=256)
+             scaling_train_seq_len=256, packing_batches=6, packing_memory_batches=2)
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--only", choices=["kernels", "train", "threads", "all"], default="all")
+    p.add_argument("--only", choices=["kernels", "train", "threads", "packing", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="small grid, same code path (<= 2 minutes)")
     p.add_argument("--out", help=f"output folder (default {RESULTS}, or its quick/ subfolder with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser):
     bench_kernels.add_arguments(p)
     bench_train_step.add_arguments(p)
     bench_threads.add_arguments(p)
+    bench_packing.add_arguments(p)
 
 
 def finalize_args(args):
@@ -82,6 +85,8 @@ def check_args(args) -> str | None:
         return f"--scaling-threads must be >= 1, got {args.scaling_threads}"
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         return "--repeats and --threads must be >= 1 and --warmup >= 0"
+    if args.packing_batch < 1 or args.packing_batches < 0 or args.packing_memory_batches < 0:
+        return "--packing-batch must be >= 1, --packing-batches and --packing-memory-batches >= 0"
     return None
 
 
@@ -112,6 +117,9 @@ def run(args, log=print) -> dict[str, str]:
     if args.only in ("threads", "all") and args.device == "cpu":
         rows = bench_threads.run_sweep(args, log=log)
         paths["threads_csv"] = write_csv(rows, os.path.join(args.out, "threads.csv"))
+    if args.only in ("packing", "all"):
+        rows = bench_packing.run_sweep(args, log=log)
+        paths["packing_csv"] = write_csv(rows, os.path.join(args.out, "packing.csv"))
     for T in args.profile or []:
         for m in ("sdpa", "cat"):
             path = os.path.join(args.out, f"profile_train_{m}_T{T}.txt")

@@ -13,6 +13,7 @@ from oracle import oracle_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_kernels  # noqa: E402
+import bench_packing  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import fit_growth  # noqa: E402
 
@@ -93,7 +94,7 @@ def rows(path):
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
                "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
-               "--scaling-threads", "1", "2", "--out", str(tmp_path)])
+               "--scaling-threads", "1", "2", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
     assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
@@ -116,7 +117,61 @@ def test_tiny_sweep_through_the_cli(tmp_path):
     for r in scaling:
         assert float(r["ms"]) > 0 and float(r["speedup_vs_1"]) > 0, r
         assert (float(r["speedup_vs_1"]) == 1.0) == (r["threads"] == "1"), r
-    for name in ("kernels_time.png", "kernels_memory.png", "train_step.png", "threads.png", "summary.md"):
+    packing = rows(tmp_path / "packing.csv")  # part of the full sweep; without its data it says so per method
+    assert [(r["data"], r["method"]) for r in packing] == [("absent", m) for m in bench_packing.METHODS]
+    assert all(r["status"].startswith("skipped: FileNotFoundError") for r in packing), packing
+    for name in ("kernels_time.png", "kernels_memory.png", "train_step.png", "threads.png", "packing.png",
+                 "summary.md"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 2 |" in summary
+
+
+def test_packing_section_through_the_cli(tmp_path):
+    """``--only packing`` on the first records of the released GSM8K and SVAMP sets: every method trains on the
+    same samples, CAT packed gives CAT padded's loss to float32 rounding, memory is measured, CSV / PNG / summary."""
+    data = []
+    for name in ("gsm8k_val", "svamp_train"):
+        src = os.path.join(bench_packing.ANNOTATED, f"{name}.jsonl")
+        if not os.path.exists(src):
+            pytest.skip(f"{src} not found")
+        with open(src) as f:
+            head = [next(f) for _ in range(8)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(head))
+        data.append(str(tmp_path / f"{name}.jsonl"))
+    assert main(["bench", "--only", "packing", "--packing-data", *data, "--packing-batch", "4",
+                 "--packing-memory-batches", "1", "--out", str(tmp_path / "out")]) == 0
+    got = rows(tmp_path / "out" / "packing.csv")
+    assert [(r["data"], r["method"]) for r in got] == [(d, m) for d in ("gsm8k_val", "svamp_train")
+                                                       for m in bench_packing.METHODS]
+    for r in got:
+        assert r["status"] == "ok", r
+        assert r["samples"] == "8" and r["timed_batches"] == "1" and float(r["samples_per_s"]) > 0
+        assert int(r["padded_tokens"]) > int(r["tokens"]) > 8 and float(r["peak_mib"]) > 0, r
+        if r["method"] == "cat_packed":
+            assert float(r["x_cat_padded"]) > 0
+            assert float(r["loss_max_abs_diff"]) < 1e-4 and float(r["attn_loss_max_abs_diff"]) < 1e-5, r
+    assert (tmp_path / "out" / "packing.png").stat().st_size > 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Packed vs padded training steps" in summary and "| gsm8k_val |" in summary
+    assert "CAT packed samples/s on gsm8k_val lengths at batch 4" in summary
+
+
+def test_packing_batches_keep_the_samples_and_collate_alike():
+    """The benchmark's batches: shuffled full batches; the three methods collate the same records (packed: one
+    row with the same tokens, labels and edges)."""
+    records = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] + list(range(4, 3 + n)),
+                "edges": [[n - 1, 0]]} for n in range(2, 13)]
+    batches = bench_packing.make_batches(records, 3)
+    flat = [r for b in batches for r in b]
+    assert len(batches) == 3 and len(flat) == 9 and all(r in records for r in flat) and flat != records[:9]
+    assert bench_packing.make_batches(records, 3, 2) == batches[:2] == bench_packing.make_batches(records, 3)[:2]
+    padded = bench_packing.PackingStep("cat_padded", "cpu").collate(batches[0])
+    packed = bench_packing.PackingStep("cat_packed", "cpu").collate(batches[0])
+    plain = bench_packing.PackingStep("sdpa_padded", "cpu").collate(batches[0])
+    assert "adjacency" not in plain and torch.equal(plain["input_ids"], padded["input_ids"])
+    real = padded["attention_mask"].bool()
+    assert packed["input_ids"].shape == (1, int(real.sum()))
+    assert packed["input_ids"][0].tolist() == padded["input_ids"][real].tolist()
+    assert packed["labels"][0].tolist() == padded["labels"][real].tolist()
+    assert int(packed["adjacency"].to_dense().sum()) == int(padded["adjacency"].to_dense().sum()) == 3
