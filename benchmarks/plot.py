@@ -130,14 +130,10 @@ def plot_packing(csv_path: str, out_dir: str) -> dict[str, str]:
 
 def plot_all(out_dir: str) -> dict[str, str]:
     paths = {}
-    if os.path.exists(os.path.join(out_dir, "kernels.csv")):
-        paths.update(plot_kernels(os.path.join(out_dir, "kernels.csv"), out_dir))
-    if os.path.exists(os.path.join(out_dir, "train_step.csv")):
-        paths.update(plot_train(os.path.join(out_dir, "train_step.csv"), out_dir))
-    if os.path.exists(os.path.join(out_dir, "threads.csv")):
-        paths.update(plot_threads(os.path.join(out_dir, "threads.csv"), out_dir))
-    if os.path.exists(os.path.join(out_dir, "packing.csv")):
-        paths.update(plot_packing(os.path.join(out_dir, "packing.csv"), out_dir))
+    for csv_name, plot in (("kernels.csv", plot_kernels), ("train_step.csv", plot_train),
+                           ("threads.csv", plot_threads), ("packing.csv", plot_packing)):
+        if os.path.exists(os.path.join(out_dir, csv_name)):
+            paths.update(plot(os.path.join(out_dir, csv_name), out_dir))
     return paths
 
 

@@ -172,13 +172,11 @@ def targets(train_rows, kernel_rows, thread_rows=(), packing_rows=()) -> list[st
 
 
 def write_summary(out_dir: str, command: str | None = None, note: str | None = None) -> str:
-    kpath, tpath = os.path.join(out_dir, "kernels.csv"), os.path.join(out_dir, "train_step.csv")
-    krows = read_csv(kpath) if os.path.exists(kpath) else []
-    hpath = os.path.join(out_dir, "threads.csv")
-    hrows = read_csv(hpath) if os.path.exists(hpath) else []
-    trows = read_csv(tpath) if os.path.exists(tpath) else []
-    ppath = os.path.join(out_dir, "packing.csv")
-    prows = read_csv(ppath) if os.path.exists(ppath) else []
+    def csv_rows(name):
+        path = os.path.join(out_dir, name)
+        return read_csv(path) if os.path.exists(path) else []
+
+    krows, trows, hrows, prows = map(csv_rows, ("kernels.csv", "train_step.csv", "threads.csv", "packing.csv"))
     lines = ["# Benchmark summary", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "

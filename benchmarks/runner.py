@@ -29,6 +29,10 @@ from common import setup_threads, write_csv  # noqa: E402
 IN_CHECKOUT = os.path.basename(os.path.dirname(HERE)) != "causal_attn"
 RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("causal_attn_bench")
 
+# the sections of --only, in the order of a full sweep: (name, module with run_sweep, CSV file)
+SECTIONS = (("kernels", bench_kernels, "kernels.csv"), ("train", bench_train_step, "train_step.csv"),
+            ("threads", bench_threads, "threads.csv"), ("packing", bench_packing, "packing.csv"))
+
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
              train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0, scaling_seq_len=1024,
@@ -36,7 +40,7 @@ QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--only", choices=["kernels", "train", "threads", "packing", "all"], default="all")
+    p.add_argument("--only", choices=[name for name, _, _ in SECTIONS] + ["all"], default="all")
     p.add_argument("--quick", action="store_true", help="small grid, same code path (<= 2 minutes)")
     p.add_argument("--out", help=f"output folder (default {RESULTS}, or its quick/ subfolder with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,18 +112,9 @@ def run(args, log=print) -> dict[str, str]:
     os.makedirs(args.out, exist_ok=True)
     paths, t0, cpu0, load0 = {}, time.perf_counter(), time.process_time(), os.getloadavg()[0]
     commit = code_version()
-    if args.only in ("kernels", "all"):
-        rows = bench_kernels.run_sweep(args, log=log)
-        paths["kernels_csv"] = write_csv(rows, os.path.join(args.out, "kernels.csv"))
-    if args.only in ("train", "all"):
-        rows = bench_train_step.run_sweep(args, log=log)
-        paths["train_csv"] = write_csv(rows, os.path.join(args.out, "train_step.csv"))
-    if args.only in ("threads", "all") and args.device == "cpu":
-        rows = bench_threads.run_sweep(args, log=log)
-        paths["threads_csv"] = write_csv(rows, os.path.join(args.out, "threads.csv"))
-    if args.only in ("packing", "all"):
-        rows = bench_packing.run_sweep(args, log=log)
-        paths["packing_csv"] = write_csv(rows, os.path.join(args.out, "packing.csv"))
+    for name, module, csv_name in SECTIONS:
+        if args.only in (name, "all") and (name != "threads" or args.device == "cpu"):  # threads: CPU only
+            paths[f"{name}_csv"] = write_csv(module.run_sweep(args, log=log), os.path.join(args.out, csv_name))
     for T in args.profile or []:
         for m in ("sdpa", "cat"):
             path = os.path.join(args.out, f"profile_train_{m}_T{T}.txt")
