@@ -29,7 +29,7 @@ def test_variants_have_the_stated_correlations(data):
     assert all(r["world_agrees"] is None for r in data["nonsense"])
     for split, recs in data.items():
         true = sum(r["answer"] == "true" for r in recs) / len(recs)
-        assert true == pytest.approx(0.5, abs=0.07), split
+        assert true == pytest.approx(0.5, abs=2.5 / len(recs) ** 0.5), split  # 5 binomial sd
     known = set(WORLD) | set(WORLD.values())
     made_up = set(NONSENSE["subjects"]) | set(NONSENSE["classes"])
     words = lambda r: set(re.findall(r"[a-z]+", r["input"] + r["target"]))  # noqa: E731
@@ -43,9 +43,9 @@ def test_answer_follows_from_the_rules(data):
         for r in recs[:200]:
             person, subject = re.match(r"(\w+) is a (\w+)\.", r["input"]).groups()
             cls = re.search(r"True or false: \w+ is a (\w+)\.", r["input"]).group(1)
-            rule = re.search(rf"Every {subject} is (not )?a {cls}\.", r["input"])
+            rule = re.search(rf"(Every|No) {subject} is a {cls}\.", r["input"])
             assert rule is not None and rule.group(0) in r["target"]
-            truth = rule.group(1) is None
+            truth = rule.group(1) == "Every"
             assert r["answer"] == ("true" if truth else "false")
             assert r["target"].endswith(f"<answer>{'True' if truth else 'False'}</answer>")
 

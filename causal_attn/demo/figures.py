@@ -1,8 +1,6 @@
 """The demo's figures (matplotlib, Agg backend): attention heatmaps, mass by factor type, training curves."""
 from __future__ import annotations
 
-import os
-
 COLORS = {"vanilla": "tab:gray", "cat": "tab:red"}
 
 
@@ -36,10 +34,7 @@ def attention_maps(path: str, maps: dict, tokens: list[str], title: str) -> str:
         ax.set_ylabel("query row")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def factor_mass(path: str, per_method: dict, kinds=("causal", "spurious", "irrelevant")) -> str:
@@ -61,10 +56,7 @@ def factor_mass(path: str, per_method: dict, kinds=("causal", "spurious", "irrel
     ax.set_ylabel("attention mass at the answer row")
     ax.set_title("Where the answer row looks (OOD test, layer/head average)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def training_curves(path: str, curves: dict) -> str:
@@ -84,14 +76,13 @@ def training_curves(path: str, curves: dict) -> str:
         if logy:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
-
-
-def ensure_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
     return path
 
 
@@ -115,7 +106,4 @@ def variant_accuracy(path: str, per_method: dict) -> str:
     ax.set_ylim(0, 100)
     ax.set_title("Deduction test variants: accuracy per method (bars: mean, dots: seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
