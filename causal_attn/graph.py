@@ -122,6 +122,21 @@ class CausalGraph:
         dense = torch.zeros(B, T, T, dtype=torch.bool)
         dropped = 0
         for b, sample in enumerate(edges):
+            sample = list(sample)
+            fast = _edge_tensor(sample)
+            if fast is not None:  # the common case, vectorised: a list of int pairs
+                i, j = fast[:, 0], fast[:, 1]
+                ok = (i >= 0) & (i < T) & (j >= 0) & (j <= i)
+                if not bool(ok.all()):
+                    if strict:
+                        sample = [sample[int(ok.logical_not().nonzero()[0])]]  # the per-edge loop words the error
+                    else:
+                        dropped += int((~ok).sum())
+                        dense[b, i[ok], j[ok]] = True
+                        continue
+                else:
+                    dense[b, i, j] = True
+                    continue
             rows, cols = [], []
             for e in sample:
                 try:
@@ -338,3 +353,12 @@ def as_graph(adjacency, B: int, T: int, device) -> CausalGraph | None:
     if adjacency.device != torch.device(device):
         raise ValueError(f"adjacency is on {adjacency.device} but the inputs are on {device}; use graph.to(device)")
     return adjacency
+
+
+def _edge_tensor(sample: list) -> torch.Tensor | None:
+    """int64 (n, 2) of a list of (row, col) int pairs, or None (empty, or anything else: the caller's per-edge
+    loop then validates and words the error)."""
+    if not sample or not all(type(e) in (tuple, list) and len(e) == 2 and type(e[0]) is int and type(e[1]) is int
+                             for e in sample):
+        return None
+    return torch.tensor(sample, dtype=torch.long)
