@@ -3,8 +3,12 @@
 One sample: a fact about a person, two rules (one relevant, one distractor, in random order) and a
 True/False query, with a short chain of thought in the target::
 
-    input : "Sam is a cat. Every oak is a plant. Every cat is not a mammal. True or false: Sam is a mammal.\\nAnswer:"
-    target: " Sam is a cat. Every cat is not a mammal. So Sam is not a mammal. <answer>False</answer>"
+    input : "Sam is a cat. Every eagle is a bird. No cat is a mammal. True or false: Sam is a mammal.\\nAnswer:"
+    target: " Sam is a cat. No cat is a mammal. So Sam is not a mammal. <answer>False</answer>"
+
+A rule's polarity is its first word (``Every`` / ``No``), before the names, so copying the relevant rule
+needs one lookup (the rule that names the fact's category) and no look-ahead: a two-layer model can
+learn it from the rules alone.
 
 The answer follows from the rules alone (the relevant rule's polarity). The *names* also suggest an
 answer: a category pair (``cat``, ``mammal``) is true or false in the real world (:data:`WORLD`). In
@@ -28,6 +32,7 @@ import random
 
 from .capt import VARIANTS
 
+LINK_NOT = "isn't"  # negative rules and conclusions (word tokens "isn", "'", "t": the polarity follows the name)
 RHO = 1.0  # P(rules agree with the world) in the training split
 # real categories and their class (the "world" the names suggest)
 WORLD = {"cat": "mammal", "dog": "mammal", "horse": "mammal", "cow": "mammal",
@@ -82,10 +87,10 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     rng.shuffle(rules)
     rule_text = {}
     for subj, c, pos in rules:
-        rule_text[subj] = f"Every {sym(subj)} is {'' if pos else 'not '}a {sym(c)}."
+        rule_text[subj] = f"Every {sym(subj)} {'is' if pos else LINK_NOT} a {sym(c)}."
     q = sym(cls)
     query = f"True or false: {p} is a {q}."
-    conclusion = f"So {p} is {'' if answer else 'not '}a {q}."
+    conclusion = f"So {p} {'is' if answer else LINK_NOT} a {q}."
     template_in = " ".join([fact] + [rule_text[r[0]] for r in rules] + [query]) + "\nAnswer:"
     template_out = f" {fact} {rule_text[subject]} {conclusion} <answer>{'True' if answer else 'False'}</answer>"
     from .capt import make_assignment, render

@@ -29,7 +29,7 @@ MODES = {"vanilla": None, "capt": "random", "capt_order": "order"}
 DATA_SEED = 0
 N_TRAIN, N_TEST = 2000, 100
 COPIES = 4          # CAPT replicas of the training set (fresh letters in each)
-DEFAULT = Recipe(steps=400, batch_size=32, lr=2e-3, curve_points=20)
+DEFAULT = Recipe(steps=1000, batch_size=32, lr=3e-3, weight_decay=0.0, curve_points=20)
 QUICK = Recipe(steps=20, batch_size=16, curve_points=5)
 MAX_NEW_TOKENS = 32
 
