@@ -43,9 +43,10 @@ def test_answer_follows_from_the_rules(data):
         for r in recs[:200]:
             person, subject = re.match(r"(\w+) is a (\w+)\.", r["input"]).groups()
             cls = re.search(r"True or false: \w+ is a (\w+)\.", r["input"]).group(1)
-            rule = re.search(rf"(Every|No) {subject} is a {cls}\.", r["input"])
+            rule = re.search(rf"Every {subject} (is|isn't) a {cls}\.", r["input"])
             assert rule is not None and rule.group(0) in r["target"]
-            truth = rule.group(1) == "Every"
+            truth = rule.group(1) == "is"
+            assert f"So {person} {rule.group(1)} a {cls}." in r["target"]
             assert r["answer"] == ("true" if truth else "false")
             assert r["target"].endswith(f"<answer>{'True' if truth else 'False'}</answer>")
 
