@@ -28,12 +28,25 @@ def test_quick_cat_demo_writes_table_results_and_figures(tmp_path, capsys):
         masses = res[m]["attention_mass"]
         assert set(masses) == {"causal", "spurious", "irrelevant"} and 0 <= sum(masses.values()) <= 1 + 1e-5
         assert len(res[m]["runs"][0]["curve"]) >= 2
-    assert res["majority"]["label"] == "Low Risk" and res["seconds"] > 0
+    assert res["majority"]["label"] == "Low Risk" and res["run_seconds"] > 0
     table = (out / "table.md").read_text().strip()
     assert format_table(res) in printed and format_table(res) in table
     for name in res["figures"].values():
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_both_parts_share_one_pool_of_worker_processes(tmp_path, capsys):
+    """`causal-attn demo` with --jobs 2: every run of both parts comes back from the spawned workers."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--jobs", "2", "--out", str(out), "--steps", "4", "--capt-steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"cat", "capt", "seconds"}
+    assert [r["method"] for r in res["cat"]["vanilla"]["runs"] + res["cat"]["cat"]["runs"]] == ["vanilla", "cat"]
+    for m in ("vanilla", "capt", "capt_order"):
+        assert [r["method"] for r in res["capt"][m]["runs"]] == [m]
+    assert len(re.findall(r"^  seed 0 ", printed, flags=re.M)) == 5  # 2 CAT runs + 3 CAPT runs reported
 
 
 def test_demo_bad_arguments_give_one_line(tmp_path, capsys):

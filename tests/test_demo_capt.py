@@ -45,6 +45,10 @@ def test_answer_follows_from_the_rules(data):
             cls = re.search(r"True or false: \w+ is a (\w+)\.", r["input"]).group(1)
             rule = re.search(rf"Every {subject} (is|isn't) a {cls}\.", r["input"])
             assert rule is not None and rule.group(0) in r["target"]
+            # the distractor: another subject, the same class, the opposite polarity (only the subject decides)
+            rules = re.findall(r"Every (\w+) (is|isn't) a (\w+)\.", r["input"])
+            assert len(rules) == 2 and {c for _, _, c in rules} == {cls}
+            assert len({s for s, _, _ in rules}) == 2 and {p for _, p, _ in rules} == {"is", "isn't"}
             truth = rule.group(1) == "is"
             assert f"So {person} {rule.group(1)} a {cls}." in r["target"]
             assert r["answer"] == ("true" if truth else "false")

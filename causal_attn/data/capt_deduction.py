@@ -1,14 +1,14 @@
 """A PrOntoQA-style deduction generator whose event names carry a controlled spurious correlation.
 
-One sample: a fact about a person, two rules (one relevant, one distractor, in random order) and a
-True/False query, with a short chain of thought in the target::
+One sample: a fact about a person, two rules (the relevant one and a distractor, in random order) and a
+True/False query; the target is a short chain of thought (the relevant rule, the conclusion) and the answer::
 
-    input : "Sam is a cat. Every eagle is a bird. No cat is a mammal. True or false: Sam is a mammal.\\nAnswer:"
-    target: " Sam is a cat. No cat is a mammal. So Sam is not a mammal. <answer>False</answer>"
+    input : "Sam is a cat. Every eagle is a mammal. Every cat isn't a mammal. True or false: Sam is a mammal.\nAnswer:"
+    target: " Every cat isn't a mammal. So Sam isn't a mammal. <answer>False</answer>"
 
-A rule's polarity is its first word (``Every`` / ``No``), before the names, so copying the relevant rule
-needs one lookup (the rule that names the fact's category) and no look-ahead: a two-layer model can
-learn it from the rules alone.
+The distractor names the query's class with the opposite polarity, so only its subject tells the two rules
+apart: reading the rules means finding the one whose subject is the fact's category (a lookup by content,
+what an induction head does). A rule's polarity comes right after its subject (``is`` / ``isn't``).
 
 The answer follows from the rules alone (the relevant rule's polarity). The *names* also suggest an
 answer: a category pair (``cat``, ``mammal``) is true or false in the real world (:data:`WORLD`). In
@@ -66,8 +66,8 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     world_says = truth(subject) == cls
     agree = {"train": rng.random() < rho, "commonsense": True, "anticommonsense": False}.get(variant)
     answer = (world_says if agree else not world_says) if agree is not None else rng.random() < 0.5
-    other, other_cls = _pick(rng, [s for s in subjects if s != subject], classes, truth)
-    other_pos = rng.random() < 0.5
+    # the distractor names the query's class with the opposite polarity: only the subject tells the rules apart
+    other, other_cls, other_pos = rng.choice([s for s in subjects if s != subject]), cls, not answer
     # templates: placeholders numbered by first appearance; symbol -> name
     names: dict[str, str] = {}
 
@@ -92,7 +92,7 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     query = f"True or false: {p} is a {q}."
     conclusion = f"So {p} {'is' if answer else LINK_NOT} a {q}."
     template_in = " ".join([fact] + [rule_text[r[0]] for r in rules] + [query]) + "\nAnswer:"
-    template_out = f" {fact} {rule_text[subject]} {conclusion} <answer>{'True' if answer else 'False'}</answer>"
+    template_out = f" {rule_text[subject]} {conclusion} <answer>{'True' if answer else 'False'}</answer>"
     from .capt import make_assignment, render
 
     original = make_assignment(sorted(names), "original", mapping=names)

@@ -42,6 +42,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..cli import CliError
     from . import capt, stg
+    from .runner import run_plans
 
     t0 = time.perf_counter()
     if args.jobs is None:
@@ -53,10 +54,11 @@ def run(args) -> int:
     except OSError as e:
         raise CliError(f"cannot create output directory {args.out!r}: {e}") from e
     parts = PARTS if args.part == "all" else (args.part,)
+    plans = [(stg if part == "cat" else capt).plan(args) for part in parts]
+    run_plans(plans, args)  # one pool for both parts: no core idles while the other part finishes
     results, tables = {}, []
-    for part in parts:
-        mod = stg if part == "cat" else capt
-        results[part], table = mod.run_part(args, args.out)
+    for part, p in zip(parts, plans):
+        results[part], table = p.finish(args.out)
         tables.append(f"### {part}\n\n{table}")
         print(table, flush=True)
     results["seconds"] = time.perf_counter() - t0

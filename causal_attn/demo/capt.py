@@ -104,13 +104,12 @@ def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) 
                          for r, g in list(zip(tests, gens))[::max(1, len(tests) // 3)][:3]]}
 
 
-def run_part(args, out_dir: str) -> tuple[dict, str]:
-    """The CAPT part: three methods x seeds; returns ``(results, table)`` and draws the figure."""
+def plan(args):
+    """The CAPT part's runs, three methods x seeds (:class:`~causal_attn.demo.runner.Plan`); its
+    ``finish(out_dir)`` draws the figure and returns ``(results, table)``."""
     from ..cli import CliError
-    from .figures import variant_accuracy
-    from .runner import map_runs
+    from .runner import Plan
 
-    t0 = time.perf_counter()
     recipe = QUICK if args.quick else DEFAULT
     if args.capt_steps is not None:
         recipe = Recipe(**{**recipe.__dict__, "steps": args.capt_steps})
@@ -129,8 +128,16 @@ def run_part(args, out_dir: str) -> tuple[dict, str]:
         print(f"  seed {res['seed']} {res['method']:10s}: " + "  ".join(
             f"{v} {res['accuracy'][v]:.3f}" for v in VARIANTS) + f"  ({res['seconds']:.0f} s)", flush=True)
 
-    map_runs(one_run, [(m, seed, recipe) for seed in seeds for m in METHODS], args, report,
-             setup=setup, init=_init_worker, init_args=(args.quick, copies))
+    tasks = [(m, seed, recipe) for seed in seeds for m in METHODS]
+    return Plan(__name__, tasks, setup, (args.quick, copies), report,
+                seconds_per_run=0.0013 * recipe.batch_size * recipe.steps,  # measured: ~42 ms per step of 32
+                finish=lambda out_dir: finish(runs, setup, recipe, seeds, copies, out_dir))
+
+
+def finish(runs, setup, recipe, seeds, copies, out_dir: str) -> tuple[dict, str]:
+    """Accuracy per method and variant over seeds, the figure and the table."""
+    from .figures import variant_accuracy
+
     results = {"seeds": seeds, "recipe": {**recipe.__dict__, "copies": copies, "train_records": len(setup.train),
                                           "data_seed": DATA_SEED, "test_per_variant": len(setup.tests) // 3},
                "world_agreement": correlations(setup)}
@@ -145,7 +152,7 @@ def run_part(args, out_dir: str) -> tuple[dict, str]:
     path = variant_accuracy(os.path.join(out_dir, "demo_capt_accuracy.png"),
                             {m: {v: results[m][v]["per_seed"] for v in VARIANTS} for m in METHODS})
     results["figures"] = {"capt_accuracy": os.path.basename(path)}
-    results["seconds"] = time.perf_counter() - t0
+    results["run_seconds"] = sum(r["seconds"] for rs in runs.values() for r in rs)  # summed over the runs
     return results, format_table(results)
 
 
