@@ -66,8 +66,7 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     world_says = truth(subject) == cls
     agree = {"train": rng.random() < rho, "commonsense": True, "anticommonsense": False}.get(variant)
     answer = (world_says if agree else not world_says) if agree is not None else rng.random() < 0.5
-    # the distractor names the query's class with the opposite polarity: only the subject tells the rules apart
-    other, other_cls, other_pos = rng.choice([s for s in subjects if s != subject]), cls, not answer
+    other = rng.choice([s for s in subjects if s != subject])
     # templates: placeholders numbered by first appearance; symbol -> name
     names: dict[str, str] = {}
 
@@ -81,13 +80,10 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
 
     p, s = sym(person), sym(subject)
     fact = f"{p} is a {s}."
-    rules = []
-    for subj, c, pos in ((subject, cls, answer), (other, other_cls, other_pos)):
-        rules.append((subj, c, pos))
+    # the distractor names the query's class with the opposite polarity: only the subject tells the rules apart
+    rules = [(subject, answer), (other, not answer)]
     rng.shuffle(rules)
-    rule_text = {}
-    for subj, c, pos in rules:
-        rule_text[subj] = f"Every {sym(subj)} {'is' if pos else LINK_NOT} a {sym(c)}."
+    rule_text = {subj: f"Every {sym(subj)} {'is' if pos else LINK_NOT} a {sym(cls)}." for subj, pos in rules}
     q = sym(cls)
     query = f"True or false: {p} is a {q}."
     conclusion = f"So {p} {'is' if answer else LINK_NOT} a {q}."

@@ -16,6 +16,7 @@ Generations are parsed with :func:`~causal_attn.data.capt.parse_answer` through
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -40,9 +41,7 @@ class Setup:
     def __init__(self, quick: bool, copies: int):
         from string import ascii_uppercase
 
-        from ..data import capt
         from ..data.capt_deduction import generate
-        from .fit import encode_records
         from .model import build_word_tokenizer
 
         n_test = 16 if quick else N_TEST
@@ -52,9 +51,13 @@ class Setup:
         self.copies = copies
         corpus = [r["input"] + r["target"] for r in self.train + self.tests] + [" ".join(ascii_uppercase)]
         self.tokenizer = build_word_tokenizer(corpus)
-        self.train_sets = {m: self.train_records(m, seed=0) for m in METHODS}
-        self.encoded = {m: encode_records(recs, self.tokenizer) for m, recs in self.train_sets.items()}
-        self.capt = capt
+
+    @functools.cached_property
+    def encoded(self) -> dict:
+        """Each method's encoded training records (built on first use: only the processes that train need them)."""
+        from .fit import encode_records
+
+        return {m: encode_records(self.train_records(m, seed=0), self.tokenizer) for m in METHODS}
 
     def train_records(self, method: str, seed: int) -> list[dict]:
         from ..data import capt

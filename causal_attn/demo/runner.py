@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -26,8 +26,8 @@ class Plan:
     setup: object
     init_args: tuple
     report: Callable[[dict], None]
+    finish: Callable[[str], tuple]   # out_dir -> (results, table), once every run is reported
     seconds_per_run: float = 1.0
-    finish: Callable[[str], tuple] = field(default=lambda out_dir: ({}, ""))
 
 
 def _init(threads: int, inits) -> None:
