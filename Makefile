@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Every target runs this checkout, even where a `pip install .` elsewhere put another causal_attn in the
+# system site-packages that the venv sees (--system-site-packages, below): an editable install's import hook
+# comes after such a copy on sys.path, so console scripts and benchmark scripts would load the stale one.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup demo test bench gpu-check clean
 
@@ -33,7 +37,7 @@ bench: setup
 GPU_PY ?= python3
 GPU_CHECK_ARGS ?=
 gpu-check:
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) -m causal_attn gpu-check $(GPU_CHECK_ARGS)
+	$(GPU_PY) -m causal_attn gpu-check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -434,7 +434,8 @@ C = KernelConfig
 # Every config obeys the block rules above and compiles without register spills with the mass path and
 # key padding on (benchmarks/kernel_resources.py, sm_80 / sm_90, D = 64, 128, 256; see KERNEL_NOTES.md
 # for the two plain-attention variants with a 16-24 byte spill); the first entry is the one the quick
-# compile check uses. dK/dV holds two fp32 (BLOCK_N x D) accumulators, hence
+# compile check uses (sm_90 D <= 64 dK/dV starts with M16-N128: M32-N128 spills 8 B with packed segments under
+# Triton 3.8, the version torch 2.14 pins). dK/dV holds two fp32 (BLOCK_N x D) accumulators, hence
 # its narrow query blocks and 8 warps at D = 128.
 GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
     80: {
@@ -450,7 +451,7 @@ GPU_CONFIGS: dict[int, dict[int, dict[str, list[KernelConfig]]]] = {
     },
     90: {
         64: {"fwd": [C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 64, 8, 2)],
-             "dkdv": [C(32, 128, 8, 2), C(64, 128, 8, 2), C(32, 64, 4, 2), C(16, 128, 8, 2)],
+             "dkdv": [C(16, 128, 8, 2), C(32, 128, 8, 2), C(64, 128, 8, 2), C(32, 64, 4, 2)],
              "dq": [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 3)]},
         128: {"fwd": [C(128, 64, 8, 2), C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 8, 2)],
               "dkdv": [C(16, 128, 8, 2), C(16, 64, 8, 2)],
