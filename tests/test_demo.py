@@ -106,6 +106,22 @@ def test_encoded_records_mark_the_answer_rows():
         assert len({col for _, col in enc["edges"]}) == 9  # three "Name: value" spans of three tokens
 
 
+def test_encoded_records_without_edges_keep_ids_and_labels():
+    recs = generate_stg_e(seed=random.randrange(10**6), n_iid=6, n_ood=0, n_test=0)["train_L"]
+    tok = build_word_tokenizer([r["input"] + r["target"] for r in recs])
+    for full, bare in zip(encode_records(recs, tok), encode_records(recs, tok, edges=False)):
+        assert full["edges"] and not bare["edges"]
+        assert (bare["input_ids"], bare["labels"]) == (full["input_ids"], full["labels"])
+
+
+@pytest.mark.parametrize("std", [0.02, 0.08])
+def test_tiny_llama_init_std_sets_the_weight_scale(std):
+    tok = build_word_tokenizer(["a b c d e f g h"])
+    model = tiny_llama(tok, hidden=64, layers=1, heads=2, intermediate=128, init_std=std, seed=random.randrange(1000))
+    for w in (model.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].self_attn.q_proj.weight):
+        assert abs(float(w.detach().std()) - std) < 0.05 * std  # 8192 / 4096 draws: relative error ~1 %
+
+
 def test_phrase_tokenizer_keeps_phrases_whole_with_exact_offsets():
     recs = generate_stg_e(seed=random.randrange(10**6), n_iid=6, n_ood=2, n_test=0)["train_L"]
     tok = build_word_tokenizer([r["input"] + r["target"] for r in recs], phrases=demo_phrases())

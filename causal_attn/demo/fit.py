@@ -42,6 +42,7 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
+    init_std: float = 0.02      # std of the model's initial weights (Hugging Face's default)
     patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
     curve_points: int = 40
 
@@ -51,10 +52,11 @@ def gamma_at(recipe: Recipe, progress: float) -> float:
     return recipe.gamma * math.exp(-recipe.gamma_decay * progress)
 
 
-def encode_records(records, tokenizer) -> list[dict]:
-    """Token ids, masked labels and adjacency edges of each record (the data module's builder)."""
-    return [encode_example(r["input"], r["target"], r.get("important"), tokenizer, add_special_tokens=False)
-            for r in records]
+def encode_records(records, tokenizer, *, edges: bool = True) -> list[dict]:
+    """Token ids, masked labels and (``edges``: from the records' ``important`` annotations) adjacency
+    edges of each record (the data module's builder)."""
+    return [encode_example(r["input"], r["target"], r.get("important") if edges else None, tokenizer,
+                           add_special_tokens=False) for r in records]
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
@@ -74,7 +76,7 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
     if method not in ("vanilla", "cat"):
         raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
     model = tiny_llama(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
-                       intermediate=recipe.intermediate, seed=seed)
+                       intermediate=recipe.intermediate, init_std=recipe.init_std, seed=seed)
     handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False,
                          layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -102,7 +104,7 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
         if step % every == 0 or step == recipe.steps - 1:
             ratio = stats.ratio.detach()[stats.rows]
             curve.append({"step": step, "lm_loss": float(out.loss.detach()), "attn_loss": float(attn_loss.detach()), "gamma": gamma,
-                          "mean_ratio": float(ratio.mean()) if ratio.numel() else float("nan"),
+                          "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
                           "seconds": time.perf_counter() - t0})
     model.eval()
     return model, handle, curve

@@ -38,14 +38,16 @@ def build_word_tokenizer(texts: Iterable[str], phrases: Sequence[str] = ()):
 
 
 def tiny_llama(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 256,
-               max_positions: int = 256, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` sized for CPU training in seconds."""
+               max_positions: int = 256, init_std: float = 0.02, seed: int = 0):
+    """A randomly initialised ``LlamaForCausalLM`` sized for CPU training in seconds; ``init_std`` is the
+    standard deviation of its normal initialisation (``initializer_range``, Hugging Face's default 0.02)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+                         initializer_range=init_std)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
