@@ -141,7 +141,8 @@ def plan(args):
               + f"  ({res['seconds']:.0f} s)", flush=True)
 
     tasks = [(m, seed, recipe) for seed in seeds for m in METHODS]
-    return Plan(__name__, tasks, setup, (extra, args.quick), report, seconds_per_run=0.0008 * recipe.batch_size * recipe.steps,  # measured: ~24 ms per step of 32
+    return Plan(__name__, tasks, setup, (extra, args.quick), report,
+                seconds_per_run=0.0008 * recipe.batch_size * recipe.steps,  # measured: ~24 ms per step of 32
                 finish=lambda out_dir: finish(runs, setup, recipe, seeds, extra, out_dir))
 
 
