@@ -46,6 +46,8 @@ def sources_hash(source_dir: Path | None = None) -> str | None:
     source_dir = default_source_dir() if source_dir is None else Path(source_dir)
     if source_dir is None:
         return None
+    from .cache import cache_root
+
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
@@ -103,12 +105,6 @@ def torch_release(version: str) -> str:
     return version.split("+")[0]
 
 
-def cache_root() -> Path:
-    if os.environ.get("CAUSAL_ATTN_CACHE_DIR"):
-        return Path(os.environ["CAUSAL_ATTN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "causal_attn"
-
-
 def build_folder(source_dir: Path, torch_version: str) -> Path:
     """One folder per (sources, flags, torch, Python): a changed input never reuses an old library."""
     h = hashlib.sha256()
@@ -124,30 +120,6 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
 
-class _Lock:
-    """Exclusive flock on ``path``; says once on stderr when it has to wait for another process."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no cross-process lock
-            return self
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f"causal_attn: waiting for another process compiling the C++ CPU kernel in {self.path.parent}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # releases the lock
-
-
 def build_and_load(source_dir: Path) -> Path:
     """Load the cached library for these sources and this torch, compiling it first if needed.
 
@@ -155,6 +127,8 @@ def build_and_load(source_dir: Path) -> Path:
     """
     import torch
     from torch.utils import cpp_extension
+
+    from .cache import FileLock
 
     folder = build_folder(source_dir, torch.__version__)
     library = folder / f"{JIT_NAME}.so"
@@ -168,7 +142,7 @@ def build_and_load(source_dir: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ImportError(f"cannot create the build cache {folder} ({e}); set CAUSAL_ATTN_CACHE_DIR") from e
-    with _Lock(folder / "build.lock"):
+    with FileLock(folder / "build.lock", "compiling the C++ CPU kernel"):
         if not stamp.is_file():  # nobody finished it while this process waited for the lock
             (folder / "lock").unlink(missing_ok=True)  # torch's own build baton, stale if a builder died
             print(f"causal_attn: compiling the fused C++ CPU kernel for torch {torch.__version__} (once, 10-60 s) "
