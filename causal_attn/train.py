@@ -21,12 +21,13 @@ STG_TRAIN = {"stg_s": ("stg_e", "train_S"), "stg_m": ("stg_e", "train_M"), "stg_
 METHODS = ("vanilla", "cat", "capt", "cat+capt")
 # paper defaults (SPEC §5): lr 1e-4 LoRA / 5e-5 full, warm-up 0.1, cosine, AdamW, 6 epochs, seed 42
 DEFAULT_LR = {True: 1e-4, False: 5e-5}
+MODEL_HELP = "smollm2-135m (bundled, see docs/pretrained.md), a model directory, a .gguf file or a hub id"
 
 
 def add_parser(subparsers):
     t = subparsers.add_parser("train", help="fine-tune a causal LM with CAT / CAPT (full or LoRA)",
                               description="Fine-tune a Llama / Qwen / Mistral causal LM with CAT and/or CAPT.")
-    t.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
+    t.add_argument("--model", required=True, help=MODEL_HELP)
     t.add_argument("--data", required=True, help="stg_s, stg_m, stg_l, stg_h or a JSONL file (input, target, important)")
     t.add_argument("--method", choices=METHODS, default="cat")
     t.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
@@ -50,7 +51,7 @@ def add_parser(subparsers):
 
     e = subparsers.add_parser("eval", help="greedy-decode a test set and score it",
                               description="Batched greedy decoding (left padding) and task scoring.")
-    e.add_argument("--model", required=True, help="model directory (e.g. a `causal-attn train` --out)")
+    e.add_argument("--model", required=True, help=MODEL_HELP + " (e.g. a `causal-attn train` --out)")
     e.add_argument("--data", required=True, help="stg_s/stg_m/stg_l (STG_E IID + OOD tests), stg_h, or a JSONL file")
     e.add_argument("--task", choices=("auto", "stg_e", "stg_h", "gsm8k", "numeric", "exact"), default="auto",
                    help="scorer (auto: from --data; exact match for files)")
@@ -141,24 +142,17 @@ def score(task: str, predictions, targets) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def load_model(path: str):
-    """(model, tokenizer) from a directory or hub id, as a one-line CliError when that fails."""
+def load_model(name: str):
+    """(model, tokenizer) through :func:`causal_attn.pretrained.load`, as a one-line CliError when that fails."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .cli import CliError
+    from .pretrained import PretrainedError, load
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CliError(f"cannot load model {path!r}: {first}") from e
-    if not getattr(tokenizer, "is_fast", False):
-        raise CliError(f"{path}: a fast tokenizer (offsets) is needed for the adjacency builder")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        model, tokenizer = load(name)
+    except PretrainedError as e:
+        raise CliError(str(e)) from e
     if torch.cuda.is_available():  # under torchrun / accelerate each process owns GPU LOCAL_RANK
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     return model, tokenizer
