@@ -4,7 +4,7 @@ Runs the kernel, training-step, thread-scaling and/or packing sweeps, writes ``k
 ``train_step.csv`` / ``threads.csv`` / ``packing.csv``, the PNG plots and ``summary.md`` (ratio tables,
 memory-growth fits, targets) into ``--out``.
 
-    python benchmarks/runner.py [--quick] [--only kernels|train|threads|packing] [--out DIR]
+    python benchmarks/runner.py [--quick] [--only kernels|train|threads|packing|pretrained] [--out DIR]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_kernels  # noqa: E402
 import bench_packing  # noqa: E402
+import bench_pretrained  # noqa: E402
 import bench_threads  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import setup_threads, write_csv  # noqa: E402
@@ -31,7 +32,10 @@ RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("cau
 
 # the sections of --only, in the order of a full sweep: (name, module with run_sweep, CSV file)
 SECTIONS = (("kernels", bench_kernels, "kernels.csv"), ("train", bench_train_step, "train_step.csv"),
-            ("threads", bench_threads, "threads.csv"), ("packing", bench_packing, "packing.csv"))
+            ("threads", bench_threads, "threads.csv"), ("packing", bench_packing, "packing.csv"),
+            ("pretrained", bench_pretrained, "pretrained.csv"))
+# sections a full sweep leaves out: run them with --only NAME (the real checkpoint's sweep takes about 10 minutes)
+OPT_IN = ("pretrained",)
 
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
@@ -57,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser):
     bench_train_step.add_arguments(p)
     bench_threads.add_arguments(p)
     bench_packing.add_arguments(p)
+    bench_pretrained.add_arguments(p)
 
 
 def finalize_args(args):
@@ -113,7 +118,7 @@ def run(args, log=print) -> dict[str, str]:
     paths, t0, cpu0, load0 = {}, time.perf_counter(), time.process_time(), os.getloadavg()[0]
     commit = code_version()
     for name, module, csv_name in SECTIONS:
-        if args.only in (name, "all") and (name != "threads" or args.device == "cpu"):  # threads: CPU only
+        if args.only == name or (args.only == "all" and name not in OPT_IN and (name != "threads" or args.device == "cpu")):
             paths[f"{name}_csv"] = write_csv(module.run_sweep(args, log=log), os.path.join(args.out, csv_name))
     for T in args.profile or []:
         for m in ("sdpa", "cat"):

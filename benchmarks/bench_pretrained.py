@@ -1,0 +1,319 @@
+"""Training step of a real checkpoint: one LoRA AdamW step of SmolLM2-135M-Instruct (30 layers, hidden 576,
+9 query / 3 key-value heads, head dim 64, vocab 49152), loaded by ``pretrained.load("smollm2-135m")``.
+
+LoRA r 8 on q/k/v/o (the base frozen), AdamW lr 1e-4. Methods (same weights, batches and adjacency):
+    sdpa     plain SDPA, next-token loss only (the floor)
+    cat      CAT through ``patch_model``: next-token loss + gamma * ``handle.loss()``
+    authors  the authors' way: eager attention, ``output_attentions=True``, maps averaged over layers and heads,
+             the hinge on dense tensors (``bench_train_step.authors_re_attention``)
+Cases: ``stg`` (the first B=8 released STG_M records, tokenised by the model's own tokenizer, adjacency from their
+``important`` annotations, right padding) and random tokens at T=512 (B 4) and T=2048 (B 1) with an STG-shaped
+adjacency. The authors' way is skipped, with its projected peak, where that exceeds ``--max-gib``.
+
+Timing: methods interleaved per round, medians of per-round ratios to SDPA. Memory: one fresh child process per
+case; per method the RSS high-water growth of a step over the resident set after a warm-up step of the same case.
+The STG case also records CAT's statistics at initialisation (before any step): the Re-Attention loss and the
+answer rows' causal mass (layer/head-averaged) beside the mass uniform attention would give.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import causal_attn  # noqa: E402
+from causal_attn import pretrained  # noqa: E402
+from bench_train_step import GAMMA, METHODS, authors_re_attention, projected_authors_gib, stg_like_graph  # noqa: E402
+from common import child_report, interleaved_times, measure_peak, run_child, summarize, timed_phases  # noqa: E402
+
+MODEL_NAME = "smollm2-135m"
+CASES = {"stg": (None, 8), "T512": (512, 4), "T2048": (2048, 1)}  # name -> (T or None for STG records, B)
+ALPHA = 2.0  # the margin of the pretrained pilots (issue 24): the hinge is active at initialisation
+LORA_R = 8
+STG_M = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cat", "stg_e",
+                     "train_M.jsonl")
+TARGETS = {"time": 1.02, "memory": 1.05, "authors_extra_over_ours": 10.0}
+
+
+def shape_config(model) -> dict:
+    c = model.config
+    return {"num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers}
+
+
+def stg_records(B: int) -> list[dict]:
+    """The first B released STG_M records (the generator's copy when the release is not beside the checkout)."""
+    if os.path.exists(STG_M):
+        from causal_attn.data.stg import read_jsonl
+
+        return read_jsonl(STG_M)[:B]
+    from causal_attn.data.stg import generate_stg_e
+
+    return list(generate_stg_e(seed=42)["train_M"])[:B]
+
+
+def make_batch(case: str, tokenizer, vocab: int, device, stg_batch: int = CASES["stg"][1]) -> dict:
+    """``input_ids``, ``labels``, ``attention_mask`` and ``adjacency`` of a case."""
+    T, B = CASES[case]
+    B = stg_batch if T is None else B
+    if T is None:
+        from causal_attn.data.adjacency import encode_example
+        from causal_attn.trainer import CATCollator
+
+        enc = [encode_example(r["input"], r["target"], r["important"], tokenizer) for r in stg_records(B)]
+        batch = CATCollator(tokenizer.pad_token_id)(enc)
+    else:
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(0, vocab, (B, T), generator=g)
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(B, T, dtype=torch.long),
+                 "adjacency": stg_like_graph(B, T, g)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class PretrainedStep:
+    """The real checkpoint with fresh LoRA adapters and AdamW, for one method; :meth:`step` trains once."""
+
+    def __init__(self, method: str, base, device, backend: str = "auto", seed: int = 0):
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        self.method = method
+        model = copy.deepcopy(base)
+        model.config._attn_implementation = "eager" if method == "authors" else "sdpa"
+        torch.manual_seed(seed)
+        self.model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        self.model.to(device).train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.handle = causal_attn.patch_model(self.model, alpha=ALPHA, backend=backend) if method == "cat" else None
+
+    def prepare(self, batch: dict):
+        self.batch = batch
+        if self.handle is not None:
+            self.handle.set_adjacency(batch["adjacency"])
+        self.dense_adj = batch["adjacency"].to_dense() if self.method == "authors" else None
+        return self
+
+    def forward_loss(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        b = self.batch
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        if self.method == "authors":
+            out = self.model(**kw, output_attentions=True)
+            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, ALPHA)
+        out = self.model(**kw)
+        return out.loss + GAMMA * self.handle.loss() if self.method == "cat" else out.loss
+
+    def backward_step(self, loss: torch.Tensor):
+        loss.backward()
+        self.opt.step()
+
+    def step(self):
+        self.backward_step(self.forward_loss())
+
+
+def initial_statistics(base, batch: dict) -> dict:
+    """CAT's Re-Attention loss and the answer rows' mean causal mass at initialisation (no step taken), and the
+    mass that uniform attention over the allowed keys would put on the annotated ones (c_i / n_i)."""
+    import copy
+
+    model = copy.deepcopy(base)
+    handle = causal_attn.patch_model(model, alpha=ALPHA)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adjacency=batch["adjacency"])
+    mass = torch.stack(handle.masses()).mean(dim=(0, 2))  # (B, T): layer- and head-averaged
+    c, n = batch["adjacency"].counts(batch["attention_mask"].bool())
+    rows = c > 0
+    return {"init_attn_loss": float(handle.loss()), "init_answer_mass": float(mass[rows].mean()),
+            "init_uniform_mass": float((c.float() / n.clamp_min(1).float())[rows].mean()),
+            "answer_rows": int(rows.sum())}
+
+
+# ------------------------------------------------------------------------------------------ memory child
+def child_main(argv):
+    """``--child CASE STG_BATCH THREADS METHOD...``: peak RSS growth (MiB) of one step per method, one after another
+    in this fresh process, each after a warm-up step of the same case (optimizer state exists)."""
+    case, stg_batch, threads, *methods = argv[0], int(argv[1]), int(argv[2]), *argv[3:]
+    torch.set_num_threads(threads)
+    base, tok = pretrained.load(MODEL_NAME, progress=False)
+    batch = make_batch(case, tok, base.config.vocab_size, "cpu", stg_batch)
+    peaks = {}
+    for method in methods:
+        bench = PretrainedStep(method, base, "cpu").prepare(batch)
+        bench.step()
+        peaks[method] = measure_peak(bench.step)
+        del bench
+    child_report(**peaks)
+
+
+def measure_memory(case: str, methods, args, device) -> dict:
+    if device.type == "cuda":
+        from common import measure_peak_cuda
+
+        base, tok = pretrained.load(MODEL_NAME, progress=False, device=device)
+        batch = make_batch(case, tok, base.config.vocab_size, device, args.pretrained_stg_batch)
+        out = {}
+        for m in methods:
+            bench = PretrainedStep(m, base, device).prepare(batch)
+            bench.step()
+            out[m] = measure_peak_cuda(bench.step)
+        return out
+    return run_child(os.path.abspath(__file__), [case, args.pretrained_stg_batch, torch.get_num_threads(), *methods],
+                     timeout=args.child_timeout)
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def run_sweep(args, log=print) -> list[dict]:
+    device = torch.device(args.device)
+    if device.type == "cpu":  # the real model's step is long: all cores unless told otherwise
+        torch.set_num_threads(args.pretrained_threads or os.cpu_count() or 1)
+    base, tok = pretrained.load(MODEL_NAME, device=device)
+    shape = shape_config(base)
+    rows = []
+    for case in args.pretrained_cases:
+        batch = make_batch(case, tok, base.config.vocab_size, device, args.pretrained_stg_batch)
+        B, T = batch["input_ids"].shape
+        projected = projected_authors_gib(T, B, shape)
+        skip = {"authors": f"skipped: projected peak {projected:.1f} GiB > --max-gib {args.max_gib}"} \
+            if projected > args.max_gib else {}
+        methods = [m for m in args.pretrained_methods if m not in skip]
+        benches = {m: PretrainedStep(m, base, device, backend=args.backend).prepare(batch) for m in methods}
+        runs = {m: (lambda b=b: timed_phases(b.forward_loss, b.backward_step, device)) for m, b in benches.items()}
+        times = summarize(interleaved_times(runs, warmup=args.warmup, repeats=args.repeats,
+                                            budget_s=args.pretrained_case_budget))
+        del benches, runs
+        mem = measure_memory(case, methods, args, device) if not args.pretrained_no_memory else {}
+        extra = initial_statistics(base, batch) if case == "stg" else {}
+        case_rows = []
+        for m in args.pretrained_methods:
+            row = {"case": case, "T": T, "B": B, "method": m, "device": device.type,
+                   "threads": torch.get_num_threads() if device.type == "cpu" else "", "model": MODEL_NAME}
+            case_rows.append(row)
+            if m in skip:
+                row.update(status=skip[m], projected_peak_gib=round(projected, 2))
+                continue
+            row["step_ms"] = times[m]["fwdbwd"] * 1e3
+            row["step_x_sdpa"] = times[m].get("fwdbwd_x", "")
+            if "error" in mem:
+                row["status"] = f"memory child failed: {mem['error']}"
+            elif m in mem:
+                row["peak_mib"] = mem[m]
+            if m == "cat":
+                row.update(extra)
+            row.setdefault("status", "ok")
+        sdpa = next((r for r in case_rows if r["method"] == "sdpa" and "peak_mib" in r), None)
+        for r in case_rows:
+            if sdpa is not None and "peak_mib" in r:
+                r["peak_x_sdpa"] = r["peak_mib"] / max(sdpa["peak_mib"], 1e-3)
+                r["extra_mib"] = r["peak_mib"] - sdpa["peak_mib"]
+        rows += case_rows
+        log(f"pretrained {case} (B={B}, T={T}): " + ", ".join(
+            f"{m} {times[m]['fwdbwd'] * 1e3:.0f} ms" for m in times) + (f"; init {json.dumps(extra)}" if extra else ""))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def _f(r, k):
+    v = r.get(k, "")
+    return float(v) if v not in ("", None) else None
+
+
+def summary_section(rows) -> list[str]:
+    """Markdown: the table, the statistics at initialisation and the issue's goals (met or missed)."""
+    by = {(r["case"], r["method"]): r for r in rows}
+    fmt = lambda x, spec, suf="": "-" if x is None else f"{x:{spec}}{suf}"  # noqa: E731
+    lines = ["## Real checkpoint: one LoRA AdamW step of SmolLM2-135M (30 layers, 9 / 3 heads, vocab 49152)", "",
+             "Ratios to the plain SDPA step (medians of interleaved rounds); peak = RSS growth of one step in a fresh "
+             "process, MiB; extra = peak - SDPA peak.", "",
+             "| case | B | T | SDPA step ms | CAT time | authors time | SDPA peak MiB | CAT mem | CAT extra MiB | "
+             "authors mem | authors extra MiB |", "|" + "---|" * 11]
+    goals = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        s, c, a = (by.get((case, m), {}) for m in METHODS)
+        authors_extra = fmt(_f(a, "extra_mib"), ".0f") if a.get("status") == "ok" else \
+            f"~{_f(a, 'projected_peak_gib') * 1024:.0f} (projected)" if a.get("projected_peak_gib") else "-"
+        lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(_f(s, 'step_ms'), '.0f')} | "
+                     f"{fmt(_f(c, 'step_x_sdpa'), '.3f', 'x')} | {fmt(_f(a, 'step_x_sdpa'), '.2f', 'x')} | "
+                     f"{fmt(_f(s, 'peak_mib'), '.0f')} | {fmt(_f(c, 'peak_x_sdpa'), '.3f', 'x')} | "
+                     f"{fmt(_f(c, 'extra_mib'), '.0f')} | {fmt(_f(a, 'peak_x_sdpa'), '.2f', 'x')} | {authors_extra} |")
+        for key, target, what in (("step_x_sdpa", TARGETS["time"], "time"), ("peak_x_sdpa", TARGETS["memory"],
+                                                                             "peak memory")):
+            x = _f(c, key)
+            if x is not None:
+                goals.append(f"- CAT step {what}, {case}: {x:.3f}x SDPA (goal <= {target:.2f}x): "
+                             + ("met" if x <= target else "MISSED"))
+        ours = _f(c, "extra_mib")
+        theirs = _f(a, "extra_mib") if a.get("status") == "ok" else (
+            _f(a, "projected_peak_gib") * 1024 if a.get("projected_peak_gib") else None)
+        if case == "T2048" and ours is not None and theirs is not None:
+            ratio = theirs / max(ours, 1.0)
+            goals.append(f"- authors' extra memory at T=2048: {theirs:.0f} MiB"
+                         f"{' (projected)' if a.get('status') != 'ok' else ''} vs CAT's {ours:.0f} MiB: {ratio:.0f}x "
+                         f"(goal >= {TARGETS['authors_extra_over_ours']:.0f}x): "
+                         + ("met" if ratio >= TARGETS["authors_extra_over_ours"] else "MISSED"))
+    init = by.get(("stg", "cat"), {})
+    if _f(init, "init_attn_loss") is not None:
+        lines += ["", f"At initialisation on the STG batch (alpha {ALPHA:g}): Re-Attention loss "
+                  f"{_f(init, 'init_attn_loss'):.3f}; answer rows' causal mass {_f(init, 'init_answer_mass'):.3f} "
+                  f"(uniform attention would give {_f(init, 'init_uniform_mass'):.3f}; "
+                  f"{init.get('answer_rows')} answer rows)."]
+    return lines + ([""] + goals if goals else []) + [""]
+
+
+def plot(csv_path: str, out_dir: str) -> dict[str, str]:
+    """Bars: step time and peak memory of CAT and the authors' way relative to plain SDPA, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import read_csv
+
+    rows = read_csv(csv_path)
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in zip(axes, ("step_x_sdpa", "peak_x_sdpa"), ("step time", "peak memory (RSS growth)")):
+        for k, m in enumerate(("cat", "authors")):
+            vals = [_f(next((r for r in rows if r["case"] == c and r["method"] == m), {}), key) for c in cases]
+            xs = [i + (k - 0.5) * 0.38 for i in range(len(cases))]
+            bars = ax.bar(xs, [v or 0 for v in vals], width=0.36, label={"cat": "CAT (patch_model)",
+                                                                         "authors": "authors' way (eager maps)"}[m])
+            for b, v in zip(bars, vals):
+                ax.annotate("n/a" if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(cases)), cases)
+        ax.set_title(f"SmolLM2-135M LoRA step: {title} / plain SDPA")
+        ax.set_ylabel("x plain SDPA")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "pretrained.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"pretrained_png": path}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--pretrained-cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--pretrained-methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--pretrained-stg-batch", type=int, default=CASES["stg"][1], help="records in the stg case")
+    p.add_argument("--pretrained-threads", type=int, default=0,
+                   help="CPU threads of the pretrained section (default: torch's default, all cores)")
+    p.add_argument("--pretrained-case-budget", type=float, default=150.0,
+                   help="seconds per case after which no new timing round starts")
+    p.add_argument("--pretrained-no-memory", action="store_true", help="skip the memory child processes")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        sys.exit(0)
+    from runner import main_for
+
+    sys.exit(main_for("pretrained"))
