@@ -59,8 +59,8 @@ class CATSFTTrainer(CATLossMixin, SFTTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CAT_COLUMNS]))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        columns = getattr(dataset, "column_names", None) or []
-        if args.max_length is not None and "edges" in columns and "input_ids" in columns:
+        columns = getattr(dataset, "column_names", None)  # None: not known before iterating (IterableDataset)
+        if args.max_length is not None and (columns is None or {"edges", "input_ids"} <= set(columns)):
             # TRL truncates input_ids and labels only; cut the edges (and attention_mask) the same way first
             dataset = dataset.map(truncate_record, fn_kwargs={"max_length": args.max_length,
                                                                "keep_end": args.truncation_mode == "keep_end"})
@@ -84,6 +84,8 @@ def truncate_record(record: dict, max_length: int, keep_end: bool = False) -> di
     """``record`` cut to ``max_length`` tokens as TRL cuts ``input_ids`` (the first tokens, or the last with
     ``keep_end``), with its ``labels`` / ``attention_mask`` and its row-aligned ``edges`` re-indexed: an edge
     stays when both ends are kept."""
+    if record.get("input_ids") is None or record.get("edges") is None:
+        return record
     n = len(record["input_ids"])
     if n <= max_length:
         return record
@@ -92,6 +94,6 @@ def truncate_record(record: dict, max_length: int, keep_end: bool = False) -> di
     for key in ("input_ids", "labels", "attention_mask"):
         if record.get(key) is not None:
             out[key] = list(record[key])[start:start + max_length]
-    out["edges"] = [[i - start, j - start] for i, j in (record.get("edges") or [])
+    out["edges"] = [[i - start, j - start] for i, j in record["edges"]
                     if j >= start and i < start + max_length]
     return out

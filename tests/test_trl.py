@@ -106,3 +106,23 @@ def test_truncation_cuts_the_edges_with_the_tokens(tmp_path, mode):
             cut[i, j] = True
         assert torch.equal(cut, full[kept, kept]), f"seed {seed}"
     assert truncate_record({"input_ids": [5, 6], "edges": [[1, 0]]}, 4) == {"input_ids": [5, 6], "edges": [[1, 0]]}
+
+
+def test_lora_through_trl_peft_config(tmp_path):
+    """SFTTrainer wraps the patched model with PEFT itself (peft_config): the Re-Attention term is logged and only
+    the LoRA weights move."""
+    from peft import LoraConfig
+
+    seed = fresh_seed()
+    model = tiny_model("llama", seed=seed % 1000, train=True)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    trainer = CATSFTTrainer(model=model, args=sft_config(tmp_path, learning_rate=0.05), peft_config=lora,
+                            train_dataset=Dataset.from_list(records(8, seed)), processing_class=tokenizer(), alpha=1.5)
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "attn_loss" in h)
+    assert log["attn_loss"] > 0, f"seed {seed}"
+    params = dict(trainer.model.get_base_model().named_parameters())
+    base_moved = [n for n, p in params.items() if "lora_" not in n and not torch.equal(p, start[n.replace("base_layer.", "")])]
+    assert not base_moved, f"seed {seed}: base weights changed: {base_moved[:4]}"
+    assert all(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n), f"seed {seed}: a LoRA B stayed zero"
