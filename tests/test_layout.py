@@ -113,3 +113,13 @@ def test_no_backend_registry_cycle():
     g = import_graph()
     cycle = find_cycle({a: g[a] & BACKEND_CIRCLE for a in BACKEND_CIRCLE})
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_setup_lists_every_subpackage():
+    """setup.py names its packages by hand: a new subpackage (e.g. causal_attn.data.capt) must be listed, or
+    wheels and sdists ship without it."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "packages" for t in node.targets))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "causal_attn").rglob("__init__.py")}
+    assert found <= set(listed), f"missing from setup.py packages: {sorted(found - set(listed))}"
