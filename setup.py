@@ -17,7 +17,8 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 cpp_build = runpy.run_path(str(HERE / "causal_attn" / "cpp_build.py"))
 
-packages = ["causal_attn", "causal_attn.data", "causal_attn.demo", "causal_attn.kernels", "causal_attn.csrc", "causal_attn.benchmarks"]
+packages = ["causal_attn", "causal_attn.data", "causal_attn.data.capt", "causal_attn.demo", "causal_attn.kernels",
+            "causal_attn.csrc", "causal_attn.benchmarks"]
 package_dir = {"causal_attn": "causal_attn", "causal_attn.kernels": "kernels", "causal_attn.csrc": "csrc",
                "causal_attn.benchmarks": "benchmarks"}
 package_data = {"causal_attn.csrc": ["*.cpp", "*.h", "README.md"]}

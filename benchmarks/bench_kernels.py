@@ -12,7 +12,7 @@ medians and ratios to SDPA; peak memory of forward+backward comes from a fresh c
 case (methods measured one after another, high-water mark reset between them; see ``common``). On CUDA: do_bench medians, TFLOP/s with causal FLOPs 2*B*Hq*T^2*D forward and 2.5x
 that backward, and max_memory_allocated.
 
-    python benchmarks/bench_kernels.py [--quick] [--out benchmarks/results]
+    python benchmarks/runner.py --only kernels [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from causal_attn.attention import resolve_backend  # noqa: E402
 from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
-                    run_child, setup_threads, summarize, timed_phases)
+                    run_child, section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("cat", "cat_nomass", "sdpa", "eager")
 LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "sdpa": "torch SDPA (no statistics)",
@@ -230,9 +230,4 @@ def finalize_args(args):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-        sys.exit(0)
-    from runner import main_for
-
-    sys.exit(main_for("kernels"))
+    sys.exit(section_main("kernels", child_main))

@@ -20,7 +20,7 @@ method the RSS high-water growth of the steps on the first ``--packing-memory-ba
 warm-up step (``common.measure_peak``). The CAT losses of the two CAT methods are compared step by step
 (same initial weights, same samples, same updates: equal up to float32 rounding).
 
-    python benchmarks/bench_packing.py [--quick] [--out benchmarks/results]
+    python benchmarks/runner.py --only packing [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import causal_attn  # noqa: E402
 from bench_train_step import GAMMA, MODEL, StepBench  # noqa: E402
 from causal_attn.trainer import CATCollator  # noqa: E402
 from common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child,  # noqa: E402
-                    setup_threads, timed_phases)
+                    section_main, setup_threads, timed_phases)
 
 METHODS = ("sdpa_padded", "cat_padded", "cat_packed")
 LABELS = {"sdpa_padded": "plain SDPA, padded", "cat_padded": "CAT, padded", "cat_packed": "CAT, packed"}
@@ -240,9 +240,4 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-        sys.exit(0)
-    from runner import main_for
-
-    sys.exit(main_for("packing"))
+    sys.exit(section_main("packing", child_main))

@@ -6,7 +6,7 @@ at each thread count of ``--scaling-threads`` (default: 1 and the thread count t
 SDPA interleaved as everywhere else. Reported per thread count: the median time, the ratio to SDPA at the
 same thread count, and the speed-up over 1 thread.
 
-    python benchmarks/bench_threads.py [--quick] [--out benchmarks/results]
+    python benchmarks/runner.py --only threads [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels  # noqa: E402
 import bench_train_step  # noqa: E402
-from common import interleaved_times, summarize, timed_phases  # noqa: E402
+from common import interleaved_times, section_main, summarize, timed_phases  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at import, before a sweep pins --threads
 
@@ -79,6 +79,4 @@ def run_sweep(args, log=print) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from runner import main_for
-
-    sys.exit(main_for("threads"))
+    sys.exit(section_main("threads"))

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
-                    run_child, setup_threads, summarize, timed_phases)
+                    run_child, section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "authors")
 LABELS = {"sdpa": "plain SDPA step (no CAT)", "cat": "CAT via patch_model", "authors": "authors' way (eager maps)"}
@@ -217,9 +217,4 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-        sys.exit(0)
-    from runner import main_for
-
-    sys.exit(main_for("train"))
+    sys.exit(section_main("train", child_main))

@@ -165,6 +165,18 @@ def run_child(script: str, args: Sequence[str], timeout: float, attempts: int = 
     return {"error": error}
 
 
+def section_main(section: str, child_main: Callable[[list[str]], None] | None = None) -> int:
+    """``python <section script> --child ...``: one memory child (:func:`run_child`). A whole sweep runs through
+    the runner, which owns the list of sections (a section never imports it back)."""
+    if child_main is not None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        return 0
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+    print(f"run this sweep through the runner: python {runner} --only {section} [--quick] [--out DIR] "
+          f"(or: causal-attn bench --only {section})", file=sys.stderr)
+    return 2
+
+
 def child_report(**fields):
     """Print the one JSON line a child process hands back to :func:`run_child`."""
     print(json.dumps(fields), flush=True)

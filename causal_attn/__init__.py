@@ -14,9 +14,13 @@ __all__ = ["attention", "reference_attention", "CausalGraph", "re_attention_loss
            "patch_model", "register_backend"]
 
 
-def __getattr__(name):  # patch_model pulls in transformers: import it only when asked for
-    if name in ("patch_model", "CATTrainer"):
-        from . import patch
+def __getattr__(name):  # these pull in transformers: imported only when asked for
+    if name == "patch_model":
+        from .patch import patch_model
 
-        return getattr(patch, name)
+        return patch_model
+    if name == "CATTrainer":
+        from .trainer import CATTrainer
+
+        return CATTrainer
     raise AttributeError(f"module 'causal_attn' has no attribute {name!r}")

@@ -18,7 +18,7 @@ COMMANDS = {
     "gpu-check": "bench",  # bench.py registers both
     "stg": "data.cli",
     "annotate": "data.cli",
-    "capt": "data.capt_cli",
+    "capt": "data.capt.cli",
 }
 
 

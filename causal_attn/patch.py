@@ -353,10 +353,3 @@ def patch_model(model, adjacency=None, *, alpha: float = 0.2, reduction: str = "
     return CATHandle(model, modules, adjacency=adjacency, alpha=alpha, reduction=reduction, kind=kind,
                      collect_attention_map=collect_attention_map, backend=backend)
 
-
-def __getattr__(name):  # CATTrainer lives in trainer.py; causal_attn.CATTrainer resolves through here
-    if name == "CATTrainer":
-        from .trainer import CATTrainer
-
-        return CATTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -134,7 +134,100 @@ def _record_edges(record, n: int, shift: int, T: int) -> list[tuple[int, int]]:
     return edges
 
 
-class CATTrainer(Trainer):
+def cat_handle_for(model, cat_handle: CATHandle | None, **patch_options) -> CATHandle:
+    """The given handle, else ``patch_model(model, **patch_options)``."""
+    if model is None or isinstance(model, str):
+        raise ValueError("CAT needs the model object (it patches its attention): load it first, e.g. "
+                         "AutoModelForCausalLM.from_pretrained(name), and pass that instead of a name")
+    return cat_handle if cat_handle is not None else patch_model(model, **patch_options)
+
+
+def default_collator(model, processing_class, packing: bool = False) -> CATCollator:
+    """:class:`CATCollator` with the tokenizer's (else the model config's, else 0) pad id and padding side."""
+    pad = getattr(processing_class, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    side = getattr(processing_class, "padding_side", "right") or "right"
+    return CATCollator(0 if pad is None else pad, padding_side=side, packing=packing)
+
+
+class CATLossMixin:
+    """The Re-Attention term of CAT for a ``transformers.Trainer`` subclass (:class:`CATTrainer`, and
+    :class:`causal_attn.trl.CATSFTTrainer` over TRL's ``SFTTrainer``): ``compute_loss`` adds ``gamma * L_attn``
+    to the parent's loss, with the gradient-accumulation and data-parallel scaling of the module docstring.
+
+    A subclass calls :meth:`_init_cat` after ``super().__init__`` and says where the per-micro-batch values
+    (``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean``, ``ratio_ge_alpha``) go in :meth:`_log_cat`.
+    ``_outputs_from_parent = False`` when the parent's ``compute_loss(return_outputs=True)`` runs an extra
+    forward (it would replace the masses of the forward the loss was computed on): the outputs are then
+    computed here, after the Re-Attention loss."""
+
+    _outputs_from_parent = True
+
+    def _init_cat(self, cat_handle: CATHandle, gamma) -> None:
+        self.cat = cat_handle
+        self.gamma_fn = make_gamma(gamma)
+        self._cat_rows = None  # Re-Attention rows of the current optimizer step on all ranks
+
+    def _log_cat(self, key: str, value: float) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- schedule
+    def current_gamma(self) -> float:
+        epoch = int(math.floor((self.state.epoch or 0.0) + 1e-9))
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
+        return float(self.gamma_fn(epoch, progress))
+
+    def _lm_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of ``Trainer.training_step``'s decision whether it divides the loss by the GA steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    # -------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        has_graph = inputs.get("adjacency") is not None
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs and self._outputs_from_parent,
+                                    num_items_in_batch=num_items_in_batch)
+        loss, outputs = loss if isinstance(loss, tuple) else (loss, None)
+        training = model.training
+        ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scaled = training and self._lm_loss_is_scaled_for_ga(num_items_in_batch)
+        if training:
+            self._log_cat("lm_loss", float(loss.detach()) * (ga_steps if scaled else 1))
+        if has_graph:
+            attn, st = self.cat.loss(return_stats=True)
+            gamma = self.current_gamma()
+            if training and self._cat_rows is not None:
+                # mean over the rows of the whole step on all ranks (causal_attn.distributed); training_step
+                # divides an unscaled loss by the accumulation steps, so this term is multiplied back
+                share = data_parallel_share(attn, st.rows.sum(), reduction=self.cat.reduction,
+                                            global_rows=self._cat_rows)
+                loss = loss + gamma * (share if scaled else share * ga_steps)
+            else:  # training_step called outside train(): mean of the micro-batch losses
+                loss = loss + (gamma / ga_steps if scaled else gamma) * attn
+            if training:
+                self._log_cat("attn_loss", float(attn.detach()))
+                self._log_cat("gamma", gamma)
+                if st.rows.any():
+                    r = st.ratio.detach()[st.rows]
+                    self._log_cat("ratio_mean", float(r.mean()))
+                    self._log_cat("ratio_ge_alpha", float((r >= self.cat.alpha).float().mean()))
+        if return_outputs and outputs is None:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the Re-Attention rows of this step's micro-batches, summed over the ranks (one
+        all-reduce, like the Trainer's ``num_items_in_batch``)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._cat_rows = count_loss_rows(batch_samples)
+        return batch_samples, num_items_in_batch
+
+
+class CATTrainer(CATLossMixin, Trainer):
     """``Trainer`` whose loss is ``LM + gamma * Re-Attention`` (SPEC §2).
 
     Args (besides those of ``Trainer``):
@@ -159,69 +252,16 @@ class CATTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="cat_trainer_output")
         args.remove_unused_columns = False
-        if cat_handle is None:
-            cat_handle = patch_model(model, alpha=alpha, reduction=reduction, kind=kind, layers=layers)
+        handle = cat_handle_for(model, cat_handle, alpha=alpha, reduction=reduction, kind=kind, layers=layers)
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            if pad is None:
-                pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-            side = getattr(processing_class, "padding_side", "right") or "right"
-            data_collator = CATCollator(0 if pad is None else pad, padding_side=side, packing=packing)
+            data_collator = default_collator(model, processing_class, packing)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **kwargs)
-        self.cat = cat_handle
-        self.gamma_fn = make_gamma(gamma)
+        self._init_cat(handle, gamma)
         self._cat_logs: dict[str, list[float]] = defaultdict(list)
-        self._cat_rows = None  # Re-Attention rows of the current optimizer step on all ranks
 
-    # -------------------------------------------------------------- schedule
-    def current_gamma(self) -> float:
-        epoch = int(math.floor((self.state.epoch or 0.0) + 1e-9))
-        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
-        return float(self.gamma_fn(epoch, progress))
-
-    def _lm_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """Mirror of ``Trainer.training_step``'s decision whether it divides the loss by the GA steps."""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
-
-    # -------------------------------------------------------------- loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        has_graph = inputs.get("adjacency") is not None
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        training = model.training
-        ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        scaled = training and self._lm_loss_is_scaled_for_ga(num_items_in_batch)
-        if training:
-            self._cat_logs["lm_loss"].append(float(loss.detach()) * (ga_steps if scaled else 1))
-        if has_graph:
-            attn, st = self.cat.loss(return_stats=True)
-            gamma = self.current_gamma()
-            if training and self._cat_rows is not None:
-                # mean over the rows of the whole step on all ranks (causal_attn.distributed); training_step
-                # divides an unscaled loss by the accumulation steps, so this term is multiplied back
-                share = data_parallel_share(attn, st.rows.sum(), reduction=self.cat.reduction,
-                                            global_rows=self._cat_rows)
-                loss = loss + gamma * (share if scaled else share * ga_steps)
-            else:  # training_step called outside train(): mean of the micro-batch losses
-                loss = loss + (gamma / ga_steps if scaled else gamma) * attn
-            if training:
-                self._cat_logs["attn_loss"].append(float(attn.detach()))
-                self._cat_logs["gamma"].append(gamma)
-                if st.rows.any():
-                    r = st.ratio.detach()[st.rows]
-                    self._cat_logs["ratio_mean"].append(float(r.mean()))
-                    self._cat_logs["ratio_ge_alpha"].append(float((r >= self.cat.alpha).float().mean()))
-        return (loss, outputs) if return_outputs else loss
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Also counts the Re-Attention rows of this step's micro-batches, summed over the ranks (one
-        all-reduce, like the Trainer's ``num_items_in_batch``)."""
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._cat_rows = count_loss_rows(batch_samples)
-        return batch_samples, num_items_in_batch
+    def _log_cat(self, key: str, value: float) -> None:
+        self._cat_logs[key].append(value)
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._cat_logs:  # a training log: add our means and start over

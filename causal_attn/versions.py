@@ -11,7 +11,7 @@ import importlib.metadata
 import platform
 import sys
 
-PACKAGES = ("torch", "transformers", "triton", "peft", "accelerate", "datasets", "tokenizers", "kernels")
+PACKAGES = ("torch", "transformers", "triton", "peft", "accelerate", "datasets", "tokenizers", "kernels", "trl")
 
 # (module to import, what we use from it): every import a patched model or the trainer performs
 STACK = (

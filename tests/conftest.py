@@ -1,15 +1,54 @@
 import os
+import random
 import sys
+import zlib
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # shared test helpers (oracle, numerics, tiny_models)
 
+# Tests draw fresh random inputs. Those with their own seed (numerics.fresh_seed) put it in their assertion
+# messages; everything else draws from the global RNGs (random, torch, numpy), which each test gets seeded
+# from this run's seed and its own id, reported with any failure. SEED_ENV=<seed> replays a run.
+SEED_ENV = "CAUSAL_ATTN_TEST_SEED"
+RUN_SEED = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+
 
 def pytest_report_header(config):
     from causal_attn.versions import describe
 
-    return "causal_attn stack: " + describe()
+    return [f"causal_attn stack: {describe()}", f"random seed of this run: {SEED_ENV}={RUN_SEED}"]
+
+
+def _seed_global_rngs(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_seed():
+    _seed_global_rngs(RUN_SEED)  # module- and session-scoped fixtures draw from here
+
+
+@pytest.fixture(autouse=True)
+def _test_seed(request):
+    seed = zlib.crc32(f"{RUN_SEED}:{request.node.nodeid}".encode())
+    _seed_global_rngs(seed)
+    request.node.user_properties.append(("global RNG seed", seed))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        seeds = dict(item.user_properties).get("global RNG seed")
+        report.sections.append(("random seed", f"global RNGs (random, torch, numpy) seeded with {seeds}; "
+                                f"{SEED_ENV}={RUN_SEED} replays this run"))
+    return report
 
 
 def pytest_configure(config):

@@ -24,6 +24,18 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
+def cpp_kernel_only(monkeypatch) -> None:
+    """Make the PyTorch path that ``cpp_backend`` hands float64 (and nothing else) to fail when called, so a
+    test of the ``cpp`` backend proves that the C++ kernel ran."""
+    from causal_attn import blocked
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cpp backend ran the PyTorch path (blocked), not the C++ kernel")
+
+    monkeypatch.setattr(blocked, "forward", fail)
+    monkeypatch.setattr(blocked, "backward", fail)
+
+
 def make_case(B, Hq, Hkv, T, D, dtype, *, padding="none", adjacency="random", logit_scale=1.0, seed=None,
               device="cpu"):
     """Random q, k, v (requires_grad), dense adjacency (or None), key padding mask (or None)."""

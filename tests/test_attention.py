@@ -6,7 +6,8 @@ import torch
 
 import causal_attn
 from causal_attn.attention import get_backend
-from numerics import check_against_oracle, make_case
+from numerics import check_against_oracle, cpp_kernel_only, fresh_seed, make_case
+from oracle import oracle_attention
 
 CPU_BACKENDS = ["reference", "torch", "cpp"]
 
@@ -77,34 +78,54 @@ def test_no_nan_on_fully_padded_rows_and_large_logits(backend):
     assert (mass[no_key[:, None].expand(-1, 2, -1)] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_gradcheck_float64(backend):
-    _require(backend)
-    torch.manual_seed(0)
+def _gradcheck_case(dtype, seed):
+    """B=2, 2 query / 1 kv heads, T=6; sample 1 has 2 padded keys (rows without any allowed key)."""
+    g = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, T, D = 2, 2, 1, 6, 4
-    q = torch.randn(B, Hq, T, D, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
-    adj = (torch.rand(B, T, T) < 0.5) & torch.ones(T, T, dtype=torch.bool).tril()
+    q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    adj = (torch.rand(B, T, T, generator=g) < 0.5) & torch.ones(T, T, dtype=torch.bool).tril()
     kpm = torch.ones(B, T, dtype=torch.bool)
     kpm[1, :2] = False
+    return q, k, v, adj, kpm
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(backend):
+    """Finite differences in float64 through both outputs (the cpp backend hands float64 to the PyTorch path,
+    so its kernel is checked in float32 by the next test)."""
+    seed = fresh_seed()
+    q, k, v, adj, kpm = _gradcheck_case(torch.float64, seed)
     fn = lambda a, b, c: causal_attn.attention(a, b, c, adj, key_padding_mask=kpm, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, raise_exception=False), f"seed {seed}"
 
 
-def test_attention_map_diagnostic_matches_oracle_average():
-    q, k, v, adj, kpm, seed = make_case(2, 4, 2, 37, 16, torch.float32, padding="right")
-    for backend in ("reference", "torch"):
-        buf = torch.zeros(2, 37, 37)
-        with torch.no_grad():
-            causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend=backend, attn_map=buf,
-                                  attn_map_weight=0.25)
-        # one layer, 4 heads, weight 1/4: the head average; its row sums are 1 where the row has keys
-        rows = buf.sum(-1)
-        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5), backend
-        # averaged map times adjacency equals the head-averaged mass
-        _, mass = causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="reference")
-        assert torch.allclose((buf * adj).sum(-1), mass.mean(1).detach(), atol=1e-5), backend
+def test_cpp_kernel_float32_gradients_match_fp64_oracle(monkeypatch):
+    """The C++ kernel (float32; it never sees float64) on the gradcheck case: outputs and gradients through both
+    outputs against the fp64 oracle with the tolerance rule."""
+    _require("cpp")
+    cpp_kernel_only(monkeypatch)
+    seed = fresh_seed()
+    q, k, v, adj, kpm = _gradcheck_case(torch.float32, seed)
+    check_against_oracle(_run("cpp", adj, kpm), q, k, v, adj, kpm, seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_map_diagnostic_matches_oracle_average(backend, monkeypatch):
+    """The (B, T, T) diagnostic buffer of one layer (4 heads, weight 1/4) equals the head average of the fp64
+    oracle's probabilities (the oracle's output with v = identity is P itself)."""
+    _require(backend)
+    if backend == "cpp":
+        cpp_kernel_only(monkeypatch)
+    B, Hq, Hkv, T = 2, 4, 2, 37
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, 16, torch.float32, padding="right")
+    buf = torch.zeros(B, T, T)
+    with torch.no_grad():
+        causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend=backend, attn_map=buf, attn_map_weight=0.25)
+    eye = torch.eye(T, dtype=torch.float64).expand(B, Hkv, T, T)
+    probs, _ = oracle_attention(q.detach(), k.detach(), eye, None, kpm)
+    torch.testing.assert_close(buf.double(), probs.mean(1), rtol=0, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+    assert (buf[kpm.logical_not()[:, None, :].expand(B, T, T)] == 0).all(), f"padded keys got weight (seed {seed})"
 
 
 def test_auto_backend_on_cpu_is_a_cpu_implementation():

@@ -8,7 +8,7 @@ import pytest
 
 from causal_attn.cli import main
 from causal_attn.data.capt import VARIANTS, accuracy_by_variant, capt_graph, replicate, symbolize_sample
-from causal_attn.data.capt_deduction import NONSENSE, RHO, WORLD, generate
+from causal_attn.data.capt.deduction import NONSENSE, RHO, WORLD, generate
 from causal_attn.demo.capt import format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,8 @@ import torch
 import causal_attn
 from causal_attn import CausalGraph, re_attention_loss
 from causal_attn.attention import get_backend
-from numerics import SEGMENT_CASES, check_against_oracle, make_case, random_segments
+from numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
+                      random_segments)
 
 CPU_BACKENDS = ["reference", "torch", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,23 +33,43 @@ def test_segments_match_fp64_oracle(backend, dtype, case):
     check_against_oracle(run, q, k, v, adj, kpm, seed, seg=seg)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_small_blocks_skip_keys_exactly(backend):
-    """Blocked path with 16-row blocks: segments start inside and at block edges (key ranges start at lo>0)."""
-    _require(backend)
+def _segments(lengths):
+    return torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in lengths])
+
+
+def test_small_blocks_skip_keys_exactly():
+    """The PyTorch path (blocked) with 16-row blocks: segments start inside and at block edges (key ranges
+    start at lo > 0); float64 against the reference with the same segments."""
     from causal_attn import blocked
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
-    lengths = torch.tensor([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
-    seg = torch.stack([torch.repeat_interleave(torch.arange(5), n) for n in lengths])
+    seg = _segments([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
     starts = causal_attn.graph.segment_starts(seg, 2, 50, "cpu")
     assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
     packed = CausalGraph.from_dense(adj).packed
     out, lse, mass = blocked.forward(q, k, v, packed, None, starts, 0.25, block=16)
     ref_out, ref_mass, _ = causal_attn.reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25,
                                                                    starts)
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
-    torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch):
+    """The C++ kernel (float32) on packed rows whose 64-row query tiles start reading keys after column 0, one of
+    them past a whole 256-column key tile: outputs and gradients vs the fp64 oracle."""
+    _require("cpp")
+    cpp_kernel_only(monkeypatch)
+    T = 300
+    q, k, v, adj, kpm, seed = make_case(2, 2, 1, T, 16, torch.float32)
+    seg = _segments([[40, 30, 70, 60, 100], [100, 156, 1, 43]])  # sample 1: a segment starts at row 256
+    starts = causal_attn.graph.segment_starts(seg, 2, T, "cpu")
+    first_keys = [int(starts[b, i0]) & ~31 for b in range(2) for i0 in range(0, T, 64)]
+    assert max(first_keys) >= 256, "layout never skips a whole key tile"
+
+    def run(a, b, c):
+        return causal_attn.attention(a, b, c, adj, key_padding_mask=kpm, segment_ids=seg, backend="cpp")
+
+    check_against_oracle(run, q, k, v, adj, kpm, seed, seg=seg)
 
 
 def _samples(lengths, seed):
@@ -96,15 +117,20 @@ def test_cross_segment_edges_are_ignored_and_uncounted():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_packed_loss_equals_padded_loss(backend):
-    """Same samples packed into one row vs padded into a batch: masses per row and the loss agree."""
+def test_packed_loss_equals_padded_loss(backend, monkeypatch):
+    """Same samples packed into one row vs padded into a batch: masses per row and the loss agree (float64 on the
+    PyTorch paths; float32 for cpp, whose kernel never sees float64)."""
     _require(backend)
+    if backend == "cpp":
+        cpp_kernel_only(monkeypatch)
+    dtype = torch.float32 if backend == "cpp" else torch.float64
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
     lengths = [9, 1, 17, 5]
-    graphs = _samples(lengths, seed=1)
+    graphs = _samples(lengths, seed=seed)
     Tpad, Tpack = max(lengths), sum(lengths)
-    torch.manual_seed(3)
-    qs = [torch.randn(1, 4, n, 16, dtype=torch.float64) for n in lengths]
-    ks = [torch.randn(1, 2, n, 16, dtype=torch.float64) for n in lengths]
+    qs = [torch.randn(1, 4, n, 16, generator=g, dtype=dtype) for n in lengths]
+    ks = [torch.randn(1, 2, n, 16, generator=g, dtype=dtype) for n in lengths]
     pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, Tpad - x.shape[2]))  # noqa: E731
     qp, kp = torch.cat([pad(x) for x in qs]), torch.cat([pad(x) for x in ks])
     kpm = torch.zeros(len(lengths), Tpad, dtype=torch.bool)
@@ -115,9 +141,11 @@ def test_packed_loss_equals_padded_loss(backend):
     packed_graph = CausalGraph.pack([graphs])
     _, mass_pack = causal_attn.attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(ks, 2), packed_graph,
                                          backend=backend)
-    torch.testing.assert_close(mass_pack[0], torch.cat([mass_pad[b, :, :n] for b, n in enumerate(lengths)], 1))
+    msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
+    per_row = torch.cat([mass_pad[b, :, :n] for b, n in enumerate(lengths)], 1)
+    torch.testing.assert_close(mass_pack[0], per_row, msg=msg)
     for reduction in ("mean", "sum"):
         want = re_attention_loss([mass_pad], padded_graph, alpha=2.0, key_padding_mask=kpm, reduction=reduction)
         got = re_attention_loss([mass_pack], packed_graph, alpha=2.0, reduction=reduction)
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, msg=msg)
     assert Tpack == mass_pack.shape[-1]

@@ -42,19 +42,62 @@ def _train(ws, out, *extra):
     return json.loads((out / "train_summary.json").read_text())
 
 
+class SimulatedCrash(Exception):
+    pass
+
+
+def _perturbed_copy(src, dst):
+    """The model at ``src`` with every weight moved: a run that starts from it instead of a checkpoint ends
+    elsewhere."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
 @pytest.mark.parametrize("method", ["vanilla", "cat"])
-def test_train_resume_eval(workspace, tmp_path, method):
-    out = tmp_path / method
-    first = _train(workspace, out, "--method", method, "--alpha", "2", "--epochs", "1")
-    assert first["global_step"] == 3 and (out / "checkpoint-3").is_dir()
-    logged = [h for h in first["log_history"] if "loss" in h]
+def test_train_resume_eval(workspace, tmp_path, method, monkeypatch):
+    """A run stopped right after its step-4 checkpoint, as a crash would, then resumed, ends with the weights of
+    an uninterrupted run. The resumed run starts from a perturbed initial model and runs only the 2 remaining
+    steps, so a restart from scratch (or from the initial weights) would not end there."""
+    from causal_attn.trainer import CATTrainer
+
+    common = ["--method", method, "--alpha", "2", "--epochs", "2", "--save-steps", "2"]  # 3 steps per epoch
+    straight = _train(workspace, tmp_path / "straight", *common)
+    assert straight["global_step"] == 6
+    logged = [h for h in straight["log_history"] if "loss" in h]
     assert logged and all(("attn_loss" in h) == (method == "cat") for h in logged)
-    init, trained = _state(workspace / "init"), _state(out)
+    init, trained = _state(workspace / "init"), _state(tmp_path / "straight")
     assert any(not torch.equal(init[k], trained[k]) for k in init)
 
-    second = _train(workspace, out, "--method", method, "--alpha", "2", "--epochs", "2", "--resume")
-    assert second["resumed_from"].endswith("checkpoint-3") and second["global_step"] == 6
-    assert (out / "checkpoint-6").is_dir()
+    save, steps = CATTrainer._save_checkpoint, []
+
+    def crash_after_step_4(self, *a, **kw):
+        save(self, *a, **kw)
+        if self.state.global_step == 4:  # mid-epoch: the resumed run has to skip a batch of epoch 2
+            raise SimulatedCrash
+
+    out = tmp_path / method
+    monkeypatch.setattr(CATTrainer, "_save_checkpoint", crash_after_step_4)
+    with pytest.raises(SimulatedCrash):
+        _train(workspace, out, *common)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr(CATTrainer, "_save_checkpoint", save)
+    step = CATTrainer.training_step
+    monkeypatch.setattr(CATTrainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
+    _perturbed_copy(workspace / "init", tmp_path / "other_init")
+    args = ["train", "--model", str(tmp_path / "other_init"), "--data", str(workspace / "train.jsonl"), "--out",
+            str(out), "--batch-size", "8", "--lr", "3e-3", "--logging-steps", "1", *common, "--resume"]
+    assert main(args) == 0
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["global_step"] == 6 and len(steps) == 2
+    final = _state(out)
+    for k in trained:
+        torch.testing.assert_close(final[k], trained[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
     assert main(["eval", "--model", str(out), "--data", str(workspace / "test.jsonl"), "--batch-size", "5",
                  "--max-new-tokens", "3"]) == 0

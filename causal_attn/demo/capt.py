@@ -1,6 +1,6 @@
 """`causal-attn demo capt`: vanilla fine-tuning vs CAPT on a generated PrOntoQA-style deduction task.
 
-The data (:mod:`causal_attn.data.capt_deduction`) carry a spurious correlation between the event
+The data (:mod:`causal_attn.data.capt.deduction`) carry a spurious correlation between the event
 names and the answer in training; the test variants keep it (commonsense), invert it
 (anticommonsense) or remove the names (nonsense). Per seed one tiny Llama is trained three ways
 with the same budget (steps, batch size, learning rate, initial weights, batch order):
@@ -42,7 +42,7 @@ class Setup:
     def __init__(self, quick: bool, copies: int):
         from string import ascii_uppercase
 
-        from ..data.capt_deduction import generate
+        from ..data.capt.deduction import generate
         from .model import build_word_tokenizer
 
         n_test = 16 if quick else N_TEST

@@ -24,10 +24,11 @@ drawn uniformly within each length and shuffled over the placeholders. ``order``
 ``Z, AA, AB, ...`` (bijective base 26).
 """
 
-# The implementation is split by concern; every public name (and the private ones the tests use) stays here.
-from .capt_datasets import *  # noqa: F401,F403
-from .capt_datasets import _TAG, _read_rows, _variant_from_path  # noqa: F401
-from .capt_estimation import *  # noqa: F401,F403
-from .capt_estimation import _DEMOS, _reason_kind, _word_pattern  # noqa: F401
-from .capt_intervention import *  # noqa: F401,F403
-from .capt_intervention import _BAD_PLACEHOLDER, _OffsetMap, _occurrences, _rng  # noqa: F401
+# One module per concern (estimation, intervention, datasets; deduction is the demo's generated task, cli the
+# `causal-attn capt` command); every public name (and the private ones the tests use) is re-exported here.
+from .datasets import *  # noqa: F401,F403
+from .datasets import _TAG, _read_rows, _variant_from_path  # noqa: F401
+from .estimation import *  # noqa: F401,F403
+from .estimation import _DEMOS, _reason_kind, _word_pattern  # noqa: F401
+from .intervention import *  # noqa: F401,F403
+from .intervention import _BAD_PLACEHOLDER, _OffsetMap, _occurrences, _rng  # noqa: F401

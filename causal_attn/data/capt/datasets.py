@@ -12,7 +12,7 @@ import os
 import re
 from typing import Sequence
 
-from .capt_intervention import FIELDS
+from .intervention import FIELDS
 
 VARIANTS = ("commonsense", "anticommonsense", "nonsense")
 CHOICES = {"cladder": ("yes", "no"), "prontoqa": ("true", "false")}

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 
-from .capt import VARIANTS
+from .datasets import VARIANTS
 
 LINK_NOT = "isn't"  # negative rules and conclusions (word tokens "isn", "'", "t": the polarity follows the name)
 RHO = 1.0  # P(rules agree with the world) in the training split
@@ -89,7 +89,7 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     conclusion = f"So {p} {'is' if answer else LINK_NOT} a {q}."
     template_in = " ".join([fact] + [rule_text[r[0]] for r in rules] + [query]) + "\nAnswer:"
     template_out = f" {rule_text[subject]} {conclusion} <answer>{'True' if answer else 'False'}</answer>"
-    from .capt import make_assignment, render
+    from .intervention import make_assignment, render
 
     original = make_assignment(sorted(names), "original", mapping=names)
     text_in, text_out = render(template_in, original).text, render(template_out, original).text

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from ..cli import CliError
+from ...cli import CliError
 
 
 def add_parser(subparsers) -> None:
@@ -57,7 +57,7 @@ def _data_args(p) -> None:
 
 
 def _load(args) -> list[dict]:
-    from .capt import load_records
+    from .datasets import load_records
 
     records = []
     for path in args.data:
@@ -85,8 +85,8 @@ def _write_jsonl(path: str, rows) -> None:
 
 
 def run_estimate(args) -> int:
-    from .capt import estimate_events
-    from .llm import ChatClient, JsonlCache
+    from .estimation import estimate_events
+    from ..llm import ChatClient, JsonlCache
 
     records = _load(args)[: args.limit]
     try:
@@ -105,7 +105,7 @@ def run_estimate(args) -> int:
 
 
 def run_symbolize(args) -> int:
-    from .capt import replicate
+    from .intervention import replicate
 
     records = _load(args)
     try:
@@ -118,7 +118,7 @@ def run_symbolize(args) -> int:
 
 
 def run_score(args) -> int:
-    from .capt import accuracy_by_variant
+    from .datasets import accuracy_by_variant
 
     if not os.path.exists(args.data):
         raise CliError(f"no such file: {args.data}")

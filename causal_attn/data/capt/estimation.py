@@ -10,7 +10,7 @@ import json
 import re
 from typing import Iterable, Sequence
 
-from .capt_intervention import (_BAD_PLACEHOLDER, FIELDS, PLACEHOLDER, make_assignment, phrase_of,
+from .intervention import (_BAD_PLACEHOLDER, FIELDS, PLACEHOLDER, make_assignment, phrase_of,
                                 placeholder_names, render)
 
 
