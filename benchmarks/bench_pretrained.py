@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from causal_attn import pretrained  # noqa: E402
 from bench_train_step import GAMMA, METHODS, authors_re_attention, projected_authors_gib, stg_like_graph  # noqa: E402
-from common import child_report, interleaved_times, measure_peak, run_child, summarize, timed_phases  # noqa: E402
+from common import (child_report, interleaved_times, measure_peak, run_child, section_main, summarize,  # noqa: E402
+                    timed_phases)
 
 MODEL_NAME = "smollm2-135m"
 CASES = {"stg": (None, 8), "T512": (512, 4), "T2048": (2048, 1)}  # name -> (T or None for STG records, B)
@@ -311,9 +312,4 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-        sys.exit(0)
-    from runner import main_for
-
-    sys.exit(main_for("pretrained"))
+    sys.exit(section_main("pretrained", child_main))

@@ -286,3 +286,27 @@ def test_unpatched_model_generates_the_same_tokens(smollm2, batch):
     after = generate()
     assert torch.equal(before, after)
     assert "Paris" in tok.decode(before[0, enc["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_pretrained_bench_section_through_the_cli(tmp_path):
+    """``causal-attn bench --only pretrained`` at a smoke size: every method steps the real model, memory is
+    measured in a child process, CAT's statistics at initialisation are recorded; CSV, PNG and summary."""
+    import csv
+
+    from causal_attn.cli import main
+
+    assert main(["bench", "--only", "pretrained", "--pretrained-cases", "stg", "--pretrained-stg-batch", "2",
+                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "pretrained.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["sdpa", "cat", "authors"]
+    for r in rows:
+        assert r["status"] == "ok" and r["B"] == "2" and int(r["T"]) > 50, r
+        assert float(r["step_ms"]) > 0 and float(r["peak_mib"]) > 0, r
+    cat = rows[1]
+    assert float(cat["init_attn_loss"]) > 0 and 0 < float(cat["init_answer_mass"]) < 1, cat
+    assert float(rows[2]["extra_mib"]) > float(cat["extra_mib"])  # the authors' way keeps 30 layers of maps
+    assert (tmp_path / "pretrained.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Real checkpoint" in summary and "| stg | 2 |" in summary and "answer rows' causal mass" in summary
