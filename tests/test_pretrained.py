@@ -310,3 +310,27 @@ def test_pretrained_bench_section_through_the_cli(tmp_path):
     assert (tmp_path / "pretrained.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
     assert "## Real checkpoint" in summary and "| stg | 2 |" in summary and "answer rows' causal mass" in summary
+
+
+@pytest.mark.slow
+def test_train_and_eval_cli_by_name(tmp_path):
+    """`causal-attn train --model smollm2-135m` (the GGUF trap: Trainer refuses a GGUF-loaded model, save_pretrained
+    cannot write one) trains CAT with LoRA, saves a plain model that `pretrained.load` reads back, and `eval`
+    scores it."""
+    from causal_attn.cli import main
+
+    records = released_records()[:2]
+    data = tmp_path / "stg.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    assert main(["train", "--model", "smollm2-135m", "--data", str(data), "--method", "cat", "--lora",
+                 "--epochs", "1", "--batch-size", "2", "--alpha", str(ALPHA), "--logging-steps", "1",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 1 and summary["missing_spans"] == 0
+    assert any("attn_loss" in h for h in summary["log_history"]), summary["log_history"]
+    model, tok = pretrained.load(out, progress=False)
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.eos_token_id == 2
+    assert main(["eval", "--model", str(out), "--data", str(data), "--max-new-tokens", "4"]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["task"] == "exact" and metrics["stg"]["n"] == 2 and 0 <= metrics["stg"]["exact"] <= 1
