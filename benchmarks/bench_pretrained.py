@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from causal_attn import pretrained  # noqa: E402
-from bench_train_step import GAMMA, METHODS, authors_re_attention, projected_authors_gib, stg_like_graph  # noqa: E402
+from bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,  # noqa: E402
+                              stg_like_graph)
 from common import (child_report, interleaved_times, measure_peak, run_child, section_main, summarize,  # noqa: E402
                     timed_phases)
 
@@ -74,8 +75,10 @@ def make_batch(case: str, tokenizer, vocab: int, device, stg_batch: int = CASES[
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class PretrainedStep:
+class PretrainedStep(StepBench):
     """The real checkpoint with fresh LoRA adapters and AdamW, for one method; :meth:`step` trains once."""
+
+    alpha = ALPHA
 
     def __init__(self, method: str, base, device, backend: str = "auto", seed: int = 0):
         import copy
@@ -101,22 +104,8 @@ class PretrainedStep:
         self.dense_adj = batch["adjacency"].to_dense() if self.method == "authors" else None
         return self
 
-    def forward_loss(self) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        b = self.batch
-        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-        if self.method == "authors":
-            out = self.model(**kw, output_attentions=True)
-            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, ALPHA)
-        out = self.model(**kw)
-        return out.loss + GAMMA * self.handle.loss() if self.method == "cat" else out.loss
-
-    def backward_step(self, loss: torch.Tensor):
-        loss.backward()
-        self.opt.step()
-
-    def step(self):
-        self.backward_step(self.forward_loss())
+    def model_inputs(self) -> dict:
+        return {k: self.batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def initial_statistics(base, batch: dict) -> dict:
@@ -199,20 +188,10 @@ def run_sweep(args, log=print) -> list[dict]:
             if m in skip:
                 row.update(status=skip[m], projected_peak_gib=round(projected, 2))
                 continue
-            row["step_ms"] = times[m]["fwdbwd"] * 1e3
-            row["step_x_sdpa"] = times[m].get("fwdbwd_x", "")
-            if "error" in mem:
-                row["status"] = f"memory child failed: {mem['error']}"
-            elif m in mem:
-                row["peak_mib"] = mem[m]
+            fill_step_row(row, times[m], mem)
             if m == "cat":
                 row.update(extra)
-            row.setdefault("status", "ok")
-        sdpa = next((r for r in case_rows if r["method"] == "sdpa" and "peak_mib" in r), None)
-        for r in case_rows:
-            if sdpa is not None and "peak_mib" in r:
-                r["peak_x_sdpa"] = r["peak_mib"] / max(sdpa["peak_mib"], 1e-3)
-                r["extra_mib"] = r["peak_mib"] - sdpa["peak_mib"]
+        add_memory_ratios(case_rows)
         rows += case_rows
         log(f"pretrained {case} (B={B}, T={T}): " + ", ".join(
             f"{m} {times[m]['fwdbwd'] * 1e3:.0f} ms" for m in times) + (f"; init {json.dumps(extra)}" if extra else ""))

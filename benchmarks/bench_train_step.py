@@ -96,12 +96,16 @@ class StepBench:
         self.dense_adj = graph.to_dense() if self.method == "authors" else None
         return self
 
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.ids, "labels": self.ids}
+
     def forward_loss(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
+        alpha = getattr(self, "alpha", ALPHA)
         if self.method == "authors":
-            out = self.model(input_ids=self.ids, labels=self.ids, output_attentions=True)
-            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, ALPHA)
-        out = self.model(input_ids=self.ids, labels=self.ids)
+            out = self.model(**self.model_inputs(), output_attentions=True)
+            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, alpha)
+        out = self.model(**self.model_inputs())
         return out.loss + GAMMA * self.handle.loss() if self.method == "cat" else out.loss
 
     def backward_step(self, loss: torch.Tensor):
@@ -174,22 +178,33 @@ def run_sweep(args, log=print) -> list[dict]:
             if m in skip:
                 row["status"] = skip[m]
                 continue
-            row["step_ms"] = times[m]["fwdbwd"] * 1e3
-            if "fwdbwd_x" in times[m]:
-                row["step_x_sdpa"] = times[m]["fwdbwd_x"]
-            if "error" in mem:
-                row["status"] = f"memory child failed: {mem['error']}"
-            elif m in mem:
-                row["peak_mib"] = mem[m]
-            row.setdefault("status", "ok")
-        sdpa = next((r for r in case_rows if r["method"] == "sdpa" and "peak_mib" in r), None)
-        for r in case_rows:
-            if sdpa is not None and "peak_mib" in r:
-                r["peak_x_sdpa"] = r["peak_mib"] / max(sdpa["peak_mib"], 1e-3)
-                r["extra_mib"] = r["peak_mib"] - sdpa["peak_mib"]
+            fill_step_row(row, times[m], mem)
+        add_memory_ratios(case_rows)
         rows += case_rows
         log(f"train step T={T}: " + ", ".join(f"{m} {times[m]['fwdbwd'] * 1e3:.0f} ms" for m in times))
     return rows
+
+
+def fill_step_row(row: dict, times: dict, mem: dict):
+    """A method's row of a case: step time, its ratio to SDPA, peak memory (or why there is none), status."""
+    method = row["method"]
+    row["step_ms"] = times["fwdbwd"] * 1e3
+    if "fwdbwd_x" in times:
+        row["step_x_sdpa"] = times["fwdbwd_x"]
+    if "error" in mem:
+        row["status"] = f"memory child failed: {mem['error']}"
+    elif method in mem:
+        row["peak_mib"] = mem[method]
+    row.setdefault("status", "ok")
+
+
+def add_memory_ratios(case_rows: list[dict]):
+    """``peak_x_sdpa`` and ``extra_mib`` (peak - SDPA's peak) of each row of one case."""
+    sdpa = next((r for r in case_rows if r["method"] == "sdpa" and "peak_mib" in r), None)
+    for r in case_rows:
+        if sdpa is not None and "peak_mib" in r:
+            r["peak_x_sdpa"] = r["peak_mib"] / max(sdpa["peak_mib"], 1e-3)
+            r["extra_mib"] = r["peak_mib"] - sdpa["peak_mib"]
 
 
 def profile_step(method: str, T: int, B: int, device="cpu", row_limit: int = 25) -> str:
