@@ -12,7 +12,7 @@ FlexAttention differentiates through its LSE (PyTorch PR 133159), so the backend
   allowed key (left padding) give out 0 and mass 0, as the other backends do.
 - GQA through Flex's own ``enable_gqa``; the adjacency is read in ``mask_mod`` from the bit-packed words
   ``(B, T, ceil(T/32))`` (bit ``j % 32`` of word ``j // 32`` of row ``i``).
-- CUDA: ``flex_attention`` and ``create_block_mask`` are compiled (one cached ``torch.compile`` wrapper).
+- CUDA: ``flex_attention`` and ``create_block_mask`` are compiled (one cached ``torch.compile`` wrapper each).
   Other devices run Flex's eager implementation (it materialises the scores), forward only: torch's
   FlexAttention has no CPU backward, so a call that would need one raises.
 - The block masks of the latest adjacency / padding / segments are cached, so the layers of one forward
@@ -30,7 +30,7 @@ try:
 except ImportError:  # torch before 2.9: return_lse=True
     AuxRequest = None
 
-_compiled = None
+_COMPILED: dict = {}
 _cache: dict = {}
 
 
@@ -99,11 +99,10 @@ def block_masks(packed, key_padding_mask, seg_start, B, T, device):
     kpm = key_padding_mask.clone() if key_padding_mask is not None else None
     seg = seg_start.clone() if seg_start is not None else None
     allowed, adjacent = mask_mods(packed, kpm, seg)
-    compiled = device.type == "cuda"
+    create = _compiled("create_block_mask") if device.type == "cuda" else create_block_mask
     per_sample = B if (kpm is not None or seg is not None) else None  # causal alone: one mask for the batch
-    mask_all = create_block_mask(allowed, per_sample, None, T, T, device=device, _compile=compiled)
-    mask_s = create_block_mask(adjacent, B, None, T, T, device=device, _compile=compiled) if packed is not None \
-        else None
+    mask_all = create(allowed, per_sample, None, T, T, device=device)
+    mask_s = create(adjacent, B, None, T, T, device=device) if packed is not None else None
     _cache.clear()
     _cache.update(key=key, packed=(packed, packed._version) if packed is not None else None, kpm=kpm, seg=seg,
                   masks=(mask_all, mask_s))
@@ -123,17 +122,20 @@ def _same_value(cached, t) -> bool:
 
 
 def _flex_function(device):
-    """The compiled flex_attention on CUDA (compiled once; each new shape or mask structure recompiles, so the
-    recompile limit is raised above the default 8), the eager one elsewhere."""
-    global _compiled
-    if device.type != "cuda":
-        return flex_attention
-    if _compiled is None:
+    return _compiled("flex_attention") if device.type == "cuda" else flex_attention
+
+
+def _compiled(name: str):
+    """``torch.compile`` of ``flex_attention`` (static shapes: Flex's kernels specialise on them) or of
+    ``create_block_mask`` (materialises no (T, T) mask), made once. Each new shape or mask structure
+    recompiles, so the recompile limit is raised above the default 8."""
+    if name not in _COMPILED:
         config = torch._dynamo.config
         if hasattr(config, "recompile_limit"):
             config.recompile_limit = max(config.recompile_limit, 64)
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    return _compiled
+        fn = {"flex_attention": flex_attention, "create_block_mask": create_block_mask}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=False if name == "flex_attention" else None)
+    return _COMPILED[name]
 
 
 def _flex_with_lse(fn, q, k, v, block_mask, scale, gqa):
