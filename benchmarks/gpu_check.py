@@ -161,11 +161,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _sync(plan: Plan):
-    if plan.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------ correctness
 def tests_folder() -> str | None:
     path = os.path.join(os.path.dirname(HERE), "tests")

@@ -189,23 +189,34 @@ def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None
     eager = outputs_and_grads(lambda a, b, c: eager_low_precision(a, b, c, adj, kpm, scale, seg), q, k, v, w_out,
                               w_mass)
     ours = outputs_and_grads(run, q, k, v, w_out, w_mass)
-    assert ours[0].dtype == dtype and ours[0].shape == q.shape
+    _check_output_types(ours, q, adj)
+    extra = slack or {}
+    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale, seg=seg)
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+
+    def atol(name):  # gradients sum over up to T terms of magnitude ~|w|: scale the absolute slack with T
+        grad_scale = 1 if name in ("out", "mass") else max(4.0, q.shape[2] ** 0.5)
+        return ATOL[dtype] * grad_scale + slack.get(name, 0.0) + extra.get(name, 0.0)
+
+    return _apply_rule(["out", "mass", "dq", "dk", "dv"], flat(ours), flat(eager), flat(exact), atol, seed, failures)
+
+
+def _check_output_types(ours, q, adj):
+    assert ours[0].dtype == q.dtype and ours[0].shape == q.shape
     if adj is None:
         assert ours[1] is None
     else:
         assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
-    extra = slack or {}
-    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale, seg=seg)
-    names = ["out", "mass", "dq", "dk", "dv"]
-    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+
+
+def _apply_rule(names, ours, eager, exact, atol, seed, failures):
+    """FlashAttention's rule per quantity (``atol(name)``); raise one AssertionError naming every broken rule, or
+    append them to ``failures``. Returns {name: (our error, eager's error)}."""
     errs, problems = {}, []
-    for name, o, e, x in zip(names, flat(ours), flat(eager), flat(exact)):
+    for name, o, e, x in zip(names, ours, eager, exact):
         if x is None:
             continue
-        # gradients sum over up to T terms of magnitude ~|w|: scale the absolute slack with T
-        atol = ATOL[dtype] * (1 if name in ("out", "mass") else max(4.0, q.shape[2] ** 0.5)) + slack.get(name, 0.0)
-        atol += extra.get(name, 0.0)
-        e_ours, e_eager, problem = fa_rule_violation(name, o, e, x, atol, seed)
+        e_ours, e_eager, problem = fa_rule_violation(name, o, e, x, atol(name), seed)
         errs[name] = (e_ours, e_eager)
         if problem:
             problems.append(problem)
@@ -242,25 +253,10 @@ def check_forward_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failu
         exact = oracle_attention(q, k, v, adj, kpm, scale, seg)
         eager = eager_low_precision(q, k, v, adj, kpm, scale, seg)
         ours = run(q, k, v)
-    assert ours[0].dtype == q.dtype and ours[0].shape == q.shape
-    if adj is None:
-        assert ours[1] is None
-    else:
-        assert ours[1].dtype == torch.float32 and ours[1].shape == q.shape[:3]
-    errs, problems = {}, []
-    for name, o, e, x in zip(("out", "mass"), ours, eager, exact):
-        if x is None:
-            continue
-        atol = ATOL[q.dtype] + (slack or {}).get(name, 0.0)
-        e_ours, e_eager, problem = fa_rule_violation(name, o, e, x, atol, seed)
-        errs[name] = (e_ours, e_eager)
-        if problem:
-            problems.append(problem)
-    if failures is not None:
-        failures += problems
-    else:
-        assert not problems, "; ".join(problems)
-    return errs
+    _check_output_types(ours, q, adj)
+    extra = slack or {}
+    return _apply_rule(["out", "mass"], ours, eager, exact, lambda name: ATOL[q.dtype] + extra.get(name, 0.0), seed,
+                       failures)
 
 
 # Packed-sequence cases (B, Hq, Hkv, T, D, padding, segments, logit_scale), shared by the CPU backends'
