@@ -121,7 +121,7 @@ class Plan:
         if dry:
             return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), None,
                         FLEX_DRY_CASES, (torch.float32, torch.bfloat16), kernel_tokens=128, kernel_seq_lens=(32, 64),
-                        kernel_heads=(4, 1), head_dims=(16, 32), train_models=TRAIN_MODELS_DRY,
+                        kernel_heads=(4, 1), head_dims=(16,), train_models=TRAIN_MODELS_DRY,
                         train_seq_lens=(32, 64))
         return Plan(False, torch.device("cuda"), "auto", torch.bfloat16,
                     (torch.float16, torch.bfloat16, torch.float32), GPU_CASES, FLEX_GPU_CASES,
