@@ -3,10 +3,10 @@ from ._layout import attach_kernels
 
 attach_kernels()
 
-from .attention import attention, register_backend  # noqa: E402
+from .attention import attention, reference_attention  # noqa: E402
+from .backends import register_backend  # noqa: E402
 from .graph import CausalGraph  # noqa: E402
 from .loss import causal_ratio, re_attention_loss  # noqa: E402
-from .reference import reference_attention  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -15,80 +15,22 @@ so a backend may skip key blocks that end before the first row's ``seg_start`` o
 
 ``lse`` (B, Hq, T) fp32 is private to the backend (its own log base, +inf on rows without keys);
 ``mass`` is an empty tensor when ``packed`` is None; ``dmass`` may be None.
+
+Backends "reference" and "flex" are differentiable functions instead (plain autograd, no custom op); the
+registry and both kinds are described in :mod:`causal_attn.backends`.
 """
 from __future__ import annotations
 
 import os
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import blocked
+from .backends import BACKENDS, Backend, DifferentiableBackend, get_backend, register_backend  # noqa: F401
 from .graph import CausalGraph, as_graph, check_key_padding_mask, segment_starts
-from .reference import reference_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass
-class Backend:
-    forward: Callable
-    backward: Callable
-
-
-BACKENDS: dict[str, Backend] = {"torch": Backend(blocked.forward, blocked.backward)}
-_LOADERS: dict[str, Callable[[], Optional[Backend]]] = {}
-_warned: set[str] = set()
-
-
-def register_backend(name: str, backend: Backend | None = None, *, loader: Callable[[], Optional[Backend]] | None = None):
-    """Add a backend, either now or lazily through ``loader`` (called on first use; may return None
-    when the backend is unavailable, e.g. no compiler for the C++ extension)."""
-    if backend is not None:
-        BACKENDS[name] = backend
-    elif loader is not None:
-        _LOADERS[name] = loader
-    else:
-        raise ValueError("register_backend needs a backend or a loader")
-
-
-def get_backend(name: str) -> Optional[Backend]:
-    if name not in BACKENDS and name in _LOADERS:
-        loaded = _LOADERS.pop(name)()
-        if loaded is not None:
-            BACKENDS[name] = loaded
-    return BACKENDS.get(name)
-
-
-def _triton_loader():
-    try:
-        from .kernels import flash_mass  # noqa: F401  (registers itself)
-    except Exception as e:  # triton missing or incompatible
-        _warn_once("triton", f"Triton backend unavailable ({type(e).__name__}: {e})")
-        return None
-    return BACKENDS.get("triton")
-
-
-def _cpp_loader():
-    try:
-        from . import cpp_backend  # noqa: F401  (registers itself when the extension builds / loads)
-    except Exception as e:
-        _warn_once("cpp", f"C++ CPU extension unavailable ({type(e).__name__}: {e}); using the PyTorch CPU path")
-        return None
-    return BACKENDS.get("cpp")
-
-
-register_backend("triton", loader=_triton_loader)
-register_backend("cpp", loader=_cpp_loader)
-
-
-def _warn_once(key: str, msg: str):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -206,12 +148,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu" and os.environ.get("CAUSAL_ATTN_DISABLE_CPP") != "1" and get_backend("cpp") is not None:
             return "cpp"
         return "torch"
-    if backend in ("triton", "cpp", "torch"):
+    if backend in ("triton", "cpp", "torch", "reference", "flex"):
         if get_backend(backend) is None:
             raise RuntimeError(f"backend {backend!r} is not available here (see the warning above); "
                                "use backend='auto'")
         return backend
-    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'cpu', 'torch' or 'reference'")
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'cpu', 'torch', 'flex' or 'reference'")
 
 
 def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None, backend="auto",
@@ -227,7 +169,8 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=Non
             segments (:meth:`CausalGraph.pack`).
         scale: softmax scale, default ``D ** -0.5``.
         backend: "auto" (Triton on CUDA, CPU implementation otherwise), "triton", "cpu", "torch"
-            (the pure-PyTorch blocked path) or "reference" (eager, materialises the maps).
+            (the pure-PyTorch blocked path), "flex" (two FlexAttention calls, mass from their LSEs; forward only
+            on CPU) or "reference" (eager, materialises the maps).
         attn_map: optional (B, T, T) float32 buffer (diagnostics, no gradient); receives
             ``attn_map_weight * sum over heads of P``.
 
@@ -244,14 +187,20 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=Non
         if attn_map.shape != (B, T, T) or attn_map.dtype != torch.float32 or attn_map.device != q.device:
             raise ValueError(f"attn_map must be a float32 ({B}, {T}, {T}) tensor on {q.device}; got "
                              f"{attn_map.dtype} {tuple(attn_map.shape)} on {attn_map.device}")
-    if backend == "reference":
-        out, mass, p = reference_forward(q, k, v, graph, kpm, scale, seg_start)
-        if attn_map is not None:
-            attn_map += attn_map_weight * p.detach().sum(1).float()
-        return out, mass
     name = resolve_backend(backend, q.device)
+    impl = BACKENDS[name]
+    if isinstance(impl, DifferentiableBackend):
+        out, mass = impl.fn(q, k, v, graph, kpm, seg_start, scale, attn_map, attn_map_weight)
+        return out, (mass if graph is not None else None)
     packed = graph.packed if graph is not None else None
     out, _lse, mass, pmap = attention_fwd(q, k, v, packed, kpm, seg_start, scale, name, attn_map is not None)
     if attn_map is not None:
         attn_map += attn_map_weight * pmap.detach()
     return out, (mass if graph is not None else None)
+
+
+def reference_attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None,
+                        backend="reference"):
+    """Same contract as :func:`attention`, computed eagerly (backend "reference")."""
+    return attention(q, k, v, adjacency, key_padding_mask=key_padding_mask, segment_ids=segment_ids, scale=scale,
+                     backend="reference")

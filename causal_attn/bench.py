@@ -50,9 +50,11 @@ def add_parser(subparsers):
 
 
 def add_gpu_check_parser(subparsers):
-    p = subparsers.add_parser("gpu-check", help="correctness, kernels and training step of the Triton path on a "
-                              "GPU, offline (--dry-run: CPU tensors under TRITON_INTERPRET=1)",
-                              description="GPU evidence kit (benchmarks/gpu_check.py): summary.md, CSVs, PNGs.",
+    p = subparsers.add_parser("gpu-check", help="correctness, kernels and training step of CAT on a GPU (our Triton "
+                              "kernels against Flex CAT and SDPA flash), offline (--dry-run: CPU tensors under "
+                              "TRITON_INTERPRET=1)",
+                              description="GPU evidence kit (benchmarks/gpu_check.py, docs/gpu.md): summary.md, CSVs, "
+                              "PNGs.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if benchmarks_dir() is not None:
         _import("gpu_check").add_arguments(p)

@@ -1,8 +1,8 @@
 """Backend "cpp": the fused C++ CPU kernel of csrc/ (flash-style attention with causal mass).
 
 The compiled library registers the operators ``torch.ops.causal_attn_cpp.forward`` / ``backward`` through
-``TORCH_LIBRARY``; this module loads it and registers the pair as backend "cpp" with
-:func:`causal_attn.attention.register_backend`. The library is the one setup.py prebuilt
+``TORCH_LIBRARY``; this module loads it, and the registry (:mod:`causal_attn.backends`) wraps its
+:func:`forward` / :func:`backward` as backend "cpp" on first use. The library is the one setup.py prebuilt
 (``causal_attn._cpp_attention``) when that exists and was built against the running torch, otherwise the
 first-use build of :mod:`causal_attn.cpp_build` (compiled once into the user's cache). When neither works (no
 compiler) importing this module raises ImportError and ``attention()`` falls back to the PyTorch CPU path
@@ -20,7 +20,6 @@ import torch
 
 from . import blocked, cpp_build
 from ._layout import folder
-from .attention import Backend, register_backend
 
 LIBRARY = "causal_attn._cpp_attention"
 
@@ -89,6 +88,3 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed=None, key_padding_mask
 
 def _contiguous(t):
     return None if t is None else t.contiguous()
-
-
-register_backend("cpp", Backend(forward, backward))

@@ -42,10 +42,11 @@ def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scal
     return out, mass, p
 
 
-def reference_attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None,
-                        backend="reference"):
-    """Same contract as :func:`causal_attn.attention`, computed eagerly."""
-    from .attention import attention
-
-    return attention(q, k, v, adjacency, key_padding_mask=key_padding_mask, segment_ids=segment_ids, scale=scale,
-                     backend="reference")
+def reference_backend(q, k, v, graph: CausalGraph | None, key_padding_mask, seg_start, scale: float, attn_map=None,
+                      attn_map_weight=1.0):
+    """Backend "reference" (a :class:`causal_attn.backends.DifferentiableBackend`): ``(out, mass)``; adds
+    ``attn_map_weight`` times the head-summed map to ``attn_map`` when given."""
+    out, mass, p = reference_forward(q, k, v, graph, key_padding_mask, scale, seg_start)
+    if attn_map is not None:
+        attn_map += attn_map_weight * p.detach().sum(1).float()
+    return out, mass

@@ -46,8 +46,6 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_attn.attention import Backend, register_backend
-
 LOG2E = 1.4426950408889634
 
 
@@ -620,6 +618,3 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg
     _run("dkdv", q.device, T, B * Hkv, q, k, v, dout, lse, delta, g, adj, kpm, seg, seg_end, dk, dv, *common, **flags)
     _run("dq", q.device, T, B * Hq, q, k, v, dout, lse, delta, g, adj, kpm, seg, dq, *common, **flags)
     return dq, dk, dv
-
-
-register_backend("triton", Backend(forward, backward))

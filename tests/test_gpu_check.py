@@ -40,26 +40,42 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {r["family"] for r in corr if r["part"] == "patch_model"} == {"llama", "qwen2"}
     for r in attention:  # the errors are measured, not assumed: finite and of the dtype's order
         assert 0 <= float(r["out_err"]) < (1e-3 if r["dtype"] == "float32" else 1e-2), r
+    flex = [r for r in corr if r["part"] == "flex"]  # CPU: forward only (torch has no CPU Flex backward)
+    assert len(flex) == 4 and {r["dtype"] for r in flex} == {"float32", "bfloat16"}
+    for r in flex:
+        assert r["status"] == "ok" and r["grads"] == "False" and r.get("dq_err", "") == "", r
+        assert 0 <= float(r["mass_err"]) < 1e-4, r
+        assert 0 <= float(r["out_err"]) < (1e-4 if r["dtype"] == "float32" else 5e-2), r
 
     kern = _rows(out / "kernels.csv")
-    assert len(kern) == 2 * 2 * 2 * 5  # head dims x GQA x T x methods
+    assert len(kern) == 2 * 4  # T x methods (GQA on, one head dim)
+    assert {r["method"] for r in kern} == {"cat", "cat_nomass", "flex_cat", "sdpa_flash"}
     for r in kern:
-        if r["method"] == "flex":  # CPU FlexAttention has no backward; older torch may lack it entirely
-            assert r["status"].startswith("ok: forward only") or r["status"] == "unavailable", r
+        assert r["Hq"] != r["Hkv"], r
+        if r["method"] == "flex_cat":  # CPU FlexAttention has no backward
+            assert r["status"].startswith("ok: forward only") and float(r["fwd_ms"]) > 0, r
         else:
             assert r["status"] == "ok", r
             assert float(r["fwdbwd_ms"]) > 0 and float(r["fwdbwd_x_sdpa"]) > 0
     assert all(r["autotune"] == "pinned interpreter config" for r in kern if r["method"] == "cat")
 
     train = _rows(out / "train_step.csv")
-    assert sorted((r["method"], r["T"]) for r in train) == sorted(
-        (m, str(T)) for m in ("sdpa", "cat", "authors") for T in (32, 64))
-    assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in train)
+    assert sorted((r["model"], r["method"], r["T"]) for r in train) == sorted(
+        (mo, m, str(T)) for mo in ("llama-0.9B", "smollm2-135M") for m in ("sdpa", "cat", "cat_flex", "authors")
+        for T in (32, 64))
+    for r in train:
+        if r["method"] == "cat_flex":
+            assert r["status"].startswith("ok: forward only") and float(r["forward_ms"]) > 0, r
+        else:
+            assert r["status"] == "ok" and float(r["step_ms"]) > 0, r
 
     summary = (out / "summary.md").read_text()
-    for heading in ("# GPU check (dry run)", "## Correctness", "patch_model vs Hugging Face eager", "## Kernels",
-                    "Autotune choice", "## Training step"):
-        assert heading in summary
+    for heading in ("# GPU check (dry run", "## Goals", "## Correctness: Triton", "## Correctness: backend='flex'",
+                    "patch_model vs Hugging Face eager", "## Kernels", "Autotune choice",
+                    "## Training step: llama-0.9B", "## Training step: smollm2-135M"):
+        assert heading in summary, heading
+    for goal in ("plain SDPA step", "faster than Flex CAT", "SDPA flash's"):
+        assert goal in summary, goal
     assert "cut:" not in summary
 
 
@@ -68,9 +84,9 @@ def test_budget_cuts_cases_and_says_so(tmp_path):
     res = _gpu_check("--dry-run", "--out", str(out), "--budget-s", "0.2", "--sections", "kernels")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     kern = _rows(out / "kernels.csv")
-    assert len(kern) == 5  # the first case always runs; every later one would overrun the 0.1 s share
+    assert len(kern) == 4  # the first case always runs; the second would overrun the 0.09 s share
     summary = (out / "summary.md").read_text()
-    assert "kernels: cut: 7 case(s) not started" in summary
+    assert "kernels: cut: 1 case(s) not started" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
