@@ -1,22 +1,13 @@
 """The package layout has no import circles: every ``import`` / ``from ... import`` in ``causal_attn/`` and
 ``benchmarks/`` (function-level ones included), read with ``ast``, gives an edge between modules; the graph
-must have no cycle. Imports by string (``importlib.import_module``) are not seen.
-
-One circle is known and removed in parallel on another branch: ``attention`` <-> ``cpp_backend`` <->
-``reference`` (and the Triton backend ``kernels/flash_mass``), through the backend registry. Edges among those
-four modules are left out of the main test and checked on their own in an xfail test (strict=False), which
-starts passing once that branch lands; then drop the exclusion."""
+must have no cycle. Imports by string (``importlib.import_module``) are not seen."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# the circle another branch removes; edges among these modules are left out of the main check
-BACKEND_CIRCLE = {"causal_attn.attention", "causal_attn.cpp_backend", "causal_attn.reference",
-                  "causal_attn.kernels.flash_mass"}
 
 
 def _modules() -> dict[str, Path]:
@@ -101,17 +92,7 @@ def test_graph_sees_known_edges():
 
 
 def test_no_import_cycles():
-    g = import_graph()
-    for a in BACKEND_CIRCLE:
-        g[a] -= BACKEND_CIRCLE
-    cycle = find_cycle(g)
-    assert cycle is None, "import circle: " + " -> ".join(cycle)
-
-
-@pytest.mark.xfail(strict=False, reason="attention <-> cpp_backend <-> reference: removed on another branch")
-def test_no_backend_registry_cycle():
-    g = import_graph()
-    cycle = find_cycle({a: g[a] & BACKEND_CIRCLE for a in BACKEND_CIRCLE})
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
