@@ -153,9 +153,13 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, device=None, attn_imple
     a plain ``*ForCausalLM`` in ``eval()`` mode that ``save_pretrained`` writes and ``Trainer`` trains."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, path = resolve(name_or_path)
-    if kind == "gguf":
-        path = dequantised_dir(path, progress=progress)
+    what = f"cannot load model {str(name_or_path)!r}"
+    try:
+        kind, path = resolve(name_or_path)
+        if kind == "gguf":
+            path = dequantised_dir(path, progress=progress)
+    except PretrainedError as e:
+        raise PretrainedError(f"{what}: {e}") from e
     source = str(path) if path is not None else str(name_or_path)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
@@ -163,7 +167,7 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, device=None, attn_imple
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or default_dtype(), **kw)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PretrainedError(f"cannot load model {str(name_or_path)!r}: {first}") from e
+        raise PretrainedError(f"{what}: {first}") from e
     if not getattr(tokenizer, "is_fast", False):
         raise PretrainedError(f"{name_or_path}: a fast tokenizer (offsets) is needed for the adjacency builder")
     if tokenizer.pad_token_id is None:
