@@ -84,3 +84,17 @@ def test_demo_per_seed_numbers_are_ranges_across_runs(docs_copy):
     demo = (docs_copy / "docs" / "demo.md").read_text()
     assert expected in demo, f"{expected!r} not in the generated CAPT table"
     assert "a test machine" in demo
+
+
+def test_readme_example_runs():
+    """The README's example, as printed, on the bundled SmolLM2-135M: edges found, loss active, gradients."""
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md example", "exec"), scope)
+    try:
+        assert scope["sample"].edges and scope["sample"].missing == [], scope["sample"]
+        assert float(scope["handle"].loss().detach()) > 0, "the Re-Attention hinge is inactive on the example"
+        params = [p for p in scope["model"].parameters() if p.requires_grad]
+        assert params and all(p.grad is not None for p in params)
+    finally:
+        scope["handle"].unpatch()
