@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # comes after such a copy on sys.path, so console scripts and benchmark scripts would load the stale one.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test bench docs gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/causal-attn bench
+
+# Rewrites the generated sections (between cog markers) of README.md and docs/*.md from the committed results
+# files; `$(PY) docs/gen.py --check` (tests/test_docs.py) fails when one is stale.
+docs: setup
+	$(PY) docs/gen.py
 
 # On a CUDA machine, offline and without installing anything: the python there (torch, triton, transformers)
 # runs the checkout directly. GPU_CHECK_ARGS=--dry-run runs the same code on CPU tensors (TRITON_INTERPRET=1).

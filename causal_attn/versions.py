@@ -47,7 +47,7 @@ def check_stack() -> str | None:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001  (any import-time failure of a dependency)
             return (f"`import {module}` ({what}) failed: {type(e).__name__}: {e}\n"
-                    f"Installed: {describe()}.\nThe README lists the versions last tested; an upstream release "
+                    f"Installed: {describe()}.\ndocs/install.md lists the versions last recorded; an upstream release "
                     "newer than those is the usual cause.")
     return None
 

@@ -16,8 +16,8 @@ from .runner import mean_std
 
 METHODS = ("vanilla", "cat")
 FACTOR_KINDS = ("causal", "spurious", "irrelevant")
-# The default recipe (README, "Demo"): what the demo measured to be robust on 2 CPU cores in ~5 minutes.
-DEFAULT = Recipe(steps=800, alpha=10.0)  # chosen on the validation splits (README: demo)
+# The default recipe (docs/demo.md): what the demo measured to be robust on 2 CPU cores in ~5 minutes.
+DEFAULT = Recipe(steps=800, alpha=10.0)  # chosen on the validation splits (docs/demo.md)
 EXTRA_TRAIN = 0        # generated STG_E IID training records added to STG_M (generator seed EXTRA_SEED)
 EXTRA_SEED = 1042
 VAL_SEED = 7           # generator seed of the IID / OOD validation splits that chose the recipe (never 42)
