@@ -29,8 +29,8 @@ import causal_attn  # noqa: E402
 from causal_attn import pretrained  # noqa: E402
 from bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,  # noqa: E402
                               stg_like_graph)
-from common import (child_report, interleaved_times, measure_peak, run_child, section_main, summarize,  # noqa: E402
-                    timed_phases)
+from common import (child_report, interleaved_times, machine_fields, measure_peak, run_child,  # noqa: E402
+                    section_main, summarize, timed_phases)
 
 MODEL_NAME = "smollm2-135m"
 CASES = {"stg": (None, 8), "T512": (512, 4), "T2048": (2048, 1)}  # name -> (T or None for STG records, B)
@@ -165,6 +165,7 @@ def run_sweep(args, log=print) -> list[dict]:
         torch.set_num_threads(args.pretrained_threads or os.cpu_count() or 1)
     base, tok = pretrained.load(MODEL_NAME, device=device)
     shape = shape_config(base)
+    machine = machine_fields()
     rows = []
     for case in args.pretrained_cases:
         batch = make_batch(case, tok, base.config.vocab_size, device, args.pretrained_stg_batch)
@@ -183,7 +184,8 @@ def run_sweep(args, log=print) -> list[dict]:
         case_rows = []
         for m in args.pretrained_methods:
             row = {"case": case, "T": T, "B": B, "method": m, "device": device.type,
-                   "threads": torch.get_num_threads() if device.type == "cpu" else "", "model": MODEL_NAME}
+                   "threads": torch.get_num_threads() if device.type == "cpu" else "", "model": MODEL_NAME,
+                   **machine, "load_avg": round(os.getloadavg()[0], 1)}
             case_rows.append(row)
             if m in skip:
                 row.update(status=skip[m], projected_peak_gib=round(projected, 2))

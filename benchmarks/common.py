@@ -19,6 +19,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -220,3 +221,17 @@ def setup_threads(threads: int | None):
     """CPU runs use a fixed thread count (default 1: the machine is shared, one thread is steadier)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def machine_fields() -> dict:
+    """What a results row says about where it was measured: CPU model (or GPU name), torch, UTC date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu = torch.cuda.get_device_name()
+    return {"machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}

@@ -89,6 +89,12 @@ def _machine_of(path: Path) -> str:
             return machine.get("description", "")
         if machine:
             return machine
+    rows = _read_csv(path) if path.suffix == ".csv" else None
+    if rows and rows[0].get("machine"):  # files that record their machine (bench_pretrained)
+        r = rows[0]
+        loads = [float(x["load_avg"]) for x in rows if x.get("load_avg")]
+        return (f"{r['machine']}, {r.get('threads') or '?'} threads, torch {r.get('torch', '?')}, {r.get('date', '?')}"
+                + (f"; load average {min(loads):.1f}-{max(loads):.1f} during the run" if loads else ""))
     known = _read_json(MACHINES) or {}
     return known.get(path.name, "machine not recorded")
 
