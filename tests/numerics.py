@@ -153,7 +153,7 @@ def fa_rule(name, ours, eager, exact, seed, rel_atol=1e-6, factor=2.0):
                           factor)[0]
 
 
-def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0, seg=None):
+def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0, seg=None, out_eps=0.0):
     """Allowance for a backward that recomputes ``s = q k^T`` and rounds it differently from the forward.
 
     A flash backward never stores P: it recomputes ``P = exp(s - LSE)``, and when its matrix product sums in
@@ -162,7 +162,14 @@ def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0, seg=
     ``scale * sum_d |q_id k_jd|``, and P by that relative amount. Eager attention keeps P and has no such
     term, so with large logits in fp32 it alone would set a yardstick no recomputing kernel can meet.
     Returns {"dq", "dk", "dv": max over elements of the root-sum-square of the propagated changes} (fp64;
-    negligible next to ATOL for unit-scale logits)."""
+    negligible next to ATOL for unit-scale logits).
+
+    ``out_eps``: the machine epsilon of the stored output. A flash backward takes ``D_i = dO_i . O_i`` from the
+    output as stored, rounded to the input dtype (FlashAttention does the same), while eager's softmax backward
+    uses its fp32 P; ``D_i`` then moves by about ``out_eps / 2 * sqrt(sum_d (dO_id O_id)^2)`` (independent
+    roundings, root-sum-square like the rest), every ``dS_ij`` of the row by ``P_ij`` times that, and ``dQ_i`` by
+    their coherent sum over ``j``. With bf16 inputs and large logits (P
+    nearly one-hot, ``dP_ij - D_i`` a difference of two large numbers) this term sets the floor."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     scale = D ** -0.5 if scale is None else scale
@@ -179,8 +186,10 @@ def recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale=None, ulps=4.0, seg=
     dscore = dprob * (w_out @ vr.transpose(-1, -2) + g * a - big_d).abs()  # change of dS = P (dP_ij - D_i)
     rss = lambda x, y: (x.square() @ y.square()).sqrt()  # noqa: E731  sqrt(sum_i x_ji^2 y_i^2)
     group = lambda t: t.view(B, -1, G, T, D).square().sum(2).sqrt()  # noqa: E731  GQA heads share k, v
-    return {"dq": rss(dscore, kr.abs() * scale).max().item(),
-            "dk": group(rss(dscore.transpose(-1, -2), q.abs() * scale)).max().item(),
+    d_moves = out_eps / 2 * (w_out * out).square().sum(-1, keepdim=True).sqrt()  # change of D_i from the stored O
+    return {"dq": (rss(dscore, kr.abs() * scale) + d_moves * (p @ kr.abs()) * scale).max().item(),
+            "dk": group(rss(dscore.transpose(-1, -2), q.abs() * scale)
+                        + rss((p * d_moves).transpose(-1, -2), q.abs() * scale)).max().item(),
             "dv": group(rss(dprob.transpose(-1, -2), w_out.abs())).max().item()}
 
 
@@ -203,7 +212,7 @@ def check_against_oracle(run, q, k, v, adj, kpm, seed, scale=None, failures=None
     ours = outputs_and_grads(run, q, k, v, w_out, w_mass)
     _check_output_types(ours, q, adj)
     extra = slack or {}
-    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale, seg=seg)
+    slack = recompute_slack(q, k, v, adj, kpm, w_out, w_mass, scale, seg=seg, out_eps=torch.finfo(dtype).eps)
     flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
 
     def atol(name):  # gradients sum over up to T terms of magnitude ~|w|: scale the absolute slack with T
