@@ -1,0 +1,176 @@
+"""Simulated thread scaling of the C++ CPU kernel (issue 27): what a 2-core machine cannot measure.
+
+Each task of the kernel's parallel passes is timed at one thread (``torch.ops.causal_attn_cpp.task_seconds``
+runs the real forward and backward with a clock around every task, in the order ``at::parallel_for`` hands
+them out; the per-task minimum over ``--repeats`` runs filters out the moments another process had the core).
+The makespan on p threads then follows ATen's OpenMP ``invoke_parallel`` (ATen/ParallelOpenMP.h): with grain
+size 1 it uses min(p, n) threads, and thread ``tid`` runs the contiguous range
+``[tid * chunk, (tid + 1) * chunk)`` with ``chunk = ceil(n / threads)``; passes run one after the other.
+Predicted speed-up = serial time / makespan. Not modelled: memory bandwidth shared by the cores, caches,
+turbo, and the fork/join cost of a parallel region (microseconds per pass).
+
+"backward before" is the backward of the kernel before issue 27: one task per (batch, kv head), or per (batch,
+query head) with per-head partial dK, dV when there were fewer of those than threads. Its tasks are built here
+from that structure, each query head's work taken from the measured tasks of that head (its delta and dQ tasks
+plus its share of the group's dK/dV tasks); only relative task sizes enter a speed-up.
+
+    python benchmarks/sim_threads.py [--out benchmarks/results] [--repeats 3]
+
+writes ``sim_threads.csv`` (one row per case, phase and thread count) and ``sim_threads.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_csv  # noqa: E402
+
+THREADS = (2, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    Hq: int
+    Hkv: int
+    T: int
+    D: int
+    B: int = 1
+
+
+CASES = (Case("SmolLM2-135M", 9, 3, 2048, 64), Case("SmolLM2-135M", 9, 3, 8192, 64),
+         Case("8 heads D=128", 8, 8, 4096, 128))
+
+
+def static_makespan(times: list[float], threads: int) -> float:
+    """Makespan of at::parallel_for(0, n, grain 1) over tasks with these times on ``threads`` threads."""
+    n = len(times)
+    if n == 0:
+        return 0.0
+    used = min(threads, n)
+    chunk = math.ceil(n / used)
+    return max(sum(times[t * chunk:(t + 1) * chunk]) for t in range(used))
+
+
+def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[float]]:
+    """Per-task seconds at one thread of the forward and of the backward's delta, dK/dV and dQ passes (the
+    minimum over ``repeats`` runs), with the mass gradient and ~6 % random adjacency."""
+    from causal_attn import cpp_backend  # noqa: F401  (loads the operators)
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.B, case.Hq, case.T, case.D, generator=g)
+    k, v = (torch.randn(case.B, case.Hkv, case.T, case.D, generator=g) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g)
+    dmass = torch.randn(case.B, case.Hq, case.T, generator=g)
+    words = (case.T + 31) // 32
+    bits = [torch.randint(-2**31, 2**31, (case.B, case.T, words), generator=g, dtype=torch.int64) for _ in range(4)]
+    packed = (bits[0] & bits[1] & bits[2] & bits[3]).to(torch.int32)  # 1/16 of the bits; non-causal ones ignored
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [torch.ops.causal_attn_cpp.task_seconds(q, k, v, dout, dmass, packed, None, None, case.D ** -0.5)
+                for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(previous)
+    phases = ("forward", "delta", "dkdv", "dq")
+    return {p: torch.stack([r[i] for r in runs]).min(0).values.tolist() for i, p in enumerate(phases)}
+
+
+def old_backward_tasks(case: Case, tasks: dict[str, list[float]], threads: int) -> list[float]:
+    """The pre-issue-27 backward's tasks on ``threads`` threads, sized from the measured tasks (module doc)."""
+    G, per_head = case.Hq // case.Hkv, []
+    nq, nk = len(tasks["dq"]) // (case.B * case.Hq), len(tasks["dkdv"]) // (case.B * case.Hkv)
+    nd = len(tasks["delta"]) // (case.B * case.Hq)
+    for bh in range(case.B * case.Hq):
+        bhk = (bh // case.Hq) * case.Hkv + (bh % case.Hq) // G
+        per_head.append(sum(tasks["dq"][bh * nq:(bh + 1) * nq]) + sum(tasks["delta"][bh * nd:(bh + 1) * nd])
+                        + sum(tasks["dkdv"][bhk * nk:(bhk + 1) * nk]) / G)
+    if G > 1 and case.B * case.Hkv < threads:
+        return per_head  # per (batch, query head), partials summed afterwards (not counted)
+    return [sum(per_head[i:i + G]) for i in range(0, len(per_head), G)]
+
+
+def simulate(case: Case, tasks: dict[str, list[float]], threads=THREADS) -> list[dict]:
+    rows = []
+    passes = {"forward": ["forward"], "backward": ["delta", "dkdv", "dq"]}
+    for p in threads:
+        for phase, names in passes.items():
+            serial = sum(sum(tasks[n]) for n in names)
+            makespan = sum(static_makespan(tasks[n], p) for n in names)
+            structures = [("after", makespan, "+".join(str(len(tasks[n])) for n in names))]
+            if phase == "backward":
+                old = old_backward_tasks(case, tasks, p)
+                structures.insert(0, ("before", static_makespan(old, p), str(len(old))))
+            for structure, span, count in structures:
+                rows.append({"case": case.name, "Hq": case.Hq, "Hkv": case.Hkv, "T": case.T, "D": case.D, "B": case.B,
+                             "phase": phase, "structure": structure if phase == "backward" else "unchanged",
+                             "tasks": count, "threads": p, "serial_ms": serial * 1e3, "makespan_ms": span * 1e3,
+                             "speedup": serial / span, "efficiency": serial / span / p})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["case"], r["T"]) for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.8), squeeze=False)
+    for ax, (name, T) in zip(axes[0], cases):
+        mine = [r for r in rows if (r["case"], r["T"]) == (name, T)]
+        threads = sorted({r["threads"] for r in mine})
+        ax.plot(threads, threads, color="grey", lw=0.8, ls=":", label="ideal")
+        for phase, structure, style in (("forward", "unchanged", "-o"), ("backward", "before", "--s"),
+                                        ("backward", "after", "-^")):
+            ys = [next(r["speedup"] for r in mine if r["threads"] == p and r["phase"] == phase
+                       and r["structure"] == structure) for p in threads]
+            ax.plot(threads, ys, style, label=f"{phase} {'' if structure == 'unchanged' else structure}".strip())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("threads")
+        ax.set_title(f"{name}, T={T}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("predicted speed-up over 1 thread")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(cases=CASES, repeats: int = 3, out: str = "benchmarks/results", threads=THREADS, log=print) -> list[dict]:
+    rows = []
+    for case in cases:
+        tasks = measure_tasks(case, repeats)
+        rows += simulate(case, tasks, threads)
+        top = max(threads)
+        at_top = {f"{r['phase']} {r['structure']}": r["speedup"] for r in rows
+                  if (r["case"], r["T"], r["threads"]) == (case.name, case.T, top)}
+        log(f"{case.name} T={case.T}: tasks " + ", ".join(f"{k} {len(v)}" for k, v in tasks.items())
+            + f"; predicted speed-up at {top} threads: " + ", ".join(f"{k} {v:.1f}" for k, v in at_top.items()))
+    write_csv(rows, os.path.join(out, "sim_threads.csv"))
+    plot(rows, os.path.join(out, "sim_threads.png"))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case; each task keeps its minimum")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    run(repeats=args.repeats, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
