@@ -134,6 +134,8 @@ def plot(rows: list[dict], path: str) -> str:
             ax.plot(threads, ys, style, label=f"{phase} {'' if structure == 'unchanged' else structure}".strip())
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        ax.set_xticks(threads, [str(p) for p in threads])
+        ax.set_yticks(threads, [str(p) for p in threads])
         ax.set_xlabel("threads")
         ax.set_title(f"{name}, T={T}", fontsize=10)
         ax.grid(alpha=0.3)
