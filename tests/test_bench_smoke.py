@@ -95,7 +95,7 @@ def rows(path):
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
                "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
-               "--scaling-threads", "1", "2", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
+               "--scaling-threads", "1", "2", "--scaling-rounds", "1", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
     assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
