@@ -498,6 +498,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> task_seconds(
     const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale) {
   const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in), dout = as_f32_rows(dout_in);
   const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
+  TORCH_CHECK(v.sizes() == k.sizes() && dout.sizes() == q.sizes(), "task_seconds: v must have k's shape ",
+              k.sizes(), " and dout q's shape ", q.sizes(), "; got ", v.sizes(), " and ", dout.sizes());
+  TORCH_CHECK(!dmass_in.has_value() || dmass_in->sizes() == at::IntArrayRef({P.B, P.Hq, P.T}),
+              "task_seconds: dmass must have shape (B, Hq, T) = (", P.B, ", ", P.Hq, ", ", P.T, ")");
   const BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
   auto f32 = q.options().dtype(at::kFloat), f64 = q.options().dtype(at::kDouble);
   at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32), lse = at::empty({P.B, P.Hq, P.T}, f32);
