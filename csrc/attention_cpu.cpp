@@ -12,15 +12,20 @@
 // squared segment lengths instead of T^2. Masked entries give P = 0, so the skipped rows and tiles would
 // have contributed nothing.
 //
-// Backward (issue 27), three passes, each an at::parallel_for whose tasks own their output rows, so the
-// result is bitwise the same at any thread count (no atomics, no partial sums):
-//   delta:  delta_i = rowsum(dO_i * O_i) + g_i * mass_i, per row.
-//   dK/dV:  one task per (batch, kv head, block of `key_block` keys): for each query head of the GQA group
-//           and each chunk of QC query rows at or below the block, recompute P = exp(S - LSE),
-//           dS = P (dO V^T + g * A - delta), then dV += P^T dO, dK += scale dS^T Q.
-//   dQ:     one task per (batch, query head, block of BQ query rows): per key tile recompute P and dS,
-//           dQ += scale dS K.
-// The key block is chosen from the shape alone (plan_backward), so a batch-1 sequence still yields many tasks.
+// Backward (issue 27): one of two decompositions, chosen from the shape alone (plan_backward), never from the
+// thread count, so the result is bitwise the same at any thread count (every task owns its output rows: no
+// atomics, no partial sums):
+//   single pass (B * Hkv >= kSplitBelow): one task per (batch, kv head); for each query head of the GQA group
+//           in order and each query block: delta, P, dS, then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K
+//           (five tile GEMMs).
+//   split (fewer (batch, kv head) pairs, e.g. a batch-1 sequence), three passes:
+//     delta:  delta_i = rowsum(dO_i * O_i) + g_i * mass_i, per row.
+//     dK/dV:  one task per (batch, kv head, block of `key_block` keys): for each query head of the GQA group
+//             and each chunk of QC query rows at or below the block, recompute P = exp(S - LSE),
+//             dS = P (dO V^T + g * A - delta), then dV += P^T dO, dK += scale dS^T Q.
+//     dQ:     one task per (batch, query head, block of BQ query rows): per key tile recompute P and dS,
+//             dQ += scale dS K. (P and dS twice: seven tile GEMMs, ~1.4x the single pass's work.)
+//   The key block is chosen from the shape alone too, so a batch-1 sequence still yields many tasks.
 //
 // Inputs other than fp32 with unit last stride are converted to fp32 once; accumulation is fp32.
 #include <ATen/Parallel.h>
@@ -325,9 +330,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 // ------------------------------------------------------------------------------------------ backward
 constexpr int64_t QC = 256;          // query rows per tile of the dK/dV pass
 constexpr int64_t kMinTasks = 256;   // dK/dV tasks the key block is chosen to reach (8 per thread at 32 threads)
+// (batch, kv head) pairs from which the single-pass backward is used. It is the cheapest per FLOP (five tile
+// GEMMs against the split's seven) but has only B * Hkv tasks; 8 keep a laptop or small workstation busy
+// (a batch of 4 with 2 kv heads, or SmolLM2's 3 kv heads from batch 3). Below it, e.g. a batch-1 SmolLM2
+// sequence (3 tasks), the split's many small tasks win from a few threads on. A function of the shape only:
+// choosing by thread count would make dK, dV depend on it.
+constexpr int64_t kSplitBelow = 8;
 
 // The backward's task decomposition, a function of the shape only (never of the thread count).
 struct BackwardPlan {
+  bool split;          // three-pass split; otherwise single pass, one task per (batch, kv head)
   int64_t key_block;   // keys per dK/dV task: 128, 64 or 32, the largest giving kMinTasks tasks (else 32)
   int64_t key_blocks;  // per (batch, kv head)
   int64_t dkdv_tasks;  // B * Hkv * key_blocks
@@ -337,6 +349,7 @@ struct BackwardPlan {
 
 BackwardPlan plan_backward(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
   BackwardPlan p{};
+  p.split = B * Hkv < kSplitBelow;
   for (int64_t kb : {128, 64, 32}) {
     p.key_block = kb;
     if (B * Hkv * ((T + kb - 1) / kb) >= kMinTasks) break;
@@ -414,15 +427,37 @@ void dq_task(const Problem& P, const HeadGrad& H, int64_t b, int64_t i0, int64_t
   }
 }
 
+// Single-pass backward of one query block [i0, i1) of one query head: delta, then per key tile P, dS and
+// dQ rows (zeroed here), adding into the kv head's whole dK, dV (T x D).
+void single_pass_block(const Problem& P, const HeadGrad& H, const Rows& O, const float* mass, int64_t b, int64_t i0,
+                       int64_t i1, float* dQ, float* dK, float* dV, GradBuffers& buf, float* delta) {
+  const int64_t D = P.D;
+  for (int64_t i = i0; i < i1; ++i) {
+    delta[i] = dot_row(H.dO.row(i), O.row(i), D) + (H.gmass ? H.gmass[i] * mass[i] : 0.0f);
+  }
+  std::fill(dQ, dQ + (i1 - i0) * D, 0.0f);
+  for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
+    const int64_t bk = std::min(BK, i1 - j0);
+    const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows have P = 0 on this tile
+    if (r0 >= r1) continue;
+    const int64_t n = r1 - r0, a0 = i0 + r0;
+    float *S = buf.S.data() + r0 * BK, *dS = buf.dS.data() + r0 * BK;
+    probs_and_grad(P, H, b, a0, i0 + r1, j0, bk, S, dS, BK, buf.rowmax.data() + r0);
+    gemm_rm(true, false, bk, D, n, 1.0f, S, BK, H.dO.row(a0), H.dO.ld, 1.0f, dV + j0 * D, D);
+    gemm_rm(false, false, n, D, bk, P.scale, dS, BK, H.K.row(j0), H.K.ld, 1.0f, dQ + r0 * D, D);
+    gemm_rm(true, false, bk, D, n, P.scale, dS, BK, H.Q.row(a0), H.Q.ld, 1.0f, dK + j0 * D, D);
+  }
+}
+
 // Per-task seconds of the backward's passes (benchmarks/sim_threads.py); all nullptr in training.
 struct BackwardTimes {
-  double *delta = nullptr, *dkdv = nullptr, *dq = nullptr;
+  double *delta = nullptr, *dkdv = nullptr, *dq = nullptr;  // split
+  double* single = nullptr;                                  // single pass
 };
 
-void backward_passes(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& o, const at::Tensor& dout, const float* lse, const float* mass,
-                     const float* gmass, float* dq, float* dk, float* dv, BackwardTimes times) {
-  const BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
+void backward_passes(const Problem& P, const BackwardPlan& plan, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& o, const at::Tensor& dout, const float* lse,
+                     const float* mass, const float* gmass, float* dq, float* dk, float* dv, BackwardTimes times) {
   std::vector<float> delta(P.B * P.Hq * P.T);
   std::vector<HeadGrad> heads;
   for (int64_t bh = 0; bh < P.B * P.Hq; ++bh) {
@@ -430,8 +465,23 @@ void backward_passes(const Problem& P, const at::Tensor& q, const at::Tensor& k,
     heads.push_back({head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G), head_rows(dout, b, h),
                      lse + bh * P.T, delta.data() + bh * P.T, gmass ? gmass + bh * P.T : nullptr});
   }
-  // delta = rowsum(dO * O) + g * mass: one task per (batch, query head, query block)
   const int64_t nqb = plan.query_blocks;
+  if (!plan.split) {  // one task per (batch, kv head): the group's query heads in order, query blocks in order
+    run_tasks(P.B * P.Hkv, times.single, [] { return GradBuffers(BQ, BK); }, [&](int64_t t, GradBuffers& buf) {
+      const int64_t b = t / P.Hkv, hk = t % P.Hkv;
+      float *dK = dk + t * P.T * P.D, *dV = dv + t * P.T * P.D;
+      std::fill(dK, dK + P.T * P.D, 0.0f);
+      std::fill(dV, dV + P.T * P.D, 0.0f);
+      for (int64_t bh = b * P.Hq + hk * P.G; bh < b * P.Hq + (hk + 1) * P.G; ++bh) {
+        for (int64_t i0 = 0; i0 < P.T; i0 += BQ) {
+          single_pass_block(P, heads[bh], head_rows(o, b, bh % P.Hq), mass ? mass + bh * P.T : nullptr, b, i0,
+                            std::min(P.T, i0 + BQ), dq + (bh * P.T + i0) * P.D, dK, dV, buf, delta.data() + bh * P.T);
+        }
+      }
+    });
+    return;
+  }
+  // delta = rowsum(dO * O) + g * mass: one task per (batch, query head, query block)
   run_tasks(P.B * P.Hq * nqb, times.delta, [] { return 0; }, [&](int64_t t, int) {
     const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
     const Rows O = head_rows(o, b, h), dO = heads[bh].dO;
@@ -472,9 +522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   }
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);
-  at::Tensor dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32);  // every row is written by one dK/dV task
+  at::Tensor dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32);  // every row is written by one task
   at::Tensor dv = at::empty({P.B, P.Hkv, P.T, P.D}, f32);
-  backward_passes(P, q, k, v, o, dout, lse.data_ptr<float>(), use_mass ? mass.data_ptr<float>() : nullptr,
+  backward_passes(P, plan_backward(P.B, P.Hq, P.Hkv, P.T), q, k, v, o, dout, lse.data_ptr<float>(), use_mass ? mass.data_ptr<float>() : nullptr,
                   use_mass ? gmass.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
                   dv.data_ptr<float>(), {});
   auto cast = [](const at::Tensor& x, const at::Tensor& like) {
@@ -483,39 +533,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {cast(dq, q_in), cast(dk, k_in), cast(dv, v_in)};
 }
 
-// Task counts of the kernel's parallel passes for a shape: [forward, dK/dV, dQ, keys per dK/dV task].
-std::vector<int64_t> plan_tasks(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
+// The backward chosen for a shape, the task counts of the kernel's parallel passes (forward, then the
+// backward's: split [delta, dK/dV, dQ], single pass [one per (batch, kv head)]) and the keys per dK/dV task
+// (T for the single pass, whose tasks cover every key).
+std::tuple<std::string, std::vector<int64_t>, int64_t> plan_tasks(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
   TORCH_CHECK(B > 0 && Hkv > 0 && Hq % Hkv == 0 && T > 0, "plan needs B, T > 0 and Hq a multiple of Hkv > 0");
   const BackwardPlan p = plan_backward(B, Hq, Hkv, T);
-  return {B * Hq * ((T + BQ - 1) / BQ), p.dkdv_tasks, p.dq_tasks, p.key_block};
+  const int64_t fwd = B * Hq * ((T + BQ - 1) / BQ);
+  if (!p.split) return {"single", {fwd, B * Hkv}, T};
+  return {"split", {fwd, B * Hq * p.query_blocks, p.dkdv_tasks, p.dq_tasks}, p.key_block};
 }
 
-// Forward then backward, serially timed per task, in the order at::parallel_for hands the tasks out:
-// (forward, delta, dK/dV, dQ) seconds, float64. For benchmarks/sim_threads.py (run it at 1 thread).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> task_seconds(
+// Forward then backward (the path plan_tasks chooses), serially timed per task, in the order at::parallel_for
+// hands the tasks out: forward seconds and one float64 tensor per backward pass, as plan_tasks counts them.
+// For benchmarks/sim_threads.py (run it at 1 thread). `backward` = "auto" (the shape's choice), "split" or
+// "single" forces one, so the simulation can compare both on any shape; the kernel itself never does.
+std::tuple<at::Tensor, std::vector<at::Tensor>> task_seconds(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
     const std::optional<at::Tensor>& dmass_in, const std::optional<at::Tensor>& packed,
-    const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale) {
+    const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale,
+    c10::string_view backward) {
   const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in), dout = as_f32_rows(dout_in);
   const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
   TORCH_CHECK(v.sizes() == k.sizes() && dout.sizes() == q.sizes(), "task_seconds: v must have k's shape ",
               k.sizes(), " and dout q's shape ", q.sizes(), "; got ", v.sizes(), " and ", dout.sizes());
   TORCH_CHECK(!dmass_in.has_value() || dmass_in->sizes() == at::IntArrayRef({P.B, P.Hq, P.T}),
               "task_seconds: dmass must have shape (B, Hq, T) = (", P.B, ", ", P.Hq, ", ", P.T, ")");
-  const BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
+  TORCH_CHECK(backward == "auto" || backward == "split" || backward == "single",
+              "task_seconds: backward must be \"auto\", \"split\" or \"single\", got \"", backward, "\"");
+  BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
+  if (backward != "auto") plan.split = backward == "split";
   auto f32 = q.options().dtype(at::kFloat), f64 = q.options().dtype(at::kDouble);
   at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32), lse = at::empty({P.B, P.Hq, P.T}, f32);
   at::Tensor mass = at::empty({P.B, P.Hq, P.T}, f32);
   at::Tensor gmass = (P.packed && dmass_in.has_value()) ? dmass_in->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor fwd = at::empty({forward_tasks(P)}, f64), delta = at::empty({P.B * P.Hq * plan.query_blocks}, f64);
-  at::Tensor dkdv = at::empty({plan.dkdv_tasks}, f64), dqs = at::empty({plan.dq_tasks}, f64);
+  at::Tensor fwd = at::empty({forward_tasks(P)}, f64);
+  std::vector<at::Tensor> passes;
+  BackwardTimes times;
+  if (plan.split) {
+    passes = {at::empty({P.B * P.Hq * plan.query_blocks}, f64), at::empty({plan.dkdv_tasks}, f64),
+              at::empty({plan.dq_tasks}, f64)};
+    times = {passes[0].data_ptr<double>(), passes[1].data_ptr<double>(), passes[2].data_ptr<double>(), nullptr};
+  } else {
+    passes = {at::empty({P.B * P.Hkv}, f64)};
+    times.single = passes[0].data_ptr<double>();
+  }
   forward_pass(P, q, k, v, out.data_ptr<float>(), lse.data_ptr<float>(), mass.data_ptr<float>(),
                fwd.data_ptr<double>());
   at::Tensor dq = at::empty_like(out), dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32), dv = at::empty_like(dk);
-  backward_passes(P, q, k, v, out, dout, lse.data_ptr<float>(), mass.data_ptr<float>(),
+  backward_passes(P, plan, q, k, v, out, dout, lse.data_ptr<float>(), mass.data_ptr<float>(),
                   gmass.defined() ? gmass.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
-                  dv.data_ptr<float>(), {delta.data_ptr<double>(), dkdv.data_ptr<double>(), dqs.data_ptr<double>()});
-  return {fwd, delta, dkdv, dqs};
+                  dv.data_ptr<float>(), times);
+  return {fwd, passes};
 }
 
 }  // namespace
@@ -540,9 +609,9 @@ TORCH_LIBRARY(causal_attn_cpp, m) {
         "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, Tensor? seg_start, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("has_blas() -> bool", []() { return causal_attn_cpu::have_blas(); });
-  m.def("plan(int batch, int q_heads, int kv_heads, int seq_len) -> int[]", &causal_attn_cpu::plan_tasks);
+  m.def("plan(int batch, int q_heads, int kv_heads, int seq_len) -> (str, int[], int)", &causal_attn_cpu::plan_tasks);
   m.def("task_seconds(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? dmass, Tensor? packed, "
-        "Tensor? key_padding_mask, Tensor? seg_start, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? key_padding_mask, Tensor? seg_start, float scale, str backward=\"auto\") -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(causal_attn_cpp, CPU, m) {
