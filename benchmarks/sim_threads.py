@@ -9,10 +9,19 @@ size 1 it uses min(p, n) threads, and thread ``tid`` runs the contiguous range
 Predicted speed-up = serial time / makespan. Not modelled: memory bandwidth shared by the cores, caches,
 turbo, and the fork/join cost of a parallel region (microseconds per pass).
 
-"backward before" is the backward of the kernel before issue 27: one task per (batch, kv head), or per (batch,
-query head) with per-head partial dK, dV when there were fewer of those than threads. Its tasks are built here
-from that structure, each query head's work taken from the measured tasks of that head (its delta and dQ tasks
-plus its share of the group's dK/dV tasks); only relative task sizes enter a speed-up.
+The backward is timed twice, forced to each of the kernel's two decompositions (the op's ``backward``
+argument): "split" (delta, dK/dV and dQ passes) and "single" (one task per (batch, kv head)). Three backward
+structures are simulated from them:
+
+* "before": the kernel before issue 27: the single pass, or, when there were fewer (batch, kv head) tasks than
+  threads, one task per (batch, query head) with per-head partial dK, dV summed afterwards (not counted); each
+  such task is taken as 1/G of its group's measured single-pass task (the heads do equal work).
+* "single" and "split": the two paths of the kernel now; ``chosen`` marks the one ``plan`` picks for the shape
+  (the split below 8 (batch, kv head) pairs), i.e. what the kernel runs.
+
+Backward speed-ups are over the single pass at one thread (the cheapest backward, the old kernel's one-thread
+time), so the split's extra work (P and dS recomputed) shows in its curve; forward speed-ups are over the
+forward at one thread.
 
     python benchmarks/sim_threads.py [--out benchmarks/results] [--repeats 3]
 
@@ -59,8 +68,8 @@ def static_makespan(times: list[float], threads: int) -> float:
 
 
 def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[float]]:
-    """Per-task seconds at one thread of the forward and of the backward's delta, dK/dV and dQ passes (the
-    minimum over ``repeats`` runs), with the mass gradient and ~6 % random adjacency."""
+    """Per-task seconds at one thread (the minimum over ``repeats`` runs) of the forward, of the split backward's
+    delta, dK/dV and dQ passes and of the single-pass backward, with the mass gradient and ~6 % random adjacency."""
     from causal_attn import cpp_backend  # noqa: F401  (loads the operators)
 
     g = torch.Generator().manual_seed(seed)
@@ -73,45 +82,50 @@ def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[flo
     packed = (bits[0] & bits[1] & bits[2] & bits[3]).to(torch.int32)  # 1/16 of the bits; non-causal ones ignored
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    runs = {"split": [], "single": []}
     try:
-        runs = [torch.ops.causal_attn_cpp.task_seconds(q, k, v, dout, dmass, packed, None, None, case.D ** -0.5)
-                for _ in range(repeats)]
+        for _ in range(repeats):
+            for path, timed in runs.items():
+                timed.append(torch.ops.causal_attn_cpp.task_seconds(q, k, v, dout, dmass, packed, None, None,
+                                                                    case.D ** -0.5, path))
     finally:
         torch.set_num_threads(previous)
-    phases = ("forward", "delta", "dkdv", "dq")
-    return {p: torch.stack([r[i] for r in runs]).min(0).values.tolist() for i, p in enumerate(phases)}
+
+    def fastest(tensors):
+        return torch.stack(tensors).min(0).values.tolist()
+
+    tasks = {"forward": fastest([fwd for fwd, _ in runs["split"] + runs["single"]])}
+    for i, name in enumerate(("delta", "dkdv", "dq")):
+        tasks[name] = fastest([passes[i] for _, passes in runs["split"]])
+    tasks["single"] = fastest([passes[0] for _, passes in runs["single"]])
+    return tasks
 
 
-def old_backward_tasks(case: Case, tasks: dict[str, list[float]], threads: int) -> list[float]:
-    """The pre-issue-27 backward's tasks on ``threads`` threads, sized from the measured tasks (module doc)."""
-    G, per_head = case.Hq // case.Hkv, []
-    nq, nk = len(tasks["dq"]) // (case.B * case.Hq), len(tasks["dkdv"]) // (case.B * case.Hkv)
-    nd = len(tasks["delta"]) // (case.B * case.Hq)
-    for bh in range(case.B * case.Hq):
-        bhk = (bh // case.Hq) * case.Hkv + (bh % case.Hq) // G
-        per_head.append(sum(tasks["dq"][bh * nq:(bh + 1) * nq]) + sum(tasks["delta"][bh * nd:(bh + 1) * nd])
-                        + sum(tasks["dkdv"][bhk * nk:(bhk + 1) * nk]) / G)
+def old_backward_tasks(case: Case, single: list[float], threads: int) -> list[float]:
+    """The pre-issue-27 backward's tasks on ``threads`` threads, from the single pass's (module doc)."""
+    G = case.Hq // case.Hkv
     if G > 1 and case.B * case.Hkv < threads:
-        return per_head  # per (batch, query head), partials summed afterwards (not counted)
-    return [sum(per_head[i:i + G]) for i in range(0, len(per_head), G)]
+        return [t / G for t in single for _ in range(G)]  # per (batch, query head); the partial sums not counted
+    return list(single)
 
 
 def simulate(case: Case, tasks: dict[str, list[float]], threads=THREADS) -> list[dict]:
+    chosen = torch.ops.causal_attn_cpp.plan(case.B, case.Hq, case.Hkv, case.T)[0]
+    baseline = {"forward": sum(tasks["forward"]), "backward": sum(tasks["single"])}
     rows = []
-    passes = {"forward": ["forward"], "backward": ["delta", "dkdv", "dq"]}
     for p in threads:
-        for phase, names in passes.items():
-            serial = sum(sum(tasks[n]) for n in names)
-            makespan = sum(static_makespan(tasks[n], p) for n in names)
-            structures = [("after", makespan, "+".join(str(len(tasks[n])) for n in names))]
-            if phase == "backward":
-                old = old_backward_tasks(case, tasks, p)
-                structures.insert(0, ("before", static_makespan(old, p), str(len(old))))
-            for structure, span, count in structures:
-                rows.append({"case": case.name, "Hq": case.Hq, "Hkv": case.Hkv, "T": case.T, "D": case.D, "B": case.B,
-                             "phase": phase, "structure": structure if phase == "backward" else "unchanged",
-                             "tasks": count, "threads": p, "serial_ms": serial * 1e3, "makespan_ms": span * 1e3,
-                             "speedup": serial / span, "efficiency": serial / span / p})
+        structures = [("forward", "unchanged", [tasks["forward"]]),
+                      ("backward", "before", [old_backward_tasks(case, tasks["single"], p)]),
+                      ("backward", "single", [tasks["single"]]),
+                      ("backward", "split", [tasks["delta"], tasks["dkdv"], tasks["dq"]])]
+        for phase, structure, passes in structures:
+            span = sum(static_makespan(t, p) for t in passes)  # passes run one after the other
+            speedup = baseline[phase] / span
+            rows.append({"case": case.name, "Hq": case.Hq, "Hkv": case.Hkv, "T": case.T, "D": case.D, "B": case.B,
+                         "phase": phase, "structure": structure, "chosen": structure in (chosen, "unchanged"),
+                         "tasks": "+".join(str(len(t)) for t in passes), "threads": p,
+                         "serial_ms": sum(map(sum, passes)) * 1e3, "baseline_ms": baseline[phase] * 1e3,
+                         "makespan_ms": span * 1e3, "speedup": speedup, "efficiency": speedup / p})
     return rows
 
 
@@ -128,10 +142,12 @@ def plot(rows: list[dict], path: str) -> str:
         threads = sorted({r["threads"] for r in mine})
         ax.plot(threads, threads, color="grey", lw=0.8, ls=":", label="ideal")
         for phase, structure, style in (("forward", "unchanged", "-o"), ("backward", "before", "--s"),
-                                        ("backward", "after", "-^")):
-            ys = [next(r["speedup"] for r in mine if r["threads"] == p and r["phase"] == phase
-                       and r["structure"] == structure) for p in threads]
-            ax.plot(threads, ys, style, label=f"{phase} {'' if structure == 'unchanged' else structure}".strip())
+                                        ("backward", "single", "-v"), ("backward", "split", "-^")):
+            picked = [r for r in mine if r["phase"] == phase and r["structure"] == structure]
+            ys = [next(r["speedup"] for r in picked if r["threads"] == p) for p in threads]
+            label = phase if structure == "unchanged" else f"{phase} {structure}"
+            chosen = phase == "backward" and structure != "before" and picked[0]["chosen"]
+            ax.plot(threads, ys, style, lw=2.5 if chosen else 1.2, label=label + (" (chosen)" if chosen else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xticks(threads, [str(p) for p in threads])
@@ -139,7 +155,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax.set_xlabel("threads")
         ax.set_title(f"{name}, T={T}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("predicted speed-up over 1 thread")
+    axes[0][0].set_ylabel("predicted speed-up over 1 thread\n(backward: over the single pass)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -154,8 +170,8 @@ def run(cases=CASES, repeats: int = 3, out: str = "benchmarks/results", threads=
         tasks = measure_tasks(case, repeats)
         rows += simulate(case, tasks, threads)
         top = max(threads)
-        at_top = {f"{r['phase']} {r['structure']}": r["speedup"] for r in rows
-                  if (r["case"], r["T"], r["threads"]) == (case.name, case.T, top)}
+        at_top = {f"{r['phase']} {r['structure']}" + (" (chosen)" if r["chosen"] and r["phase"] == "backward" else ""):
+                  r["speedup"] for r in rows if (r["case"], r["T"], r["threads"]) == (case.name, case.T, top)}
         log(f"{case.name} T={case.T}: tasks " + ", ".join(f"{k} {len(v)}" for k, v in tasks.items())
             + f"; predicted speed-up at {top} threads: " + ", ".join(f"{k} {v:.1f}" for k, v in at_top.items()))
     write_csv(rows, os.path.join(out, "sim_threads.csv"))

@@ -194,13 +194,17 @@ def test_sim_threads_writes_csv_and_png_for_a_tiny_case(tmp_path):
 
     case = sim_threads.Case("tiny", Hq=4, Hkv=2, T=256, D=16)
     rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(2, 4), log=lambda *_: None)
-    fwd, dkdv, dq, _ = torch.ops.causal_attn_cpp.plan(1, 4, 2, 256)
+    path, (fwd, delta, dkdv, dq), _ = torch.ops.causal_attn_cpp.plan(1, 4, 2, 256)
     with open(tmp_path / "sim_threads.csv") as f:
         written = list(csv.DictReader(f))
-    assert len(written) == len(rows) == 2 * 3 and (tmp_path / "sim_threads.png").stat().st_size > 0
+    assert len(written) == len(rows) == 2 * 4 and (tmp_path / "sim_threads.png").stat().st_size > 0
     by = {(r["phase"], r["structure"], int(r["threads"])): r for r in written}
     assert by[("forward", "unchanged", 2)]["tasks"] == str(fwd)
-    assert by[("backward", "after", 4)]["tasks"] == f"{fwd}+{dkdv}+{dq}"  # delta pass: one task per query block
+    assert by[("backward", "split", 4)]["tasks"] == f"{delta}+{dkdv}+{dq}" and by[("backward", "single", 4)]["tasks"] == "2"
+    # 2 (batch, kv head) pairs: the old kernel went per query head from 3 threads on; the kernel now splits
     assert by[("backward", "before", 2)]["tasks"] == "2" and by[("backward", "before", 4)]["tasks"] == "4"
+    assert path == "split" and {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "split"}
     for r in written:
-        assert 0 < float(r["speedup"]) <= int(r["threads"]) + 1e-9 and float(r["serial_ms"]) > 0
+        assert float(r["serial_ms"]) > 0 and float(r["speedup"]) > 0
+        if r["structure"] != "split":  # the split's speed-up is over the single pass, so not bounded by the threads
+            assert float(r["speedup"]) <= int(r["threads"]) + 1e-9
