@@ -40,7 +40,7 @@ def _segments(lengths):
 def test_small_blocks_skip_keys_exactly():
     """The PyTorch path (blocked) with 16-row blocks: segments start inside and at block edges (key ranges
     start at lo > 0); float64 against the reference with the same segments."""
-    from causal_attn import blocked
+    from causal_attn import blocked, reference
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
     seg = _segments([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
@@ -48,8 +48,7 @@ def test_small_blocks_skip_keys_exactly():
     assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
     packed = CausalGraph.from_dense(adj).packed
     out, lse, mass = blocked.forward(q, k, v, packed, None, starts, 0.25, block=16)
-    ref_out, ref_mass, _ = causal_attn.reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25,
-                                                                   starts)
+    ref_out, ref_mass, _ = reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25, starts)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
     torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
 
