@@ -1,17 +1,22 @@
 """Thread scaling on CPU: the attention kernel and the training step at 1 thread and at all threads.
 
-The other sweeps run at ``--threads`` (default 1, steadier on a shared machine). This one re-times one kernel
+The other sweeps run at ``--threads`` (default 1, steadier on a shared machine). This one times one kernel
 case (forward+backward with mass; B=1, 8 heads, no GQA) and one training step (``bench_train_step``'s model)
-at each thread count of ``--scaling-threads`` (default: 1 and the thread count torch starts with), ours and
-SDPA interleaved as everywhere else. Reported per thread count: the median time, the ratio to SDPA at the
-same thread count, and the speed-up over 1 thread.
+at each thread count of ``--scaling-threads`` (default: 1 and the thread count torch starts with). Each
+measurement is a fresh process at one thread count (ours and SDPA interleaved inside it, medians of
+``--repeats`` rounds); ``--scaling-rounds`` rounds run one such process per thread count, alternating which
+count goes first, so slow phases of a shared machine hit every count alike (issue 27: single runs here ranged
+from 1.44x to 2.23x). Reported per thread count: the median over rounds of the time, of the ratio to SDPA, and
+of the speed-up over 1 thread within the same round.
 
     python benchmarks/runner.py --only threads [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
 import torch
@@ -19,14 +24,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels  # noqa: E402
 import bench_train_step  # noqa: E402
-from common import interleaved_times, section_main, summarize, timed_phases  # noqa: E402
+from common import interleaved_times, run_child, section_main, summarize, timed_phases  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at import, before a sweep pins --threads
+# the sweep options a measuring child needs
+CHILD_OPTIONS = ("scaling_seq_len", "scaling_head_dim", "scaling_train_seq_len", "heads", "batch", "train_batch",
+                 "dtype", "backend", "warmup", "repeats", "case_budget")
 
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--scaling-threads", type=int, nargs="+", help=f"thread counts of the scaling runs (default 1 "
                    f"and {DEFAULT_THREADS}, torch's default here)")
+    p.add_argument("--scaling-rounds", type=int, default=3, help="alternated rounds, one process per thread count "
+                   "each; medians over rounds are reported")
     p.add_argument("--scaling-seq-len", type=int, default=4096, help="T of the kernel case")
     p.add_argument("--scaling-head-dim", type=int, default=128, help="head dim of the kernel case")
     p.add_argument("--scaling-train-seq-len", type=int, default=1024, help="T of the training step")
@@ -36,8 +46,31 @@ def thread_counts(args) -> list[int]:
     return sorted(set(args.scaling_threads or [1, DEFAULT_THREADS]))
 
 
-def _time(runs: dict, args) -> dict:
-    return summarize(interleaved_times(runs, warmup=args.warmup, repeats=args.repeats, budget_s=args.case_budget))
+def measure(opts: dict, threads: int) -> dict:
+    """In this process at ``threads`` threads: {part: {method: {"ms", "x_sdpa"}}} (medians over repeats)."""
+    torch.set_num_threads(threads)
+    o = argparse.Namespace(**opts)
+    device = torch.device("cpu")
+    case = bench_kernels.Case(o.scaling_seq_len, o.scaling_head_dim, o.heads, o.heads, o.batch)
+    inp = bench_kernels.make_inputs(case, device, getattr(torch, o.dtype))
+    kernels = {m: bench_kernels.make_method(m, inp, o.backend) for m in ("cat", "sdpa")}
+    steps = {m: bench_train_step.StepBench(m, device) for m in ("cat", "sdpa")}
+    for b in steps.values():
+        b.prepare(bench_train_step.WARM_T, o.train_batch).step()
+        b.prepare(o.scaling_train_seq_len, o.train_batch)
+    timed = {
+        "kernel": {m: (lambda f=f, b=b: timed_phases(f, b, device)) for m, (f, b) in kernels.items()},
+        "train_step": {m: (lambda s=s: timed_phases(s.forward_loss, s.backward_step, device)) for m, s in steps.items()},
+    }
+    out = {}
+    for part, runs in timed.items():
+        times = summarize(interleaved_times(runs, warmup=o.warmup, repeats=o.repeats, budget_s=o.case_budget))
+        out[part] = {m: {"ms": t["fwdbwd"] * 1e3, "x_sdpa": t.get("fwdbwd_x")} for m, t in times.items()}
+    return out
+
+
+def child_main(argv: list[str]):
+    print(json.dumps(measure(json.loads(argv[0]), int(argv[1]))), flush=True)
 
 
 def run_sweep(args, log=print) -> list[dict]:
@@ -45,38 +78,32 @@ def run_sweep(args, log=print) -> list[dict]:
     if args.device != "cpu":
         log("thread scaling: CPU only, skipped on " + args.device)
         return []
-    device = torch.device("cpu")
-    previous = torch.get_num_threads()
-    case = bench_kernels.Case(args.scaling_seq_len, args.scaling_head_dim, args.heads, args.heads, args.batch)
-    inp = bench_kernels.make_inputs(case, device, getattr(torch, args.dtype))
-    kernels = {m: bench_kernels.make_method(m, inp, args.backend) for m in ("cat", "sdpa")}
-    steps = {m: bench_train_step.StepBench(m, device) for m in ("cat", "sdpa")}
-    for b in steps.values():
-        b.prepare(bench_train_step.WARM_T, args.train_batch).step()
-        b.prepare(args.scaling_train_seq_len, args.train_batch)
+    counts, opts = thread_counts(args), json.dumps({k: getattr(args, k) for k in CHILD_OPTIONS})
+    rounds = []  # per round {threads: child result}
+    for rnd in range(args.scaling_rounds):
+        order = counts[rnd % len(counts):] + counts[:rnd % len(counts)]
+        res = {n: run_child(os.path.abspath(__file__), [opts, n], args.child_timeout) for n in order}
+        for n in order:
+            if "error" in res[n]:
+                raise RuntimeError(f"thread-scaling child at {n} threads failed: {res[n]['error']}")
+        rounds.append(res)
+        log(f"round {rnd + 1}: " + "; ".join(f"{n} threads: " + ", ".join(
+            f"{part} {m} {v['ms']:.0f} ms" for part, ms in res[n].items() for m, v in ms.items()) for n in counts))
     rows = []
-    try:
-        for n in thread_counts(args):
-            torch.set_num_threads(n)
-            parts = {
-                "kernel": (case.T, _time({m: (lambda f=f, b=b: timed_phases(f, b, device)) for m, (f, b) in
-                                          kernels.items()}, args)),
-                "train_step": (args.scaling_train_seq_len, _time({m: (lambda s=s: timed_phases(
-                    s.forward_loss, s.backward_step, device)) for m, s in steps.items()}, args)),
-            }
-            for part, (T, times) in parts.items():
-                for m, t in times.items():
-                    rows.append({"part": part, "T": T, "D": case.D if part == "kernel" else "", "threads": n,
-                                 "method": m, "ms": t["fwdbwd"] * 1e3, "x_sdpa": t.get("fwdbwd_x", "")})
-            log(f"threads={n}: " + ", ".join(f"{r['part']} {r['method']} {r['ms']:.0f} ms" for r in rows[-4:]))
-    finally:
-        torch.set_num_threads(previous)
-    base = {(r["part"], r["method"]): r["ms"] for r in rows if r["threads"] == 1}
-    for r in rows:
-        if (r["part"], r["method"]) in base:
-            r["speedup_vs_1"] = base[(r["part"], r["method"])] / r["ms"]
+    kernel_T = {"kernel": (args.scaling_seq_len, args.scaling_head_dim), "train_step": (args.scaling_train_seq_len, "")}
+    for n in counts:
+        for part, (T, D) in kernel_T.items():
+            for m in ("cat", "sdpa"):
+                got = [r[n][part][m] for r in rounds]
+                row = {"part": part, "T": T, "D": D, "threads": n, "method": m,
+                       "ms": statistics.median(g["ms"] for g in got),
+                       "x_sdpa": statistics.median(g["x_sdpa"] for g in got) if got[0]["x_sdpa"] is not None else "",
+                       "rounds": len(got)}
+                if 1 in counts:
+                    row["speedup_vs_1"] = statistics.median(r[1][part][m]["ms"] / r[n][part][m]["ms"] for r in rounds)
+                rows.append(row)
     return rows
 
 
 if __name__ == "__main__":
-    sys.exit(section_main("threads"))
+    sys.exit(section_main("threads", child_main))

@@ -71,7 +71,9 @@ def threads_section(rows) -> list[str]:
                       _fmt(get("cat", "x_sdpa"), ".2f", "x"), _fmt(get("cat", "speedup_vs_1"), ".2f", "x"),
                       _fmt(get("sdpa", "speedup_vs_1"), ".2f", "x")])
     return ["## Thread scaling (kernel: fwd+bwd with mass, B=1, 8 heads; training step as above)", "",
-            "Ours and SDPA interleaved at each thread count; speed-up = time at 1 thread / time at n threads.", ""] + \
+            "One fresh process per thread count and round, thread counts alternated over rounds, ours and SDPA "
+            "interleaved inside each; medians over rounds; speed-up = time at 1 thread / time at n threads in the "
+            "same round.", ""] + \
         _table(["part", "T", "threads", "SDPA ms", "ours ms", "ours / SDPA", "ours speed-up", "SDPA speed-up"],
                lines) + [""]
 

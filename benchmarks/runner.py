@@ -40,7 +40,7 @@ OPT_IN = ("pretrained",)
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
              train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0, scaling_seq_len=1024,
-             scaling_train_seq_len=256, packing_batches=6, packing_memory_batches=2)
+             scaling_train_seq_len=256, scaling_rounds=2, packing_batches=6, packing_memory_batches=2)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -92,6 +92,8 @@ def check_args(args) -> str | None:
             return f"--{name.replace('_', '-')} must be positive, got {vals}"
     if any(n < 1 for n in args.scaling_threads or []):
         return f"--scaling-threads must be >= 1, got {args.scaling_threads}"
+    if args.scaling_rounds < 1:
+        return f"--scaling-rounds must be >= 1, got {args.scaling_rounds}"
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         return "--repeats and --threads must be >= 1 and --warmup >= 0"
     if args.packing_batch < 1 or args.packing_batches < 0 or args.packing_memory_batches < 0:

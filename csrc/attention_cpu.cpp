@@ -12,22 +12,33 @@
 // squared segment lengths instead of T^2. Masked entries give P = 0, so the skipped rows and tiles would
 // have contributed nothing.
 //
-// Backward: one task per (batch, key/value head), so dK and dV of a GQA group are summed without races
-// (per (batch, query head) with partial dK, dV when there are fewer kv heads than threads).
-// For each query head of the group and each query block: delta = rowsum(dO * O) + g * mass, then per key
-// block recompute P = exp(S - LSE) and
-//   dV += P^T dO,  dP = dO V^T + g * A,  dS = P (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
+// Backward (issue 27): one of two decompositions, chosen from the shape alone (plan_backward), never from the
+// thread count, so the result is bitwise the same at any thread count (every task owns its output rows: no
+// atomics, no partial sums):
+//   single pass (B * Hkv >= kSplitBelow): one task per (batch, kv head); for each query head of the GQA group
+//           in order and each query block: delta, P, dS, then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K
+//           (five tile GEMMs).
+//   split (fewer (batch, kv head) pairs, e.g. a batch-1 sequence), three passes:
+//     delta:  delta_i = rowsum(dO_i * O_i) + g_i * mass_i, per row.
+//     dK/dV:  one task per (batch, kv head, block of `key_block` keys): for each query head of the GQA group
+//             and each chunk of QC query rows at or below the block, recompute P = exp(S - LSE),
+//             dS = P (dO V^T + g * A - delta), then dV += P^T dO, dK += scale dS^T Q.
+//     dQ:     one task per (batch, query head, block of BQ query rows): per key tile recompute P and dS,
+//             dQ += scale dS K. (P and dS twice: seven tile GEMMs, ~1.4x the single pass's work.)
+//   The key block is chosen from the shape alone too, so a batch-1 sequence still yields many tasks.
 //
 // Inputs other than fp32 with unit last stride are converted to fp32 once; accumulation is fp32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <algorithm>
+#include <ctime>
+#include <cstdlib>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -134,32 +145,72 @@ int64_t balanced_block(int64_t t, int64_t nblocks) {
   return (t % 2 == 0) ? t / 2 : nblocks - 1 - t / 2;
 }
 
-// Row kernels work on whole 32-column groups (one packed word each); score rows have BK >= that room.
+// Row kernels work on whole 32-column groups (one packed word each); score rows have that room.
 int64_t round_up32(int64_t n) { return (n + 31) & ~int64_t{31}; }
 
-// S (bq x bk, row stride BK) = scale Q[i0:i1] K[j0:j0+bk]^T with the keys a row may not see (past the
-// diagonal, before its segment, padded) and the tail up to whole 32-column words set to -inf; rowmax[r]
-// gets row r's max.
+// 64-byte aligned fp32 scratch. MKL may choose its code path by the operands' alignment; a result that
+// depended on where malloc put a thread's buffer would break the bitwise thread-count invariance.
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((n * 4 + 63) & ~int64_t{63}))), &std::free) {
+    TORCH_CHECK(p_ != nullptr, "out of memory allocating ", n, " floats of attention scratch");
+  }
+  float* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<float, decltype(&std::free)> p_;
+};
+
+// CPU time of the calling thread: unlike wall time it leaves out the moments another process had the core.
+double thread_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// Runs task(t) for t in [0, n) with at::parallel_for (contiguous chunks, one per thread); state() makes the
+// per-chunk scratch. With `seconds`, task t's thread CPU time is stored in seconds[t] (benchmarks/sim_threads.py).
+template <class State, class Task>
+void run_tasks(int64_t n, double* seconds, State state, Task task) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_thread;
+    auto buf = state();
+    for (int64_t t = begin; t < end; ++t) {
+      if (seconds == nullptr) {
+        task(t, buf);
+        continue;
+      }
+      const double t0 = thread_seconds();
+      task(t, buf);
+      seconds[t] = thread_seconds() - t0;
+    }
+  });
+}
+
+// S (bq x bk, row stride ld >= round_up32(bk)) = scale Q[i0:i1] K[j0:j0+bk]^T with the keys a row may not
+// see (past the diagonal, before its segment, padded) and the tail up to whole 32-column words set to -inf;
+// rowmax[r] gets row r's max.
 void masked_scores(const Problem& P, const Rows& Q, const Rows& K, int64_t b, int64_t i0, int64_t i1, int64_t j0,
-                   int64_t bk, float* S, float* rowmax) {
+                   int64_t bk, float* S, int64_t ld, float* rowmax) {
   const uint8_t* kpm = P.kpm ? P.kpm + b * P.T + j0 : nullptr;
   const int32_t* seg = P.seg ? P.seg + b * P.T : nullptr;
-  gemm_rm(false, true, i1 - i0, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, BK);
+  gemm_rm(false, true, i1 - i0, bk, P.D, P.scale, Q.row(i0), Q.ld, K.row(j0), K.ld, 0.0f, S, ld);
   for (int64_t r = 0; r < i1 - i0; ++r) {
     const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
     const int64_t lo = seg ? std::clamp<int64_t>(seg[i0 + r] - j0, 0, n) : 0;
-    rowmax[r] = mask_and_max(S + r * BK, lo, n, round_up32(bk), kpm);
+    rowmax[r] = mask_and_max(S + r * ld, lo, n, round_up32(bk), kpm);
   }
 }
 
 // P = exp(S - LSE) in place on a tile from masked_scores (rows without keys have LSE = +inf: P = 0).
-void probabilities(float* S, int64_t bq, int64_t bk, const float* lse) {
-  for (int64_t r = 0; r < bq; ++r) exp_shift_sum(S + r * BK, round_up32(bk), lse[r], nullptr, nullptr);
+void probabilities(float* S, int64_t ld, int64_t bq, int64_t bk, const float* lse) {
+  for (int64_t r = 0; r < bq; ++r) exp_shift_sum(S + r * ld, round_up32(bk), lse[r], nullptr, nullptr);
 }
 
 // ------------------------------------------------------------------------------------------- forward
 struct ForwardBuffers {
-  std::vector<float> S, m, l, macc, rowmax;
+  Scratch S, m, l, macc, rowmax;
   ForwardBuffers() : S(BQ * BK), m(BQ), l(BQ), macc(BQ), rowmax(BQ) {}
 };
 
@@ -176,11 +227,11 @@ void forward_task(const Problem& P, const Rows& Q, const Rows& K, const Rows& V,
     const int64_t bk = std::min(BK, i1 - j0);
     const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows see no key of this tile
     if (r0 >= r1) continue;
-    masked_scores(P, Q, K, b, i0 + r0, i0 + r1, j0, bk, S + r0 * BK, buf.rowmax.data() + r0);
+    masked_scores(P, Q, K, b, i0 + r0, i0 + r1, j0, bk, S + r0 * BK, BK, buf.rowmax.data() + r0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       float* s = S + r * BK;
-      const float m_new = std::max(m[r], buf.rowmax[r]);
+      const float m_new = std::max(m[r], buf.rowmax.data()[r]);
       if (m_new == kNegInf) {  // no key for this row yet: P row is zero, nothing to rescale
         std::fill(s, s + bk, 0.0f);
         continue;
@@ -214,30 +265,42 @@ void accumulate_map(const Problem& P, const at::Tensor& q, const at::Tensor& k, 
                     at::Tensor& attn_map, float weight) {
   const int64_t nqb = (P.T + BQ - 1) / BQ;
   float* map = attn_map.data_ptr<float>();
-  at::parallel_for(0, P.B * nqb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas one_thread;
-    std::vector<float> S(BQ * BK), rowmax(BQ);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
-      for (int64_t h = 0; h < P.Hq; ++h) {
-        const float* L = lse + (b * P.Hq + h) * P.T + i0;
-        for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
-          const int64_t bk = std::min(BK, i1 - j0);
-          const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);
-          if (r0 >= r1) continue;
-          masked_scores(P, head_rows(q, b, h), head_rows(k, b, h / P.G), b, i0 + r0, i0 + r1, j0, bk,
-                        S.data() + r0 * BK, rowmax.data() + r0);
-          probabilities(S.data() + r0 * BK, r1 - r0, bk, L + r0);
-          for (int64_t r = r0; r < r1; ++r) {
-            float* s = S.data() + r * BK;
-            const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
-            scale_row(s, n, weight);
-            float* dst = map + (b * P.T + i0 + r) * P.T + j0;
-            for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
-          }
+  run_tasks(P.B * nqb, nullptr, [] { return std::pair<Scratch, Scratch>(BQ * BK, BQ); }, [&](int64_t t, auto& buf) {
+    float *S = buf.first.data(), *rowmax = buf.second.data();
+    const int64_t b = t / nqb, i0 = (t % nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
+    for (int64_t h = 0; h < P.Hq; ++h) {
+      const float* L = lse + (b * P.Hq + h) * P.T + i0;
+      for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
+        const int64_t bk = std::min(BK, i1 - j0);
+        const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);
+        if (r0 >= r1) continue;
+        masked_scores(P, head_rows(q, b, h), head_rows(k, b, h / P.G), b, i0 + r0, i0 + r1, j0, bk, S + r0 * BK, BK,
+                      rowmax + r0);
+        probabilities(S + r0 * BK, BK, r1 - r0, bk, L + r0);
+        for (int64_t r = r0; r < r1; ++r) {
+          float* s = S + r * BK;
+          const int64_t n = std::clamp<int64_t>(i0 + r - j0 + 1, 0, bk);
+          scale_row(s, n, weight);
+          float* dst = map + (b * P.T + i0 + r) * P.T + j0;
+          for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
         }
       }
     }
+  });
+}
+
+int64_t forward_tasks(const Problem& P) { return P.B * P.Hq * ((P.T + BQ - 1) / BQ); }
+
+// out, lse, mass (allocated by the caller); with `seconds` (forward_tasks(P) doubles) each task's time.
+void forward_pass(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float* out_p,
+                  float* lse_p, float* mass_p, double* seconds) {
+  const int64_t nqb = (P.T + BQ - 1) / BQ;
+  run_tasks(forward_tasks(P), seconds, [] { return ForwardBuffers(); }, [&](int64_t t, ForwardBuffers& buf) {
+    const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
+    const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
+    const int64_t row0 = bh * P.T + i0;
+    forward_task(P, head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G), out_p + row0 * P.D,
+                 lse_p + row0, mass_p ? mass_p + row0 : nullptr, b, i0, i1, buf);
   });
 }
 
@@ -252,67 +315,194 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32);
   at::Tensor lse = at::empty({P.B, P.Hq, P.T}, f32);
   at::Tensor mass = P.packed ? at::empty({P.B, P.Hq, P.T}, f32) : at::empty({0}, f32);
-  const int64_t nqb = (P.T + BQ - 1) / BQ;
-  float* out_p = out.data_ptr<float>();
-  float* lse_p = lse.data_ptr<float>();
-  float* mass_p = P.packed ? mass.data_ptr<float>() : nullptr;
-  at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas one_thread;
-    ForwardBuffers buf;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
-      const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
-      const int64_t row0 = bh * P.T + i0;
-      forward_task(P, head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G),
-                   out_p + row0 * P.D, lse_p + row0, mass_p ? mass_p + row0 : nullptr, b, i0, i1, buf);
-    }
-  });
+  forward_pass(P, q, k, v, out.data_ptr<float>(), lse.data_ptr<float>(), P.packed ? mass.data_ptr<float>() : nullptr,
+               nullptr);
   if (attn_map.has_value()) {
     at::Tensor map = *attn_map;
     TORCH_CHECK(map.scalar_type() == at::kFloat && map.is_contiguous() && map.numel() == P.B * P.T * P.T,
                 "attn_map must be a contiguous float32 (B, T, T) tensor");
-    accumulate_map(P, q, k, lse_p, map, static_cast<float>(attn_map_weight));
+    accumulate_map(P, q, k, lse.data_ptr<float>(), map, static_cast<float>(attn_map_weight));
   }
   if (q_in.scalar_type() != at::kFloat) out = out.to(q_in.scalar_type());
   return {out, lse, mass};
 }
 
 // ------------------------------------------------------------------------------------------ backward
-struct BackwardBuffers {
-  std::vector<float> S, dP, delta, rowmax;
-  BackwardBuffers() : S(BQ * BK), dP(BQ * BK), delta(BQ), rowmax(BQ) {}
+constexpr int64_t QC = 256;          // query rows per tile of the dK/dV pass
+constexpr int64_t kMinTasks = 256;   // dK/dV tasks the key block is chosen to reach (8 per thread at 32 threads)
+// (batch, kv head) pairs from which the single-pass backward is used. It is the cheapest per FLOP (five tile
+// GEMMs against the split's seven) but has only B * Hkv tasks; 8 keep a laptop or small workstation busy
+// (a batch of 4 with 2 kv heads, or SmolLM2's 3 kv heads from batch 3). Below it, e.g. a batch-1 SmolLM2
+// sequence (3 tasks), the split's many small tasks win from a few threads on. A function of the shape only:
+// choosing by thread count would make dK, dV depend on it.
+constexpr int64_t kSplitBelow = 8;
+
+// The backward's task decomposition, a function of the shape only (never of the thread count).
+struct BackwardPlan {
+  bool split;          // three-pass split; otherwise single pass, one task per (batch, kv head)
+  int64_t key_block;   // keys per dK/dV task: 128, 64 or 32, the largest giving kMinTasks tasks (else 32)
+  int64_t key_blocks;  // per (batch, kv head)
+  int64_t dkdv_tasks;  // B * Hkv * key_blocks
+  int64_t query_blocks;
+  int64_t dq_tasks;    // B * Hq * query_blocks (BQ rows each)
 };
 
-// One query block of one query head against all its keys; accumulates into dQ rows (bq x D, zeroed
-// here) and the group's dK, dV (T x D).
-void backward_block(const Problem& P, const Rows& Q, const Rows& K, const Rows& V, const Rows& O, const Rows& dO,
-                    const float* lse, const float* mass, const float* gmass, float* dQ, float* dK, float* dV,
-                    int64_t b, int64_t i0, int64_t i1, BackwardBuffers& buf) {
-  const int64_t bq = i1 - i0, D = P.D;
-  const int32_t* adj = (P.packed && gmass) ? P.packed + b * P.T * P.W : nullptr;
-  for (int64_t r = 0; r < bq; ++r) {
-    buf.delta[r] = dot_row(dO.row(i0 + r), O.row(i0 + r), D) + (adj ? gmass[r] * mass[r] : 0.0f);
+BackwardPlan plan_backward(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
+  BackwardPlan p{};
+  p.split = B * Hkv < kSplitBelow;
+  for (int64_t kb : {128, 64, 32}) {
+    p.key_block = kb;
+    if (B * Hkv * ((T + kb - 1) / kb) >= kMinTasks) break;
   }
-  std::fill(dQ, dQ + bq * D, 0.0f);
-  float* S = buf.S.data();
-  float* dS = buf.dP.data();
+  p.key_blocks = (T + p.key_block - 1) / p.key_block;
+  p.dkdv_tasks = B * Hkv * p.key_blocks;
+  p.query_blocks = (T + BQ - 1) / BQ;
+  p.dq_tasks = B * Hq * p.query_blocks;
+  return p;
+}
+
+// One (batch, query head) of the backward's inputs.
+struct HeadGrad {
+  Rows Q, K, V, dO;
+  const float *lse, *delta, *gmass;  // (T,) each; gmass nullptr without the mass term
+};
+
+// P and dS of query rows [a0, a1) against keys [j0, j0 + bk) into S and dS (row stride ld):
+// P = exp(S - LSE), dS = P (dO V^T + g * A - delta).
+void probs_and_grad(const Problem& P, const HeadGrad& H, int64_t b, int64_t a0, int64_t a1, int64_t j0, int64_t bk,
+                    float* S, float* dS, int64_t ld, float* rowmax) {
+  const int64_t n = a1 - a0;
+  const int32_t* adj = (P.packed && H.gmass) ? P.packed + b * P.T * P.W : nullptr;
+  masked_scores(P, H.Q, H.K, b, a0, a1, j0, bk, S, ld, rowmax);
+  probabilities(S, ld, n, bk, H.lse + a0);
+  gemm_rm(false, true, n, bk, P.D, 1.0f, H.dO.row(a0), H.dO.ld, H.V.row(j0), H.V.ld, 0.0f, dS, ld);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t i = a0 + r;
+    softmax_grad_row(S + r * ld, dS + r * ld, round_up32(bk), H.delta[i], adj ? H.gmass[i] : 0.0f,
+                     adj ? adj + i * P.W + j0 / 32 : nullptr);
+  }
+}
+
+// End of the query rows that can see a key of [j0, j0 + bk): rows i >= j0 whose segment starts before the
+// block ends (seg_start is non-decreasing, so they form a range).
+int64_t last_query_row(const Problem& P, int64_t b, int64_t j0, int64_t bk) {
+  if (!P.seg) return P.T;
+  const int32_t* seg = P.seg + b * P.T;
+  return std::lower_bound(seg + j0, seg + P.T, static_cast<int32_t>(j0 + bk)) - seg;
+}
+
+struct GradBuffers {
+  Scratch S, dS, rowmax;
+  GradBuffers(int64_t rows, int64_t cols) : S(rows * cols), dS(rows * cols), rowmax(rows) {}
+};
+
+// dK, dV rows [j0, j0 + bk) of kv head hk: every query head of the group, every query row that sees them.
+void dkdv_task(const Problem& P, const BackwardPlan& plan, const std::vector<HeadGrad>& heads, int64_t b, int64_t hk,
+               int64_t j0, int64_t bk, float* dK, float* dV, GradBuffers& buf) {
+  const int64_t ld = plan.key_block, D = P.D;
+  std::fill(dK, dK + bk * D, 0.0f);
+  std::fill(dV, dV + bk * D, 0.0f);
+  const int64_t i_end = last_query_row(P, b, j0, bk);
+  for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+    const HeadGrad& H = heads[b * P.Hq + h];
+    for (int64_t a0 = j0; a0 < i_end; a0 += QC) {
+      const int64_t n = std::min(QC, i_end - a0);
+      probs_and_grad(P, H, b, a0, a0 + n, j0, bk, buf.S.data(), buf.dS.data(), ld, buf.rowmax.data());
+      gemm_rm(true, false, bk, D, n, 1.0f, buf.S.data(), ld, H.dO.row(a0), H.dO.ld, 1.0f, dV, D);
+      gemm_rm(true, false, bk, D, n, P.scale, buf.dS.data(), ld, H.Q.row(a0), H.Q.ld, 1.0f, dK, D);
+    }
+  }
+}
+
+// dQ rows [i0, i1) of one query head: every key tile left of the diagonal.
+void dq_task(const Problem& P, const HeadGrad& H, int64_t b, int64_t i0, int64_t i1, float* dQ, GradBuffers& buf) {
+  std::fill(dQ, dQ + (i1 - i0) * P.D, 0.0f);
   for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
-    const int64_t bk = std::min(BK, i1 - j0), bk32 = round_up32(bk);
+    const int64_t bk = std::min(BK, i1 - j0);
+    const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows have P = 0 on this tile
+    if (r0 >= r1) continue;
+    float *S = buf.S.data() + r0 * BK, *dS = buf.dS.data() + r0 * BK;
+    probs_and_grad(P, H, b, i0 + r0, i0 + r1, j0, bk, S, dS, BK, buf.rowmax.data() + r0);
+    gemm_rm(false, false, r1 - r0, P.D, bk, P.scale, dS, BK, H.K.row(j0), H.K.ld, 1.0f, dQ + r0 * P.D, P.D);
+  }
+}
+
+// Single-pass backward of one query block [i0, i1) of one query head: delta, then per key tile P, dS and
+// dQ rows (zeroed here), adding into the kv head's whole dK, dV (T x D).
+void single_pass_block(const Problem& P, const HeadGrad& H, const Rows& O, const float* mass, int64_t b, int64_t i0,
+                       int64_t i1, float* dQ, float* dK, float* dV, GradBuffers& buf, float* delta) {
+  const int64_t D = P.D;
+  for (int64_t i = i0; i < i1; ++i) {
+    delta[i] = dot_row(H.dO.row(i), O.row(i), D) + (H.gmass ? H.gmass[i] * mass[i] : 0.0f);
+  }
+  std::fill(dQ, dQ + (i1 - i0) * D, 0.0f);
+  for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
+    const int64_t bk = std::min(BK, i1 - j0);
     const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows have P = 0 on this tile
     if (r0 >= r1) continue;
     const int64_t n = r1 - r0, a0 = i0 + r0;
-    float *S0 = S + r0 * BK, *dS0 = dS + r0 * BK;
-    masked_scores(P, Q, K, b, a0, i0 + r1, j0, bk, S0, buf.rowmax.data() + r0);
-    probabilities(S0, n, bk, lse + r0);
-    gemm_rm(true, false, bk, D, n, 1.0f, S0, BK, dO.row(a0), dO.ld, 1.0f, dV + j0 * D, D);
-    gemm_rm(false, true, n, bk, D, 1.0f, dO.row(a0), dO.ld, V.row(j0), V.ld, 0.0f, dS0, BK);
-    for (int64_t r = r0; r < r1; ++r) {
-      softmax_grad_row(S + r * BK, dS + r * BK, bk32, buf.delta[r], adj ? gmass[r] : 0.0f,
-                       adj ? adj + (i0 + r) * P.W + j0 / 32 : nullptr);
-    }
-    gemm_rm(false, false, n, D, bk, P.scale, dS0, BK, K.row(j0), K.ld, 1.0f, dQ + r0 * D, D);
-    gemm_rm(true, false, bk, D, n, P.scale, dS0, BK, Q.row(a0), Q.ld, 1.0f, dK + j0 * D, D);
+    float *S = buf.S.data() + r0 * BK, *dS = buf.dS.data() + r0 * BK;
+    probs_and_grad(P, H, b, a0, i0 + r1, j0, bk, S, dS, BK, buf.rowmax.data() + r0);
+    gemm_rm(true, false, bk, D, n, 1.0f, S, BK, H.dO.row(a0), H.dO.ld, 1.0f, dV + j0 * D, D);
+    gemm_rm(false, false, n, D, bk, P.scale, dS, BK, H.K.row(j0), H.K.ld, 1.0f, dQ + r0 * D, D);
+    gemm_rm(true, false, bk, D, n, P.scale, dS, BK, H.Q.row(a0), H.Q.ld, 1.0f, dK + j0 * D, D);
   }
+}
+
+// Per-task seconds of the backward's passes (benchmarks/sim_threads.py); all nullptr in training.
+struct BackwardTimes {
+  double *delta = nullptr, *dkdv = nullptr, *dq = nullptr;  // split
+  double* single = nullptr;                                  // single pass
+};
+
+void backward_passes(const Problem& P, const BackwardPlan& plan, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& o, const at::Tensor& dout, const float* lse,
+                     const float* mass, const float* gmass, float* dq, float* dk, float* dv, BackwardTimes times) {
+  std::vector<float> delta(P.B * P.Hq * P.T);
+  std::vector<HeadGrad> heads;
+  for (int64_t bh = 0; bh < P.B * P.Hq; ++bh) {
+    const int64_t b = bh / P.Hq, h = bh % P.Hq;
+    heads.push_back({head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G), head_rows(dout, b, h),
+                     lse + bh * P.T, delta.data() + bh * P.T, gmass ? gmass + bh * P.T : nullptr});
+  }
+  const int64_t nqb = plan.query_blocks;
+  if (!plan.split) {  // one task per (batch, kv head): the group's query heads in order, query blocks in order
+    run_tasks(P.B * P.Hkv, times.single, [] { return GradBuffers(BQ, BK); }, [&](int64_t t, GradBuffers& buf) {
+      const int64_t b = t / P.Hkv, hk = t % P.Hkv;
+      float *dK = dk + t * P.T * P.D, *dV = dv + t * P.T * P.D;
+      std::fill(dK, dK + P.T * P.D, 0.0f);
+      std::fill(dV, dV + P.T * P.D, 0.0f);
+      for (int64_t bh = b * P.Hq + hk * P.G; bh < b * P.Hq + (hk + 1) * P.G; ++bh) {
+        for (int64_t i0 = 0; i0 < P.T; i0 += BQ) {
+          single_pass_block(P, heads[bh], head_rows(o, b, bh % P.Hq), mass ? mass + bh * P.T : nullptr, b, i0,
+                            std::min(P.T, i0 + BQ), dq + (bh * P.T + i0) * P.D, dK, dV, buf, delta.data() + bh * P.T);
+        }
+      }
+    });
+    return;
+  }
+  // delta = rowsum(dO * O) + g * mass: one task per (batch, query head, query block)
+  run_tasks(P.B * P.Hq * nqb, times.delta, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
+    const Rows O = head_rows(o, b, h), dO = heads[bh].dO;
+    for (int64_t i = (t % nqb) * BQ; i < std::min(P.T, (t % nqb + 1) * BQ); ++i) {
+      delta[bh * P.T + i] = dot_row(dO.row(i), O.row(i), P.D) + (gmass ? gmass[bh * P.T + i] * mass[bh * P.T + i] : 0.0f);
+    }
+  });
+  // dK, dV: consecutive tasks alternate short (late) and long (early) key blocks, as the forward does
+  const int64_t nkb = plan.key_blocks;
+  run_tasks(plan.dkdv_tasks, times.dkdv, [&] { return GradBuffers(QC, plan.key_block); },
+            [&](int64_t t, GradBuffers& buf) {
+              const int64_t bhk = t / nkb, b = bhk / P.Hkv, hk = bhk % P.Hkv;
+              const int64_t j0 = balanced_block(t % nkb, nkb) * plan.key_block, bk = std::min(plan.key_block, P.T - j0);
+              const int64_t row0 = bhk * P.T + j0;
+              dkdv_task(P, plan, heads, b, hk, j0, bk, dk + row0 * P.D, dv + row0 * P.D, buf);
+            });
+  run_tasks(plan.dq_tasks, times.dq, [] { return GradBuffers(BQ, BK); }, [&](int64_t t, GradBuffers& buf) {
+    const int64_t bh = t / nqb, b = bh / P.Hq;
+    const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
+    dq_task(P, heads[bh], b, i0, i1, dq + (bh * P.T + i0) * P.D, buf);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -332,48 +522,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   }
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);
-  const int64_t nqb = (P.T + BQ - 1) / BQ;
-  // All query tiles of query head h of sample b, adding into the (T x D) dK, dV given.
-  auto query_head = [&](int64_t b, int64_t h, float* dK, float* dV, BackwardBuffers& buf) {
-    const int64_t bh = b * P.Hq + h, hk = h / P.G;
-    const float* L = lse.data_ptr<float>() + bh * P.T;
-    const float* M = use_mass ? mass.data_ptr<float>() + bh * P.T : nullptr;
-    const float* Gm = use_mass ? gmass.data_ptr<float>() + bh * P.T : nullptr;
-    for (int64_t qb = 0; qb < nqb; ++qb) {
-      const int64_t i0 = qb * BQ, i1 = std::min(P.T, i0 + BQ);
-      backward_block(P, head_rows(q, b, h), head_rows(k, b, hk), head_rows(v, b, hk), head_rows(o, b, h),
-                     head_rows(dout, b, h), L + i0, M ? M + i0 : nullptr, Gm ? Gm + i0 : nullptr,
-                     dq.data_ptr<float>() + (bh * P.T + i0) * P.D, dK, dV, b, i0, i1, buf);
-    }
-  };
-  // Tasks: (batch, kv head) summing a GQA group in place; with fewer of those than threads, (batch, query
-  // head) tasks write per-head partials that are summed over the group afterwards.
-  const bool per_query_head = P.G > 1 && P.B * P.Hkv < at::get_num_threads();
-  const int64_t heads = per_query_head ? P.Hq : P.Hkv;
-  at::Tensor dk = at::zeros({P.B, heads, P.T, P.D}, f32);
-  at::Tensor dv = at::zeros({P.B, heads, P.T, P.D}, f32);
-  at::parallel_for(0, P.B * heads, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas one_thread;
-    BackwardBuffers buf;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / heads, hh = t % heads;
-      float* dK = dk.data_ptr<float>() + t * P.T * P.D;
-      float* dV = dv.data_ptr<float>() + t * P.T * P.D;
-      if (per_query_head) {
-        query_head(b, hh, dK, dV, buf);
-      } else {
-        for (int64_t h = hh * P.G; h < (hh + 1) * P.G; ++h) query_head(b, h, dK, dV, buf);
-      }
-    }
-  });
-  if (per_query_head) {
-    dk = dk.view({P.B, P.Hkv, P.G, P.T, P.D}).sum(2);
-    dv = dv.view({P.B, P.Hkv, P.G, P.T, P.D}).sum(2);
-  }
+  at::Tensor dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32);  // every row is written by one task
+  at::Tensor dv = at::empty({P.B, P.Hkv, P.T, P.D}, f32);
+  backward_passes(P, plan_backward(P.B, P.Hq, P.Hkv, P.T), q, k, v, o, dout, lse.data_ptr<float>(), use_mass ? mass.data_ptr<float>() : nullptr,
+                  use_mass ? gmass.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
+                  dv.data_ptr<float>(), {});
   auto cast = [](const at::Tensor& x, const at::Tensor& like) {
     return like.scalar_type() == at::kFloat ? x : x.to(like.scalar_type());
   };
   return {cast(dq, q_in), cast(dk, k_in), cast(dv, v_in)};
+}
+
+// The backward chosen for a shape, the task counts of the kernel's parallel passes (forward, then the
+// backward's: split [delta, dK/dV, dQ], single pass [one per (batch, kv head)]) and the keys per dK/dV task
+// (T for the single pass, whose tasks cover every key).
+std::tuple<std::string, std::vector<int64_t>, int64_t> plan_tasks(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
+  TORCH_CHECK(B > 0 && Hkv > 0 && Hq % Hkv == 0 && T > 0, "plan needs B, T > 0 and Hq a multiple of Hkv > 0");
+  const BackwardPlan p = plan_backward(B, Hq, Hkv, T);
+  const int64_t fwd = B * Hq * ((T + BQ - 1) / BQ);
+  if (!p.split) return {"single", {fwd, B * Hkv}, T};
+  return {"split", {fwd, B * Hq * p.query_blocks, p.dkdv_tasks, p.dq_tasks}, p.key_block};
+}
+
+// Forward then backward (the path plan_tasks chooses), serially timed per task, in the order at::parallel_for
+// hands the tasks out: forward seconds and one float64 tensor per backward pass, as plan_tasks counts them.
+// For benchmarks/sim_threads.py (run it at 1 thread). `backward` = "auto" (the shape's choice), "split" or
+// "single" forces one, so the simulation can compare both on any shape; the kernel itself never does.
+std::tuple<at::Tensor, std::vector<at::Tensor>> task_seconds(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
+    const std::optional<at::Tensor>& dmass_in, const std::optional<at::Tensor>& packed,
+    const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale,
+    c10::string_view backward) {
+  const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in), dout = as_f32_rows(dout_in);
+  const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
+  TORCH_CHECK(v.sizes() == k.sizes() && dout.sizes() == q.sizes(), "task_seconds: v must have k's shape ",
+              k.sizes(), " and dout q's shape ", q.sizes(), "; got ", v.sizes(), " and ", dout.sizes());
+  TORCH_CHECK(!dmass_in.has_value() || dmass_in->sizes() == at::IntArrayRef({P.B, P.Hq, P.T}),
+              "task_seconds: dmass must have shape (B, Hq, T) = (", P.B, ", ", P.Hq, ", ", P.T, ")");
+  TORCH_CHECK(backward == "auto" || backward == "split" || backward == "single",
+              "task_seconds: backward must be \"auto\", \"split\" or \"single\", got \"", backward, "\"");
+  BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
+  if (backward != "auto") plan.split = backward == "split";
+  auto f32 = q.options().dtype(at::kFloat), f64 = q.options().dtype(at::kDouble);
+  at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32), lse = at::empty({P.B, P.Hq, P.T}, f32);
+  at::Tensor mass = at::empty({P.B, P.Hq, P.T}, f32);
+  at::Tensor gmass = (P.packed && dmass_in.has_value()) ? dmass_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor fwd = at::empty({forward_tasks(P)}, f64);
+  std::vector<at::Tensor> passes;
+  BackwardTimes times;
+  if (plan.split) {
+    passes = {at::empty({P.B * P.Hq * plan.query_blocks}, f64), at::empty({plan.dkdv_tasks}, f64),
+              at::empty({plan.dq_tasks}, f64)};
+    times = {passes[0].data_ptr<double>(), passes[1].data_ptr<double>(), passes[2].data_ptr<double>(), nullptr};
+  } else {
+    passes = {at::empty({P.B * P.Hkv}, f64)};
+    times.single = passes[0].data_ptr<double>();
+  }
+  forward_pass(P, q, k, v, out.data_ptr<float>(), lse.data_ptr<float>(), mass.data_ptr<float>(),
+               fwd.data_ptr<double>());
+  at::Tensor dq = at::empty_like(out), dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32), dv = at::empty_like(dk);
+  backward_passes(P, plan, q, k, v, out, dout, lse.data_ptr<float>(), mass.data_ptr<float>(),
+                  gmass.defined() ? gmass.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
+                  dv.data_ptr<float>(), times);
+  return {fwd, passes};
 }
 
 }  // namespace
@@ -398,9 +609,13 @@ TORCH_LIBRARY(causal_attn_cpp, m) {
         "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, Tensor? seg_start, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("has_blas() -> bool", []() { return causal_attn_cpu::have_blas(); });
+  m.def("plan(int batch, int q_heads, int kv_heads, int seq_len) -> (str, int[], int)", &causal_attn_cpu::plan_tasks);
+  m.def("task_seconds(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? dmass, Tensor? packed, "
+        "Tensor? key_padding_mask, Tensor? seg_start, float scale, str backward=\"auto\") -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(causal_attn_cpp, CPU, m) {
   m.impl("forward", &causal_attn_cpu::attention_forward);
   m.impl("backward", &causal_attn_cpu::attention_backward);
+  m.impl("task_seconds", &causal_attn_cpu::task_seconds);
 }

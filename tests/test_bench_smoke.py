@@ -19,6 +19,7 @@ from common import fit_growth  # noqa: E402
 
 import causal_attn  # noqa: E402
 from causal_attn import bench as bench_cli  # noqa: E402
+from causal_attn.attention import get_backend  # noqa: E402
 from causal_attn.cli import CliError, main  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def rows(path):
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
                "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
-               "--scaling-threads", "1", "2", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
+               "--scaling-threads", "1", "2", "--scaling-rounds", "1", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
     assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
@@ -175,3 +176,35 @@ def test_packing_batches_keep_the_samples_and_collate_alike():
     assert packed["input_ids"][0].tolist() == padded["input_ids"][real].tolist()
     assert packed["labels"][0].tolist() == padded["labels"][real].tolist()
     assert int(packed["adjacency"].to_dense().sum()) == int(padded["adjacency"].to_dense().sum()) == 3
+
+
+def test_static_makespan_follows_atens_openmp_chunks():
+    """ATen's invoke_parallel: min(p, n) threads, contiguous chunks of ceil(n / threads) tasks each."""
+    import sim_threads
+
+    assert sim_threads.static_makespan([1.0] * 10, 4) == 3.0  # chunks 3, 3, 3, 1
+    assert sim_threads.static_makespan([1.0] * 10, 64) == 1.0  # 10 threads, one task each
+    assert sim_threads.static_makespan([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 6.0  # [4, 1, 1] | [1, 1]
+    assert sim_threads.static_makespan([], 8) == 0.0
+
+
+@pytest.mark.skipif(get_backend("cpp") is None, reason="C++ CPU extension not built here")
+def test_sim_threads_writes_csv_and_png_for_a_tiny_case(tmp_path):
+    import sim_threads
+
+    case = sim_threads.Case("tiny", Hq=4, Hkv=2, T=256, D=16)
+    rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(2, 4), log=lambda *_: None)
+    path, (fwd, delta, dkdv, dq), _ = torch.ops.causal_attn_cpp.plan(1, 4, 2, 256)
+    with open(tmp_path / "sim_threads.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) == 2 * 4 and (tmp_path / "sim_threads.png").stat().st_size > 0
+    by = {(r["phase"], r["structure"], int(r["threads"])): r for r in written}
+    assert by[("forward", "unchanged", 2)]["tasks"] == str(fwd)
+    assert by[("backward", "split", 4)]["tasks"] == f"{delta}+{dkdv}+{dq}" and by[("backward", "single", 4)]["tasks"] == "2"
+    # 2 (batch, kv head) pairs: the old kernel went per query head from 3 threads on; the kernel now splits
+    assert by[("backward", "before", 2)]["tasks"] == "2" and by[("backward", "before", 4)]["tasks"] == "4"
+    assert path == "split" and {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "split"}
+    for r in written:
+        assert float(r["serial_ms"]) > 0 and float(r["speedup"]) > 0
+        if r["structure"] != "split":  # the split's speed-up is over the single pass, so not bounded by the threads
+            assert float(r["speedup"]) <= int(r["threads"]) + 1e-9

@@ -21,12 +21,19 @@ def _cpp(adj, kpm):
     return lambda q, k, v: causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="cpp")
 
 
+def _backward_path(B, Hq, Hkv, T):
+    return torch.ops.causal_attn_cpp.plan(B, Hq, Hkv, T)[0]
+
+
 @needs_cpp
-def test_several_key_blocks_match_fp64_oracle():
+@pytest.mark.parametrize("B,Hq,Hkv,path", [(2, 2, 1, "split"), (4, 6, 2, "single")])
+def test_several_key_blocks_match_fp64_oracle(B, Hq, Hkv, path):
     """T = 521: three 256-column key tiles (the last one ragged) and nine 64-row query tiles, so the online
-    softmax rescales O, l and the mass accumulator across tiles; GQA and left padding included. (Other
-    dtypes are converted to fp32 before the tiles; test_attention.py covers them.)"""
-    q, k, v, adj, kpm, seed = make_case(2, 2, 1, 521, 32, torch.float32, padding="left", logit_scale=4.0)
+    softmax rescales O, l and the mass accumulator across tiles; GQA and left padding included, on both
+    backwards (B * Hkv = 2: the split, 8: the single pass). (Other dtypes are converted to fp32 before the
+    tiles; test_attention.py covers them.)"""
+    assert _backward_path(B, Hq, Hkv, 521) == path
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 521, 32, torch.float32, padding="left", logit_scale=4.0)
     check_against_oracle(_cpp(adj, kpm), q, k, v, adj, kpm, seed)
 
 
@@ -44,15 +51,57 @@ def _outputs_and_grads(q, k, v, adj, kpm, threads):
 
 
 @needs_cpp
-@pytest.mark.parametrize("B,Hq,Hkv", [(3, 4, 2), (1, 4, 1)])
-def test_one_and_two_threads_agree(B, Hq, Hkv):
-    """(1, 4, 1): with 2 threads the backward splits the GQA group over threads (per-head partial dK, dV),
-    with 1 thread it sums the group in place; both must agree."""
-    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 300, 64, torch.float32, padding="right")
+@pytest.mark.parametrize("B,Hq,Hkv,padding,path", [(1, 6, 2, "left", "split"), (2, 4, 1, "right", "split"),
+                                                    (4, 6, 2, "left", "single")])
+def test_outputs_and_grads_are_bitwise_identical_at_1_2_4_and_7_threads(B, Hq, Hkv, padding, path):
+    """Every task owns its output rows and the decomposition (including which backward) depends on the shape
+    only, so the thread count changes nothing, not even the last bit (issue 27). T = 600: several dK/dV key
+    blocks, dQ query blocks and key tiles; GQA, padding and the mass gradient included, on both backwards.
+    torch.set_num_threads governs the kernel's at::parallel_for (one OpenMP runtime,
+    test_kernel_work_runs_on_every_torch_thread)."""
+    assert _backward_path(B, Hq, Hkv, 600) == path
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 600, 32, torch.float32, padding=padding, logit_scale=3.0)
     one = _outputs_and_grads(q, k, v, adj, kpm, 1)
-    two = _outputs_and_grads(q, k, v, adj, kpm, 2)
-    for name, a, b in zip(["out", "mass", "dq", "dk", "dv"], one, two):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"{name} differs between 1 and 2 threads (seed {seed})"
+    for threads in (2, 4, 7):
+        other = _outputs_and_grads(q, k, v, adj, kpm, threads)
+        for name, a, b in zip(["out", "mass", "dq", "dk", "dv"], one, other):
+            assert torch.equal(a, b), (f"{name} at {threads} threads differs from 1 thread by "
+                                       f"{(a - b).abs().max().item():.3g} (seed {seed})")
+
+
+@needs_cpp
+def test_a_batch_1_smollm2_sequence_gives_4_tasks_per_thread_at_32_threads():
+    """SmolLM2-135M's attention (9 query / 3 kv heads) on one sequence of T = 2048: 3 (batch, kv head) pairs, so
+    the split backward, and each of its passes (and the forward) has at least 4 x 32 tasks, counted by the
+    kernel's own planner; the timing op runs exactly that many."""
+    path, (fwd, delta, dkdv, dq), key_block = torch.ops.causal_attn_cpp.plan(1, 9, 3, 2048)
+    assert path == "split" and min(fwd, delta, dkdv, dq) >= 4 * 32, (path, fwd, delta, dkdv, dq)
+    assert dkdv == 3 * 2048 // key_block and dq == delta == 9 * 2048 // 64
+    q, k, v, adj, kpm, seed = make_case(1, 6, 2, 300, 16, torch.float32, padding="left")
+    _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed)
+
+
+@needs_cpp
+def test_from_8_batch_kv_head_pairs_the_single_pass_backward_runs_one_task_per_pair():
+    """B * Hkv >= 8 (here 4 x 2): one task per (batch, kv head), whatever the length; one fewer pair: the split."""
+    for T in (1, 300, 4096):
+        assert torch.ops.causal_attn_cpp.plan(4, 6, 2, T) == ("single", [4 * 6 * -(-T // 64), 8], T)
+    assert torch.ops.causal_attn_cpp.plan(7, 7, 1, 300)[0] == "split"
+    q, k, v, adj, kpm, seed = make_case(4, 6, 2, 200, 16, torch.float32, padding="right")
+    _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed)
+
+
+def _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed):
+    """The planner drives the kernel: task_seconds ("auto") times one entry per planned task of each pass."""
+    B, Hq, T, _ = q.shape
+    graph = causal_attn.CausalGraph.from_dense(adj)
+    fwd, passes = torch.ops.causal_attn_cpp.task_seconds(q, k, v, torch.randn_like(q), torch.randn(B, Hq, T),
+                                                         graph.packed, kpm, None, 0.25)
+    _, counts, _ = torch.ops.causal_attn_cpp.plan(B, Hq, k.shape[1], T)
+    assert [t.numel() for t in [fwd, *passes]] == counts, f"seed {seed}"
+    assert all(bool((t >= 0).all()) for t in [fwd, *passes])
+    with pytest.raises(RuntimeError, match='backward must be "auto", "split" or "single"'):
+        torch.ops.causal_attn_cpp.task_seconds(q, k, v, q, None, None, None, None, 0.25, "double")
 
 
 @needs_cpp

@@ -40,7 +40,7 @@ def _segments(lengths):
 def test_small_blocks_skip_keys_exactly():
     """The PyTorch path (blocked) with 16-row blocks: segments start inside and at block edges (key ranges
     start at lo > 0); float64 against the reference with the same segments."""
-    from causal_attn import blocked
+    from causal_attn import blocked, reference
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
     seg = _segments([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
@@ -48,19 +48,21 @@ def test_small_blocks_skip_keys_exactly():
     assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
     packed = CausalGraph.from_dense(adj).packed
     out, lse, mass = blocked.forward(q, k, v, packed, None, starts, 0.25, block=16)
-    ref_out, ref_mass, _ = causal_attn.reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25,
-                                                                   starts)
+    ref_out, ref_mass, _ = reference.reference_forward(q, k, v, CausalGraph.from_dense(adj), None, 0.25, starts)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
     torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
 
 
-def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch):
+@pytest.mark.parametrize("Hq,Hkv,path", [(2, 1, "split"), (8, 4, "single")])
+def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch, Hq, Hkv, path):
     """The C++ kernel (float32) on packed rows whose 64-row query tiles start reading keys after column 0, one of
-    them past a whole 256-column key tile: outputs and gradients vs the fp64 oracle."""
+    them past a whole 256-column key tile: outputs and gradients vs the fp64 oracle, on both backwards (2 or 8
+    (batch, kv head) pairs: the split or the single pass)."""
     _require("cpp")
     cpp_kernel_only(monkeypatch)
     T = 300
-    q, k, v, adj, kpm, seed = make_case(2, 2, 1, T, 16, torch.float32)
+    assert torch.ops.causal_attn_cpp.plan(2, Hq, Hkv, T)[0] == path
+    q, k, v, adj, kpm, seed = make_case(2, Hq, Hkv, T, 16, torch.float32)
     seg = _segments([[40, 30, 70, 60, 100], [100, 156, 1, 43]])  # sample 1: a segment starts at row 256
     starts = causal_attn.graph.segment_starts(seg, 2, T, "cpu")
     first_keys = [int(starts[b, i0]) & ~31 for b in range(2) for i0 in range(0, T, 64)]
