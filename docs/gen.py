@@ -202,6 +202,35 @@ def pretrained_table() -> str:
     return _md(_demoted(_benchmark_module("bench_pretrained").summary_section(rows)))
 
 
+def _speedups(r: dict) -> str:
+    own = _f(r, "serial_ms") / _f(r, "makespan_ms")
+    return f"{_f(r, 'speedup'):.1f}x" + (f" ({own:.1f}x)" if abs(_f(r, "serial_ms") - _f(r, "baseline_ms")) > 1e-9
+                                        else "")
+
+
+def sim_threads_table() -> str:
+    """Predicted speed-up of the C++ kernel's passes on 2-64 threads (benchmarks/results/sim_threads.csv)."""
+    path = RESULTS / "sim_threads.csv"
+    rows = _read_csv(path)
+    if rows is None:
+        return _missing(path)
+    threads = sorted({int(r["threads"]) for r in rows})
+    lines = []
+    for case in dict.fromkeys((r["case"], r["B"], r["T"], r["Hq"], r["Hkv"], r["D"]) for r in rows):
+        mine = [r for r in rows if (r["case"], r["B"], r["T"], r["Hq"], r["Hkv"], r["D"]) == case]
+        for phase, structure in dict.fromkeys((r["phase"], r["structure"]) for r in mine):
+            sel = {int(r["threads"]): r for r in mine if (r["phase"], r["structure"]) == (phase, structure)}
+            chosen = next(iter(sel.values()))["chosen"] == "True"
+            label = f"{phase} ({structure})" + (" **chosen**" if chosen and phase == "backward" else "")
+            lines.append([f"{case[0]} B={case[1]} T={case[2]} ({case[3]}/{case[4]} heads, D {case[5]})", label]
+                         + [_speedups(sel[t]) if t in sel else "-" for t in threads])
+    return _md(["Predicted speed-up over the single-pass backward (and the forward) at one thread: the makespan of "
+                "the measured one-thread task times under `at::parallel_for`'s static chunking, memory bandwidth "
+                "not modelled. In parentheses, where a pass does more work than that baseline: over its own "
+                "one-thread time.", ""]
+               + _table(["shape", "pass", *[f"{t} threads" for t in threads]], lines))
+
+
 # --- data -----------------------------------------------------------------------------------------------------
 
 def span_coverage() -> str:
