@@ -69,17 +69,37 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
 
 def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Recipe, *, progress: bool = False):
     """Train one model; returns ``(model, handle, curve)`` with ``curve`` a list of logged points."""
-    from tqdm.auto import tqdm
-
     from ..patch import patch_model
 
-    if method not in ("vanilla", "cat"):
-        raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
+    check_method(method)
     model = tiny_llama(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                        intermediate=recipe.intermediate, init_std=recipe.init_std, seed=seed)
     handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False,
                          layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    def lm_loss(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    curve = train_steps(model, handle, list(model.parameters()), lm_loss, method, seed, encoded,
+                        tokenizer.pad_token_id, recipe, progress=progress)
+    return model, handle, curve
+
+
+def check_method(method: str):
+    if method not in ("vanilla", "cat"):
+        raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
+
+
+def train_steps(model, handle, params, lm_loss, method: str, seed: int, encoded: list[dict], pad_token_id: int,
+                recipe, *, progress: bool = False) -> list[dict]:
+    """The training loop both demos share: ``recipe.steps`` AdamW steps on ``params`` (warm-up, cosine decay,
+    clipping) over batches drawn in an order fixed by ``seed`` (the same for both methods), with
+    ``L = lm_loss(batch) + gamma * handle.loss()`` for CAT and ``lm_loss(batch)`` for vanilla. Every batch's
+    adjacency is set on ``handle``, so both methods compute the same attention and log the same ratio R.
+    Returns the logged curve; leaves the model in ``eval()`` mode."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, recipe.warmup))
     order = torch.Generator().manual_seed(seed)  # same batches for both methods of one seed
     perm, pos = torch.randperm(len(encoded), generator=order), 0
@@ -89,25 +109,26 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
     for step in tqdm(range(recipe.steps), desc=f"{method} seed {seed}", disable=not progress, leave=False):
         if pos + recipe.batch_size > len(perm):
             perm, pos = torch.randperm(len(encoded), generator=order), 0
-        batch = collate([encoded[i] for i in perm[pos:pos + recipe.batch_size].tolist()], tokenizer.pad_token_id)
+        batch = collate([encoded[i] for i in perm[pos:pos + recipe.batch_size].tolist()], pad_token_id)
         pos += recipe.batch_size
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    adjacency=batch["adjacency"])
+        handle.set_adjacency(batch["adjacency"])
+        lm = lm_loss(batch)
         attn_loss, stats = handle.loss(return_stats=True)
         gamma = gamma_at(recipe, step / recipe.steps) if method == "cat" else 0.0
-        loss = out.loss + gamma * attn_loss if gamma else out.loss
+        loss = lm + gamma * attn_loss if gamma else lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % every == 0 or step == recipe.steps - 1:
             ratio = stats.ratio.detach()[stats.rows]
-            curve.append({"step": step, "lm_loss": float(out.loss.detach()), "attn_loss": float(attn_loss.detach()), "gamma": gamma,
-                          "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
+            curve.append({"step": step, "lm_loss": float(lm.detach()), "attn_loss": float(attn_loss.detach()),
+                          "gamma": gamma, "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
                           "seconds": time.perf_counter() - t0})
+    handle.set_adjacency(None)
     model.eval()
-    return model, handle, curve
+    return curve
 
 
 def evaluate(model, tokenizer, tests: dict) -> dict:
