@@ -103,3 +103,22 @@ def test_pretrained_demo_bad_arguments_give_one_line(tmp_path, capsys):
         assert main(["demo", "pretrained", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1, err
+
+
+def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
+    from causal_attn.demo.search_pretrained import run_key, table
+
+    a = {"name": "A", "steps": 80, "alpha": 2.0}
+    b = {"name": "B", "steps": 80, "alpha": 5.0}
+    c = {"name": "C", "steps": 80, "alpha": 2.0, "lora_r": 64}
+    assert run_key(a, "vanilla", 0) == run_key(b, "vanilla", 0) != run_key(c, "vanilla", 0)
+    assert run_key(a, "cat", 0) != run_key(b, "cat", 0) and run_key(a, "vanilla", 0) != run_key(a, "vanilla", 1)
+    mass = {"causal": 0.3, "spurious": 0.1, "irrelevant": 0.05}
+    lines = [{"setting": s, "method": m, "seed": 0, "val_iid": iid, "val_ood": ood, "mass": mass, "seconds": 60.0}
+             for s, m, iid, ood in ((a, "vanilla", 0.7, 0.5), (a, "cat", 0.75, 0.625), (b, "cat", 0.8, 0.7))]
+    path = tmp_path / "search.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = table(str(path)).splitlines()[2:]
+    assert len(rows) == 2  # one per CAT run, each beside the vanilla run it shares
+    assert rows[0].startswith("| A |") and "| 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
+    assert rows[1].startswith("| B |") and "| 70.0 / 50.0 | 80.0 / 70.0 |" in rows[1]
