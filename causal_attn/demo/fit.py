@@ -28,8 +28,8 @@ from .model import tiny_llama
 
 
 @dataclass
-class Recipe:
-    """Everything a run depends on besides the method and the seed."""
+class TrainRecipe:
+    """What :func:`train_steps` reads: the optimisation and the Re-Attention loss (the tiny demo's defaults)."""
     steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
@@ -38,16 +38,21 @@ class Recipe:
     alpha: float = 5.0
     gamma: float = 1.0          # constant weight of L_attn over training progress (see gamma_at)
     gamma_decay: float = 0.0    # gamma(p) = gamma * exp(-gamma_decay * p)
+    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
+    curve_points: int = 40
+
+
+@dataclass
+class Recipe(TrainRecipe):
+    """Everything a tiny-model run depends on besides the method and the seed."""
     hidden: int = 64
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
     init_std: float = 0.02      # std of the model's initial weights (Hugging Face's default)
-    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
-    curve_points: int = 40
 
 
-def gamma_at(recipe: Recipe, progress: float) -> float:
+def gamma_at(recipe: TrainRecipe, progress: float) -> float:
     """Weight of the attention loss at training progress ``progress`` in [0, 1]."""
     return recipe.gamma * math.exp(-recipe.gamma_decay * progress)
 
@@ -91,7 +96,7 @@ def check_method(method: str):
 
 
 def train_steps(model, handle, params, lm_loss, method: str, seed: int, encoded: list[dict], pad_token_id: int,
-                recipe, *, progress: bool = False) -> list[dict]:
+                recipe: TrainRecipe, *, progress: bool = False) -> list[dict]:
     """The training loop both demos share: ``recipe.steps`` AdamW steps on ``params`` (warm-up, cosine decay,
     clipping) over batches drawn in an order fixed by ``seed`` (the same for both methods), with
     ``L = lm_loss(batch) + gamma * handle.loss()`` for CAT and ``lm_loss(batch)`` for vanilla. Every batch's

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fit import TrainRecipe
 from .stg import FACTOR_KINDS, METHODS
 
 MODEL = "smollm2-135m"
@@ -33,20 +34,15 @@ SECONDS_PER_RECORD_STEP = 0.37  # measured: a LoRA step on 8 STG_M records ~3 s 
 
 
 @dataclass
-class PretrainedRecipe:
-    """Everything a pretrained run depends on besides the method and the seed."""
-    steps: int = 120
+class PretrainedRecipe(TrainRecipe):
+    """Everything a pretrained run depends on besides the method and the seed (defaults: the chosen recipe)."""
+    steps: int = 80
     batch_size: int = 8
-    lr: float = 1e-3
-    warmup: float = 0.1
     weight_decay: float = 0.0
     alpha: float = 2.0
-    gamma: float = 1.0
-    gamma_decay: float = 0.0       # gamma(p) = gamma * exp(-gamma_decay * p), p = training progress
+    curve_points: int = 30
     lora_r: int = 8                # 0: full fine-tuning
     lora_alpha: float = 16.0
-    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
-    curve_points: int = 30
 
 
 DEFAULT = PretrainedRecipe()  # chosen on the validation splits (docs/demo_pretrained.md)
