@@ -23,20 +23,36 @@ def run_key(setting: dict, method: str, seed: int) -> str:
     return json.dumps(fields, sort_keys=True) + f" {method} {seed}"
 
 
+def majority_line(val_size: int) -> str:
+    """The majority class of STG_M scored on the same validation records: the floor a run must beat."""
+    import statistics
+
+    from .stg import load_data
+
+    train, val, _ = load_data(0, False, "val")
+    label = statistics.mode(r["target"] for r in train)
+    acc = {k: 100 * sum(r["target"] == label for r in v[:val_size]) / len(v[:val_size]) for k, v in val.items()}
+    return f"| majority class ({label}) | – | – | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
+
+
 def table(path: str) -> str:
-    """Markdown: one row per setting and seed, vanilla and CAT validation accuracy side by side."""
+    """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed."""
     rows = [json.loads(line) for line in open(path)]
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
-    lines = ["| setting | recipe (besides the default) | seed | vanilla val IID / OOD % | CAT val IID / OOD % | "
-             "CAT answer-row mass causal / spurious / irrelevant | seconds per run |", "|---|---|---|---|---|---|---|"]
+    mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
+    lines = ["| setting | recipe fields | seed | vanilla val IID / OOD % | CAT val IID / OOD % | answer-row mass "
+             "vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s (shared CPU) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["method"] == "cat"):
         v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
-        diff = {k: val for k, val in r["setting"].items() if k != "name"}
+        fields = {k: val for k, val in r["setting"].items() if k != "name"}
         van = f"{100 * v['val_iid']:.1f} / {100 * v['val_ood']:.1f}" if v else "–"
-        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(diff)} | {r['seed']} | {van} | "
-                     f"{100 * r['val_iid']:.1f} / {100 * r['val_ood']:.1f} | "
-                     + " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))
-                     + f" | {r['seconds']:.0f} |")
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {van} | "
+                     f"{100 * r['val_iid']:.1f} / {100 * r['val_ood']:.1f} | {mass(v) if v else '–'} | {mass(r)} | "
+                     f"{r['seconds']:.0f} |")
+    sizes = {r.get("val_size") for r in rows}
+    if len(sizes) == 1 and None not in sizes:
+        lines.append(majority_line(sizes.pop()))
     return "\n".join(lines)
 
 
