@@ -116,11 +116,13 @@ def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
     mass = {"causal": 0.3, "spurious": 0.1, "irrelevant": 0.05}
     lines = [{"setting": s, "method": m, "seed": 0, "val_iid": iid, "val_ood": ood, "mass": mass, "seconds": 60.0,
               "val_size": 100}
-             for s, m, iid, ood in ((a, "vanilla", 0.7, 0.5), (a, "cat", 0.75, 0.625), (b, "cat", 0.8, 0.7))]
+             for s, m, iid, ood in ((a, "vanilla", 0.7, 0.5), (a, "cat", 0.75, 0.625), (b, "cat", 0.8, 0.7),
+                                    (c, "vanilla", 0.9, 0.6))]
     path = tmp_path / "search.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     rows = table(str(path)).splitlines()[2:]
-    assert len(rows) == 3  # one per CAT run, each beside the vanilla run it shares, then the majority class
+    assert len(rows) == 4  # one per CAT run, each beside the vanilla run it shares, a lone vanilla run, the majority
+    assert rows[2].startswith("| C |") and "| 90.0 / 60.0 | – |" in rows[2] and rows[2].endswith("| – | – |")
     assert rows[0].startswith("| A |") and "| 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
     assert rows[1].startswith("| B |") and "| 70.0 / 50.0 | 80.0 / 70.0 |" in rows[1]
     from causal_attn.demo.stg import validation_sets
@@ -128,4 +130,4 @@ def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
 
     val = validation_sets({k: generate_stg_e(seed=42)[k] for k in ("test_iid", "test_ood")})
     low = [100 * sum(r["target"] == "Low Risk" for r in val[k][:100]) / 100 for k in ("iid", "ood")]
-    assert rows[2] == f"| majority class (Low Risk) | – | – | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"
+    assert rows[3] == f"| majority class (Low Risk) | – | – | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"

@@ -36,20 +36,25 @@ def majority_line(val_size: int) -> str:
 
 
 def table(path: str) -> str:
-    """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed."""
+    """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
+    CAT run has not finished gets a row of its own), then the majority class on the same validation records."""
     rows = [json.loads(line) for line in open(path)]
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
     lines = ["| setting | recipe fields | seed | vanilla val IID / OOD % | CAT val IID / OOD % | answer-row mass "
              "vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s (shared CPU) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["method"] == "cat"):
+    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
+    for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
+        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
+            continue
+        c = r if r["method"] == "cat" else None
         v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
         fields = {k: val for k, val in r["setting"].items() if k != "name"}
-        van = f"{100 * v['val_iid']:.1f} / {100 * v['val_ood']:.1f}" if v else "–"
-        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {van} | "
-                     f"{100 * r['val_iid']:.1f} / {100 * r['val_ood']:.1f} | {mass(v) if v else '–'} | {mass(r)} | "
-                     f"{r['seconds']:.0f} |")
+        acc = lambda x: f"{100 * x['val_iid']:.1f} / {100 * x['val_ood']:.1f}" if x else "–"  # noqa: E731
+        secs = f"{c['seconds']:.0f}" if c else "–"
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | "
+                     f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} |")
     sizes = {r.get("val_size") for r in rows}
     if len(sizes) == 1 and None not in sizes:
         lines.append(majority_line(sizes.pop()))
