@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # comes after such a copy on sys.path, so console scripts and benchmark scripts would load the stale one.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo test bench docs gpu-check clean
+.PHONY: setup demo demo-pretrained test bench docs gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 
 demo: setup
 	$(VENV)/bin/causal-attn demo --out demo_out
+
+# SmolLM2-135M fine-tuned on STG_M, vanilla vs CAT (docs/demo_pretrained.md): ~20 min per seed on 2 free cores.
+# PRETRAINED_ARGS="--seeds 1" for one seed.
+PRETRAINED_ARGS ?=
+demo-pretrained: setup
+	$(VENV)/bin/causal-attn demo pretrained --out demo_pretrained_out $(PRETRAINED_ARGS)
 
 test: setup
 	$(PY) -m causal_attn.versions

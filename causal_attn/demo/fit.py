@@ -28,8 +28,8 @@ from .model import tiny_llama
 
 
 @dataclass
-class Recipe:
-    """Everything a run depends on besides the method and the seed."""
+class TrainRecipe:
+    """What :func:`train_steps` reads: the optimisation and the Re-Attention loss (the tiny demo's defaults)."""
     steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
@@ -38,16 +38,21 @@ class Recipe:
     alpha: float = 5.0
     gamma: float = 1.0          # constant weight of L_attn over training progress (see gamma_at)
     gamma_decay: float = 0.0    # gamma(p) = gamma * exp(-gamma_decay * p)
+    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
+    curve_points: int = 40
+
+
+@dataclass
+class Recipe(TrainRecipe):
+    """Everything a tiny-model run depends on besides the method and the seed."""
     hidden: int = 64
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
     init_std: float = 0.02      # std of the model's initial weights (Hugging Face's default)
-    patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
-    curve_points: int = 40
 
 
-def gamma_at(recipe: Recipe, progress: float) -> float:
+def gamma_at(recipe: TrainRecipe, progress: float) -> float:
     """Weight of the attention loss at training progress ``progress`` in [0, 1]."""
     return recipe.gamma * math.exp(-recipe.gamma_decay * progress)
 
@@ -69,17 +74,37 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
 
 def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Recipe, *, progress: bool = False):
     """Train one model; returns ``(model, handle, curve)`` with ``curve`` a list of logged points."""
-    from tqdm.auto import tqdm
-
     from ..patch import patch_model
 
-    if method not in ("vanilla", "cat"):
-        raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
+    check_method(method)
     model = tiny_llama(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                        intermediate=recipe.intermediate, init_std=recipe.init_std, seed=seed)
     handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False,
                          layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    def lm_loss(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    curve = train_steps(model, handle, list(model.parameters()), lm_loss, method, seed, encoded,
+                        tokenizer.pad_token_id, recipe, progress=progress)
+    return model, handle, curve
+
+
+def check_method(method: str):
+    if method not in ("vanilla", "cat"):
+        raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
+
+
+def train_steps(model, handle, params, lm_loss, method: str, seed: int, encoded: list[dict], pad_token_id: int,
+                recipe: TrainRecipe, *, progress: bool = False) -> list[dict]:
+    """The training loop both demos share: ``recipe.steps`` AdamW steps on ``params`` (warm-up, cosine decay,
+    clipping) over batches drawn in an order fixed by ``seed`` (the same for both methods), with
+    ``L = lm_loss(batch) + gamma * handle.loss()`` for CAT and ``lm_loss(batch)`` for vanilla. Every batch's
+    adjacency is set on ``handle``, so both methods compute the same attention and log the same ratio R.
+    Returns the logged curve; leaves the model in ``eval()`` mode."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, recipe.warmup))
     order = torch.Generator().manual_seed(seed)  # same batches for both methods of one seed
     perm, pos = torch.randperm(len(encoded), generator=order), 0
@@ -89,25 +114,26 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
     for step in tqdm(range(recipe.steps), desc=f"{method} seed {seed}", disable=not progress, leave=False):
         if pos + recipe.batch_size > len(perm):
             perm, pos = torch.randperm(len(encoded), generator=order), 0
-        batch = collate([encoded[i] for i in perm[pos:pos + recipe.batch_size].tolist()], tokenizer.pad_token_id)
+        batch = collate([encoded[i] for i in perm[pos:pos + recipe.batch_size].tolist()], pad_token_id)
         pos += recipe.batch_size
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    adjacency=batch["adjacency"])
+        handle.set_adjacency(batch["adjacency"])
+        lm = lm_loss(batch)
         attn_loss, stats = handle.loss(return_stats=True)
         gamma = gamma_at(recipe, step / recipe.steps) if method == "cat" else 0.0
-        loss = out.loss + gamma * attn_loss if gamma else out.loss
+        loss = lm + gamma * attn_loss if gamma else lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % every == 0 or step == recipe.steps - 1:
             ratio = stats.ratio.detach()[stats.rows]
-            curve.append({"step": step, "lm_loss": float(out.loss.detach()), "attn_loss": float(attn_loss.detach()), "gamma": gamma,
-                          "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
+            curve.append({"step": step, "lm_loss": float(lm.detach()), "attn_loss": float(attn_loss.detach()),
+                          "gamma": gamma, "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
                           "seconds": time.perf_counter() - t0})
+    handle.set_adjacency(None)
     model.eval()
-    return model, handle, curve
+    return curve
 
 
 def evaluate(model, tokenizer, tests: dict) -> dict:

@@ -1,0 +1,263 @@
+"""`causal-attn demo pretrained`: vanilla vs CAT fine-tuning of a real checkpoint (SmolLM2-135M) on STG_M.
+
+Not part of ``causal-attn demo`` / ``all`` (the tiny job): about 20 minutes per seed on 2 CPU cores.
+
+Per seed the checkpoint gets the same LoRA adapters (initialised under the seed) and is trained twice on the
+same batches with the same recipe (:class:`PretrainedRecipe`), once with the LM loss on the answer tokens only
+and once with the Re-Attention loss added (the shared loop :func:`causal_attn.demo.fit.train_steps`). The LM
+loss computes logits only at the labelled positions (decoder, then the LM head on those rows: at a 49k
+vocabulary the head is a large share of a step). Scoring: the **first answer token**, restricted to the first
+tokens of the three labels (" High", " Middle", " Low" for SmolLM2), after the prompt ``... Answer:`` tokenised
+exactly as in training; accuracy on all 400 + 400 released STG_E IID / OOD test records. The untuned checkpoint
+("zero_shot") is scored the same way, and the answer row's attention mass by factor type (paper fig. 3) is
+measured before (zero_shot) and after training. The recipe was chosen on the validation splits of
+:func:`causal_attn.demo.stg.validation_sets` (``python -m causal_attn.demo.search_pretrained``; docs/demo_pretrained.md).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .fit import TrainRecipe
+from .stg import FACTOR_KINDS, METHODS
+
+MODEL = "smollm2-135m"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROBE = 100              # OOD records whose answer-row attention is split by factor type
+QUICK_EVAL = 6           # records per evaluation split with --quick
+QUICK_PROBE = 2
+SECONDS_PER_RECORD_STEP = 0.37  # measured: a LoRA step on 8 STG_M records ~3 s on 2 cores (for the ETA only)
+
+
+@dataclass
+class PretrainedRecipe(TrainRecipe):
+    """Everything a pretrained run depends on besides the method and the seed (defaults: the chosen recipe)."""
+    steps: int = 80
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    alpha: float = 2.0
+    curve_points: int = 30
+    lora_r: int = 8                # 0: full fine-tuning
+    lora_alpha: float = 16.0
+
+
+DEFAULT = PretrainedRecipe()  # chosen on the validation splits (docs/demo_pretrained.md)
+QUICK = PretrainedRecipe(steps=2, batch_size=2, curve_points=2)
+
+
+def label_first_tokens(tokenizer, encoded_by_target: dict) -> dict:
+    """label -> id of its first answer token (as tokenised after the prompt); the labels must differ there."""
+    first = {}
+    for label, enc in encoded_by_target.items():
+        first[label] = enc["input_ids"][enc["labels"].index(next(x for x in enc["labels"] if x != -100))]
+    if len(set(first.values())) < len(first):
+        raise ValueError(f"labels share a first token under this tokenizer ({first}): first-token scoring cannot "
+                         "tell them apart")
+    return first
+
+
+class Setup:
+    """The checkpoint, tokenizer, encoded training records, scoring prompts and probe every run shares."""
+
+    def __init__(self, model_name: str = MODEL, quick: bool = False, split: str = "test"):
+        from .. import pretrained
+        from ..data.adjacency import encode_example
+        from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
+        from .fit import encode_records
+        from .stg import load_data
+
+        self.model_name = model_name
+        self.base, self.tokenizer = pretrained.load(model_name)
+        self.train, tests, _ = load_data(0, False, split)
+        self.tests = {k: v[:QUICK_EVAL] for k, v in tests.items()} if quick else tests
+        self.encoded = encode_records(self.train, self.tokenizer)
+        missing = sum(bool(e["missing"]) for e in self.encoded)
+        if missing:
+            raise ValueError(f"{missing} STG_M records have annotated spans the tokenizer's offsets do not cover")
+        enc = lambda r: encode_example(r["input"], r["target"], None, self.tokenizer, add_special_tokens=False)  # noqa: E731
+        by_target = {r["target"]: enc(r) for r in self.train + [x for v in tests.values() for x in v]}
+        self.label_tokens = label_first_tokens(self.tokenizer, by_target)
+        self.prompts = {}
+        for name, records in self.tests.items():  # the ids before the first answer token, as in training
+            encoded = [enc(r) for r in records]
+            self.prompts[name] = [e["input_ids"][:next(i for i, x in enumerate(e["labels"]) if x != -100)]
+                                  for e in encoded]
+        self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
+        # prompts without the trailing space: their last token is the answer row of training
+        self.probe = [{**r, "input": r["input"].rstrip()} for r in self.tests["ood"][: QUICK_PROBE if quick else PROBE]]
+
+
+_SETUP: Setup | None = None
+
+
+def _init_worker(model_name: str, quick: bool, split: str = "test"):
+    global _SETUP
+    _SETUP = Setup(model_name, quick, split)
+
+
+def lm_and_head(handle):
+    """The patched model's decoder (``LlamaModel``) and LM head, through any PEFT wrapper."""
+    return handle.base.get_decoder(), handle.base.lm_head
+
+
+def answer_loss(decoder, head, batch) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled positions only: the LM head runs on those rows alone."""
+    h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    rows = targets != -100
+    return torch.nn.functional.cross_entropy(head(h[:, :-1][rows]), targets[rows])
+
+
+@torch.no_grad()
+def first_token_predictions(decoder, head, prompts: list[list[int]], label_tokens: dict, pad_id: int, *,
+                            batch_size: int = 32, desc: str = "scoring") -> list[str]:
+    """For each prompt, the label whose first token has the largest logit after it."""
+    from tqdm.auto import tqdm
+
+    labels = list(label_tokens)
+    ids = torch.tensor([label_tokens[lab] for lab in labels])
+    preds = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        chunk = prompts[i:i + batch_size]
+        lengths = torch.tensor([len(p) for p in chunk])
+        x = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for b, p in enumerate(chunk):
+            x[b, :len(p)] = torch.tensor(p)
+            mask[b, :len(p)] = 1
+        h = decoder(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = head(h[torch.arange(len(chunk)), lengths - 1])[:, ids]
+        preds += [labels[j] for j in logits.argmax(-1).tolist()]
+    return preds
+
+
+def build_model(method: str, seed: int, recipe: PretrainedRecipe, base):
+    """A copy of ``base`` with LoRA adapters initialised under ``seed`` (the same for both methods), all weights
+    trainable with ``lora_r == 0``, untouched for ``zero_shot``; and its trainable parameters."""
+    model = copy.deepcopy(base)
+    if method == "zero_shot":
+        return model, []
+    if recipe.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=list(LORA_TARGETS)))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def one_run(method: str, seed: int, recipe: PretrainedRecipe, setup: Setup | None = None) -> dict:
+    """Train (``vanilla`` / ``cat``; ``zero_shot`` = no training), score and probe one model: a JSON-able record
+    (plus the first probe's attention map)."""
+    from ..patch import patch_model
+    from .fit import check_method, factor_masses, train_steps
+
+    s = setup or _SETUP
+    if method != "zero_shot":
+        check_method(method)
+    t0 = time.perf_counter()
+    model, params = build_model(method, seed, recipe, s.base)
+    handle = patch_model(model, alpha=recipe.alpha,
+                         layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
+    decoder, head = lm_and_head(handle)
+    curve = []
+    if method != "zero_shot":
+        curve = train_steps(model, handle, params, lambda b: answer_loss(decoder, head, b), method, seed, s.encoded,
+                            s.tokenizer.pad_token_id, recipe, progress=True)
+    model.eval()
+    train_seconds = time.perf_counter() - t0
+    res = {"method": method, "seed": seed, "curve": curve, "train_seconds": train_seconds}
+    for split, prompts in s.prompts.items():
+        preds = first_token_predictions(decoder, head, prompts, s.label_tokens, s.tokenizer.pad_token_id,
+                                        desc=f"{method} seed {seed}: scoring {split}")
+        targets = [r["target"] for r in s.tests[split]]
+        res[f"{split}_acc"] = sum(p == t for p, t in zip(preds, targets)) / len(targets)
+        res[f"{split}_predicted"] = {lab: preds.count(lab) for lab in s.label_tokens}
+    masses = factor_masses(model, handle, s.tokenizer, s.probe, s.factors)
+    res.update({"attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
+                "sample_map": masses["maps"][0].numpy(), "seconds": time.perf_counter() - t0})
+    handle.unpatch()
+    return res
+
+
+def plan(args):
+    """The pretrained part's runs (:class:`~causal_attn.demo.runner.Plan`, run in this process): the untuned
+    checkpoint once, then vanilla and CAT per seed."""
+    from ..cli import CliError
+    from .runner import Plan
+
+    recipe = QUICK if args.quick else DEFAULT
+    overrides = {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
+    recipe = PretrainedRecipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
+        raise CliError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
+    seeds = list(range(1 if args.quick else args.seeds))
+    try:
+        setup = Setup(args.model, args.quick, args.split)
+    except (ValueError, OSError) as e:
+        raise CliError(str(e)) from e
+    eta = SECONDS_PER_RECORD_STEP * recipe.batch_size * recipe.steps * len(seeds) * len(METHODS) / 60
+    print(f"demo pretrained: {args.model}, {len(setup.train)} training records, scored on {args.split} "
+          f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
+          f"{len(seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, lr {recipe.lr:g}, "
+          + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning")
+          + f", alpha {recipe.alpha:g}; training about {eta:.0f} min on 2 CPU cores", flush=True)
+    runs = {m: [] for m in ("zero_shot",) + METHODS}
+
+    def report(res):
+        runs[res["method"]].append(res)
+        print(f"  seed {res['seed']} {res['method']:9s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
+              "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
+              + f"  ({res['seconds']:.0f} s)", flush=True)
+
+    tasks = [("zero_shot", 0, recipe)] + [(m, seed, recipe) for seed in seeds for m in METHODS]
+    return Plan(__name__, tasks, setup, (args.model, args.quick, args.split), report,
+                finish=lambda out_dir: finish(runs, setup, recipe, seeds, args.split, out_dir))
+
+
+def finish(runs, setup, recipe, seeds, split: str, out_dir: str) -> tuple[dict, str]:
+    """Summary (the CAT part's :func:`~causal_attn.demo.stg.summarize` plus the untuned checkpoint), figures, table."""
+    from .figures import attention_maps, factor_mass, training_curves
+    from .stg import summarize
+
+    zero = runs.pop("zero_shot")[0]
+    for m in METHODS:
+        runs[m].sort(key=lambda r: r["seed"])
+    maps = {"zero_shot": zero.pop("sample_map"), **{m: runs[m][0]["sample_map"] for m in METHODS}}
+    for r in (r for rs in runs.values() for r in rs):
+        r.pop("sample_map", None)
+    results = summarize(runs, setup.train, setup.tests, recipe, seeds, 0)
+    results["zero_shot"] = {k: zero[k] for k in ("iid_acc", "ood_acc", "iid_predicted", "ood_predicted",
+                                                 "attention_mass", "seconds")}
+    results.update(model=setup.model_name, split=split, scoring="first answer token among the labels' first tokens",
+                   label_tokens=setup.label_tokens, run_seconds=zero["seconds"] + sum(
+                       r["seconds"] for rs in runs.values() for r in rs))
+    probe = setup.probe[0]
+    tokens = setup.tokenizer.convert_ids_to_tokens(setup.tokenizer(probe["input"], add_special_tokens=False)["input_ids"])
+    per_sample = {"before (zero_shot)": zero["attention_mass_samples"]}
+    per_sample.update({m: {k: sum((r["attention_mass_samples"][k] for r in runs[m]), []) for k in FACTOR_KINDS}
+                       for m in METHODS})
+    figures = {
+        "attention_map": attention_maps(os.path.join(out_dir, "pretrained_attention_map.png"), maps, tokens,
+                                        f"{setup.model_name}: OOD record 0 (target {probe['target']}), seed {seeds[0]}"),
+        "factor_mass": factor_mass(os.path.join(out_dir, "pretrained_factor_mass.png"), per_sample),
+        "training_curves": training_curves(os.path.join(out_dir, "pretrained_curves.png"),
+                                           {m: [r["curve"] for r in runs[m]] for m in METHODS}),
+    }
+    results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+    return results, format_table(results)
+
+
+def format_table(results: dict) -> str:
+    """The CAT part's table with the untuned checkpoint's row ("before") added."""
+    from .stg import format_table as stg_table
+
+    lines = stg_table(results).splitlines()
+    z = results["zero_shot"]
+    mass = " / ".join(f"{z['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
+    lines.insert(2, f"| untuned checkpoint (before) | {100 * z['iid_acc']:.1f} | {100 * z['ood_acc']:.1f} | {mass} |")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Recipe search for ``demo pretrained``, scored on the validation splits only
+(``python -m causal_attn.demo.search_pretrained --grid grid.json --out search.jsonl``).
+
+``--grid`` (JSON) is a list of ``{"name": ..., **PretrainedRecipe fields}``; each setting is trained vanilla and
+CAT per seed, in this one process, one run after another (the checkpoint is loaded once), and scored on the IID /
+OOD validation sets of :func:`causal_attn.demo.stg.validation_sets` (generator seed ``VAL_SEED``, never 42, with
+every released test prompt removed), the first ``--val-size`` records of each. One JSON line per run is appended
+to ``--out`` as it finishes; runs already there are skipped (resume), and vanilla runs that differ only in
+CAT-only fields are trained once. ``--table`` prints the markdown table of such a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .pretrained import MODEL, PretrainedRecipe, Setup, one_run
+from .search import CAT_ONLY
+
+
+def run_key(setting: dict, method: str, seed: int) -> str:
+    fields = {k: v for k, v in setting.items() if k != "name" and (method == "cat" or k not in CAT_ONLY)}
+    return json.dumps(fields, sort_keys=True) + f" {method} {seed}"
+
+
+def majority_line(val_size: int) -> str:
+    """The majority class of STG_M scored on the same validation records: the floor a run must beat."""
+    import statistics
+
+    from .stg import load_data
+
+    train, val, _ = load_data(0, False, "val")
+    label = statistics.mode(r["target"] for r in train)
+    acc = {k: 100 * sum(r["target"] == label for r in v[:val_size]) / len(v[:val_size]) for k, v in val.items()}
+    return f"| majority class ({label}) | – | – | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
+
+
+def table(path: str) -> str:
+    """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
+    CAT run has not finished gets a row of its own), then the majority class on the same validation records."""
+    rows = [json.loads(line) for line in open(path)]
+    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
+    mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
+    lines = ["| setting | recipe fields | seed | vanilla val IID / OOD % | CAT val IID / OOD % | answer-row mass "
+             "vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s (shared CPU) |",
+             "|---|---|---|---|---|---|---|---|"]
+    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
+    for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
+        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
+            continue
+        c = r if r["method"] == "cat" else None
+        v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
+        fields = {k: val for k, val in r["setting"].items() if k != "name"}
+        acc = lambda x: f"{100 * x['val_iid']:.1f} / {100 * x['val_ood']:.1f}" if x else "–"  # noqa: E731
+        secs = f"{c['seconds']:.0f}" if c else "–"
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | "
+                     f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} |")
+    sizes = {r.get("val_size") for r in rows}
+    if len(sizes) == 1 and None not in sizes:
+        lines.append(majority_line(sizes.pop()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", help="JSON file: a list of settings")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--val-size", type=int, default=200, help="validation records per split (default 200)")
+    p.add_argument("--probe", type=int, default=40, help="OOD validation records for the attention mass (default 40)")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    grid = json.load(open(args.grid))
+    done = set()
+    if os.path.exists(args.out):
+        done = {run_key(r["setting"], r["method"], r["seed"]) for r in map(json.loads, open(args.out))}
+    setup = Setup(args.model, False, "val")
+    setup.tests = {k: v[:args.val_size] for k, v in setup.tests.items()}
+    setup.prompts = {k: v[:args.val_size] for k, v in setup.prompts.items()}
+    setup.probe = setup.probe[:args.probe]
+    for seed in args.seeds:
+        for s in grid:
+            for method in ("vanilla", "cat"):
+                key = run_key(s, method, seed)
+                if key in done:
+                    continue
+                done.add(key)
+                recipe = PretrainedRecipe(**{k: (tuple(v) if k == "patch_layers" and v else v)
+                                             for k, v in s.items() if k != "name"})
+                res = one_run(method, seed, recipe, setup)
+                line = {"setting": s, "method": method, "seed": seed, "val_iid": res["iid_acc"],
+                        "val_ood": res["ood_acc"], "val_size": args.val_size, "mass": res["attention_mass"],
+                        "predicted_ood": res["ood_predicted"], "seconds": res["seconds"],
+                        "train_seconds": res["train_seconds"],
+                        "final": {k: res["curve"][-1][k] for k in ("lm_loss", "attn_loss", "mean_ratio")}}
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                print(f"{s.get('name')} {method} seed {seed}: val IID {res['iid_acc']:.3f} OOD {res['ood_acc']:.3f} "
+                      f"({res['seconds']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

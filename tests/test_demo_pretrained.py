@@ -1,0 +1,133 @@
+"""`causal-attn demo pretrained --quick` on the real SmolLM2-135M checkpoint, and the pieces it is built from:
+the answer-only LM loss, first-token scoring and the shared LoRA initialisation."""
+import json
+import random
+
+import pytest
+import torch
+
+from causal_attn import patch_model, pretrained
+from causal_attn.cli import main
+from causal_attn.data.adjacency import collate
+from causal_attn.demo import pretrained as demo
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return pretrained.load("smollm2-135m", progress=False)
+
+
+def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "pretrained", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"pretrained", "seconds"}
+    res = res["pretrained"]
+    assert res["model"] == "smollm2-135m" and res["split"] == "test" and res["recipe"]["steps"] == demo.QUICK.steps
+    assert len(set(res["label_tokens"].values())) == 3
+    for m in ("vanilla", "cat", "zero_shot"):
+        r = res[m]
+        assert 0.0 <= r["iid_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0
+        predicted = r["iid_predicted"] if m == "zero_shot" else r["runs"][0]["iid_predicted"]
+        assert sum(predicted.values()) == demo.QUICK_EVAL
+        assert set(r["attention_mass"]) == {"causal", "spurious", "irrelevant"}
+        assert 0 < sum(r["attention_mass"].values()) <= 1 + 1e-5
+    for m in ("vanilla", "cat"):
+        assert res[m]["ood_per_seed"] == [res[m]["ood_acc"]]
+        curve = res[m]["runs"][0]["curve"]
+        assert [p["step"] for p in curve] == list(range(demo.QUICK.steps))
+        assert all(p["gamma"] == (demo.QUICK.gamma if m == "cat" else 0.0) for p in curve)
+    # same initial weights and the same first batch: both methods log the same first losses
+    assert res["vanilla"]["runs"][0]["curve"][0]["lm_loss"] == pytest.approx(res["cat"]["runs"][0]["curve"][0]["lm_loss"])
+    assert res["vanilla"]["runs"][0]["curve"][0]["attn_loss"] == pytest.approx(res["cat"]["runs"][0]["curve"][0]["attn_loss"])
+    table = (out / "table.md").read_text()
+    assert demo.format_table(res) in printed and demo.format_table(res) in table
+    assert "untuned checkpoint" in table
+    for name in res["figures"].values():
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_answer_loss_and_first_token_scoring_match_the_full_model(smollm2):
+    """Logits only at labelled rows give the model's own loss; first-token predictions are the argmax of the
+    full logits over the labels' first tokens."""
+    from causal_attn.data.stg import generate_stg_e
+    from causal_attn.demo.fit import encode_records
+
+    base, tok = smollm2
+    seed = random.randrange(10**6)
+    recs = generate_stg_e(seed=seed, n_iid=3, n_ood=0, n_test=0)["train_L"]
+    enc = encode_records(recs, tok)
+    batch = collate(enc, tok.pad_token_id)
+    handle = patch_model(base)
+    try:
+        decoder, head = demo.lm_and_head(handle)
+        with torch.no_grad():
+            full = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            ours = demo.answer_loss(decoder, head, batch)
+            assert float(ours) == pytest.approx(float(full.loss), rel=1e-5), f"seed {seed}"
+            labels = {"High Risk": 4264, "Middle Risk": 5550, "Low Risk": 8855}
+            starts = [e["labels"].index(next(x for x in e["labels"] if x != -100)) for e in enc]
+            prompts = [e["input_ids"][:s] for e, s in zip(enc, starts)]
+            order = [2, 0, 1, 2]  # shuffled, a repeat, a batch of two and a batch of one
+            got = demo.first_token_predictions(decoder, head, [prompts[i] for i in order], labels, tok.pad_token_id,
+                                               batch_size=3)
+            for i, g in zip(order, got):  # causal: the full text's logits at the prompt's last row
+                logits = full.logits[i, starts[i] - 1]
+                assert g == max(labels, key=lambda lab: float(logits[labels[lab]])), f"seed {seed}"
+    finally:
+        handle.unpatch()
+    first = demo.label_first_tokens(tok, {r["target"]: e for r, e in zip(recs, enc)})
+    assert all(first[r["target"]] == labels[r["target"]] for r in recs)
+    assert all(tok.decode([labels[lab]]) == " " + lab.split()[0] for lab in labels)
+
+
+def test_both_methods_start_from_the_same_lora_weights(smollm2):
+    base, _ = smollm2
+    recipe = demo.PretrainedRecipe(lora_r=4)
+    a, pa = demo.build_model("vanilla", 3, recipe, base)
+    b, pb = demo.build_model("cat", 3, recipe, base)
+    c, pc = demo.build_model("cat", 4, recipe, base)
+    assert len(pa) == len(pb) == 2 * 4 * base.config.num_hidden_layers  # A and B of q/k/v/o per layer
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
+    _, full = demo.build_model("cat", 3, demo.PretrainedRecipe(lora_r=0), base)
+    assert sum(p.numel() for p in full) == sum(p.numel() for p in base.parameters())
+
+
+def test_pretrained_demo_bad_arguments_give_one_line(tmp_path, capsys):
+    for bad in (["--lr", "0"], ["--lora-r", "-1"], ["--steps", "0"], ["--model", str(tmp_path / "none.gguf")]):
+        assert main(["demo", "pretrained", "--out", str(tmp_path), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1, err
+
+
+def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
+    from causal_attn.demo.search_pretrained import run_key, table
+
+    a = {"name": "A", "steps": 80, "alpha": 2.0}
+    b = {"name": "B", "steps": 80, "alpha": 5.0}
+    c = {"name": "C", "steps": 80, "alpha": 2.0, "lora_r": 64}
+    assert run_key(a, "vanilla", 0) == run_key(b, "vanilla", 0) != run_key(c, "vanilla", 0)
+    assert run_key(a, "cat", 0) != run_key(b, "cat", 0) and run_key(a, "vanilla", 0) != run_key(a, "vanilla", 1)
+    mass = {"causal": 0.3, "spurious": 0.1, "irrelevant": 0.05}
+    lines = [{"setting": s, "method": m, "seed": 0, "val_iid": iid, "val_ood": ood, "mass": mass, "seconds": 60.0,
+              "val_size": 100}
+             for s, m, iid, ood in ((a, "vanilla", 0.7, 0.5), (a, "cat", 0.75, 0.625), (b, "cat", 0.8, 0.7),
+                                    (c, "vanilla", 0.9, 0.6))]
+    path = tmp_path / "search.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = table(str(path)).splitlines()[2:]
+    assert len(rows) == 4  # one per CAT run, each beside the vanilla run it shares, a lone vanilla run, the majority
+    assert rows[2].startswith("| C |") and "| 90.0 / 60.0 | – |" in rows[2] and rows[2].endswith("| – | – |")
+    assert rows[0].startswith("| A |") and "| 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
+    assert rows[1].startswith("| B |") and "| 70.0 / 50.0 | 80.0 / 70.0 |" in rows[1]
+    from causal_attn.demo.stg import validation_sets
+    from causal_attn.data.stg import generate_stg_e
+
+    val = validation_sets({k: generate_stg_e(seed=42)[k] for k in ("test_iid", "test_ood")})
+    low = [100 * sum(r["target"] == "Low Risk" for r in val[k][:100]) / 100 for k in ("iid", "ood")]
+    assert rows[3] == f"| majority class (Low Risk) | – | – | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"
