@@ -231,6 +231,16 @@ def sim_threads_table() -> str:
                + _table(["shape", "pass", *[f"{t} threads" for t in threads]], lines))
 
 
+def pretrained_search_table() -> str:
+    """The pretrained demo's recipe search on the validation splits (docs/pretrained_search.jsonl)."""
+    path = DOCS / "pretrained_search.jsonl"
+    if not path.exists():
+        return _missing(path)
+    from causal_attn.demo.search_pretrained import table
+
+    return _md([table(str(path))])
+
+
 # --- data -----------------------------------------------------------------------------------------------------
 
 def span_coverage() -> str:
