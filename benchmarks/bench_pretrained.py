@@ -266,14 +266,18 @@ def plot(csv_path: str, out_dir: str) -> dict[str, str]:
             xs = [i + (k - 0.5) * 0.38 for i in range(len(cases))]
             bars = ax.bar(xs, [v or 0 for v in vals], width=0.36, label={"cat": "CAT (patch_model)",
                                                                          "authors": "authors' way (eager maps)"}[m])
-            for b, v in zip(bars, vals):
-                ax.annotate("n/a" if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+            for b, v, c in zip(bars, vals, cases):
+                row = next((r for r in rows if r["case"] == c and r["method"] == m), {})
+                note = f"not run:\nprojected\n{_f(row, 'projected_peak_gib'):.0f} GiB" \
+                    if row.get("projected_peak_gib") else "n/a"
+                ax.annotate(note if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=8)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(cases)), cases)
-        ax.set_title(f"SmolLM2-135M LoRA step: {title} / plain SDPA")
+        ax.set_title(title)
         ax.set_ylabel("x plain SDPA")
     axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, one LoRA AdamW step, relative to the plain SDPA step")
     fig.tight_layout()
     path = os.path.join(out_dir, "pretrained.png")
     fig.savefig(path, dpi=110)
