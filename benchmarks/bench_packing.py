@@ -77,6 +77,8 @@ class PackingStep(StepBench):
     """``StepBench``'s model and optimizer for one of :data:`METHODS`; :meth:`prepare_batch` collates records.
     ``history`` keeps the CAT losses of every step."""
 
+    alpha = ALPHA
+
     def __init__(self, method: str, device, seed: int = 0, dtype=torch.float32, backend: str = "auto"):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -85,7 +87,7 @@ class PackingStep(StepBench):
         self.history: list[dict[str, float]] = []
         self.collator = CATCollator(0, packing=method == "cat_packed")
         if self.method == "cat":
-            self.handle = causal_attn.patch_model(self.model, alpha=ALPHA, backend=backend)
+            self.handle = causal_attn.patch_model(self.model, alpha=self.alpha, backend=backend)
 
     def collate(self, records: list[dict]) -> dict:
         batch = self.collator(records)

@@ -95,7 +95,7 @@ class PretrainedStep(StepBench):
                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         self.model.to(device).train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.handle = causal_attn.patch_model(self.model, alpha=ALPHA, backend=backend) if method == "cat" else None
+        self.handle = causal_attn.patch_model(self.model, alpha=self.alpha, backend=backend) if method == "cat" else None
 
     def prepare(self, batch: dict):
         self.batch = batch

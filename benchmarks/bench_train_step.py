@@ -65,6 +65,8 @@ def authors_re_attention(attentions, dense_adj: torch.Tensor, alpha: float, eps:
 class StepBench:
     """One model + optimizer for ``method``; :meth:`prepare` sets inputs for a T, :meth:`step` trains once."""
 
+    alpha = ALPHA  # the Re-Attention margin of the CAT and authors' steps (subclasses may set their own)
+
     def __init__(self, method: str, device, seed: int = 0, model: dict | None = None, dtype=torch.float32,
                  backend: str = "auto"):
         """``model``: LlamaConfig fields (default :data:`MODEL`); ``dtype`` of weights and optimizer state;
@@ -90,7 +92,7 @@ class StepBench:
         graph = stg_like_graph(B, T, g).to(self.device)
         if self.method == "cat":
             if self.handle is None:
-                self.handle = causal_attn.patch_model(self.model, graph, alpha=ALPHA, backend=self.backend)
+                self.handle = causal_attn.patch_model(self.model, graph, alpha=self.alpha, backend=self.backend)
             else:
                 self.handle.set_adjacency(graph)
         self.dense_adj = graph.to_dense() if self.method == "authors" else None
@@ -101,10 +103,9 @@ class StepBench:
 
     def forward_loss(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        alpha = getattr(self, "alpha", ALPHA)
         if self.method == "authors":
             out = self.model(**self.model_inputs(), output_attentions=True)
-            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, alpha)
+            return out.loss + GAMMA * authors_re_attention(out.attentions, self.dense_adj, self.alpha)
         out = self.model(**self.model_inputs())
         return out.loss + GAMMA * self.handle.loss() if self.method == "cat" else out.loss
 
