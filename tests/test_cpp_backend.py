@@ -255,7 +255,10 @@ def test_a_prebuilt_library_of_another_torch_is_passed_over_for_the_first_use_bu
         a = (torch.rand(1, 40, 40) < 0.3).tril()
         out, mass = causal_attn.attention(q, q, q, a, backend="cpu")
         ref, ref_mass = causal_attn.attention(q, q, q, a, backend="torch")
-        assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(mass, ref_mass, atol=1e-5)
+        # what is checked here is which library ran; the numerics have their oracle tests (two fp32 summation
+        # orders: 1e-5 failed once in a fresh-clone CI run)
+        err = max((out - ref).abs().max().item(), (mass - ref_mass).abs().max().item())
+        assert err < 1e-4, err
         print("ok")
     """)
     env = dict(os.environ, CAUSAL_ATTN_DISABLE_CPP="0")
