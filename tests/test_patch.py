@@ -269,3 +269,31 @@ def test_checkpointing_with_map_only():
     assert all(p.grad is not None for p in model.parameters())
     rows = handle.attention_map().sum(-1)[mask.bool()]
     torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+def test_patched_under_autocast_matches_sdpa_under_autocast():
+    """fp32 weights under ``torch.autocast(bfloat16)`` (what Trainer(bf16=True) does): the rotary embedding hands
+    the attention fp32 q/k beside a bf16 v. The patched model casts them as SDPA does under autocast and meets
+    the rule against fp64 with unpatched SDPA under the same autocast as the yardstick."""
+    seed = fresh_seed()
+    kw = dict(seed=seed % 1000, kv_heads=KV_HEADS["qwen2"])
+    sdpa, exact, ours = (tiny_model("qwen2", dtype=torch.float32, attn_implementation="sdpa", **kw),
+                         tiny_model("qwen2", dtype=torch.float64, attn_implementation="sdpa", **kw),
+                         tiny_model("qwen2", dtype=torch.float32, **kw))
+    ids, mask, labels = random_batch(sdpa.config.vocab_size, 2, 24, padding="left", seed=seed)
+    graph = random_graph(mask, seed=seed)
+    handle = patch_model(ours, alpha=1.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = forward_backward(sdpa, ids, mask, labels)
+        got = forward_backward(ours, ids, mask, labels, adjacency=graph, extra_loss=handle.loss)
+    ex = forward_backward(exact, ids, mask, labels)
+    assert len(handle.masses()) == ours.config.num_hidden_layers
+    assert all(m.dtype == torch.float32 for m in handle.masses())
+    real = mask.bool()
+    fa_rule("logits", got[0][real], ref[0][real], ex[0][real], seed, rel_atol=1e-2)
+    # the Re-Attention loss adds gradient: compare the LM part alone on a second, loss-free forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = forward_backward(ours, ids, mask, labels, adjacency=graph)
+    fa_rule("loss", got[1], ref[1], ex[1], seed, rel_atol=1e-2)
+    for name in ex[2]:
+        fa_rule(name, got[2][name], ref[2][name], ex[2][name], seed, rel_atol=1e-2)
