@@ -123,11 +123,11 @@ def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
     rows = table(str(path)).splitlines()[2:]
     assert len(rows) == 4  # one per CAT run, each beside the vanilla run it shares, a lone vanilla run, the majority
     assert rows[2].startswith("| C |") and "| 90.0 / 60.0 | – |" in rows[2] and rows[2].endswith("| – | – |")
-    assert rows[0].startswith("| A |") and "| 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
+    assert rows[0].startswith("| A |") and "| 0 | 100 | 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
     assert rows[1].startswith("| B |") and "| 70.0 / 50.0 | 80.0 / 70.0 |" in rows[1]
     from causal_attn.demo.stg import validation_sets
     from causal_attn.data.stg import generate_stg_e
 
     val = validation_sets({k: generate_stg_e(seed=42)[k] for k in ("test_iid", "test_ood")})
     low = [100 * sum(r["target"] == "Low Risk" for r in val[k][:100]) / 100 for k in ("iid", "ood")]
-    assert rows[3] == f"| majority class (Low Risk) | – | – | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"
+    assert rows[3] == f"| majority class (Low Risk) | – | – | 100 | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"

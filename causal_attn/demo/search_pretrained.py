@@ -32,7 +32,7 @@ def majority_line(val_size: int) -> str:
     train, val, _ = load_data(0, False, "val")
     label = statistics.mode(r["target"] for r in train)
     acc = {k: 100 * sum(r["target"] == label for r in v[:val_size]) / len(v[:val_size]) for k, v in val.items()}
-    return f"| majority class ({label}) | – | – | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
+    return f"| majority class ({label}) | – | – | {val_size} | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
 
 
 def table(path: str) -> str:
@@ -41,9 +41,9 @@ def table(path: str) -> str:
     rows = [json.loads(line) for line in open(path)]
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
-    lines = ["| setting | recipe fields | seed | vanilla val IID / OOD % | CAT val IID / OOD % | answer-row mass "
-             "vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s (shared CPU) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | recipe fields | seed | val records per split | vanilla val IID / OOD % | CAT val IID / OOD % | "
+             "answer-row mass vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
     for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
         if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
@@ -53,11 +53,11 @@ def table(path: str) -> str:
         fields = {k: val for k, val in r["setting"].items() if k != "name"}
         acc = lambda x: f"{100 * x['val_iid']:.1f} / {100 * x['val_ood']:.1f}" if x else "–"  # noqa: E731
         secs = f"{c['seconds']:.0f}" if c else "–"
-        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | "
+        n = min(x["val_size"] for x in (v, c) if x)  # a vanilla run shared by settings may have scored more
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {n} | "
                      f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} |")
-    sizes = {r.get("val_size") for r in rows}
-    if len(sizes) == 1 and None not in sizes:
-        lines.append(majority_line(sizes.pop()))
+    for size in sorted({r["val_size"] for r in rows}):
+        lines.append(majority_line(size))
     return "\n".join(lines)
 
 
