@@ -19,7 +19,7 @@ def smollm2():
     return pretrained.load("smollm2-135m", progress=False)
 
 
-def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys):
+def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "pretrained", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -49,6 +49,24 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     for name in res["figures"].values():
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
+    # every finished run is in the run log: a second invocation trains nothing and gives the same results
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run in the run log was trained again")
+
+    monkeypatch.setattr(demo, "one_run", no_training)
+    assert main(["demo", "pretrained", "--quick", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["pretrained"]
+    for m in ("vanilla", "cat", "zero_shot"):
+        assert again[m]["iid_acc"] == res[m]["iid_acc"] and again[m]["attention_mass"] == res[m]["attention_mass"]
+    assert again["vanilla"]["runs"][0]["curve"] == res["vanilla"]["runs"][0]["curve"]
+    assert capsys.readouterr().out.count(f"from {demo.RUN_LOG}") == 3
+    # another recipe does not reuse them
+    monkeypatch.undo()
+    log = (out / demo.RUN_LOG).read_text().splitlines()
+    assert len(log) == 3
+    other = demo.RunLog(str(out / demo.RUN_LOG), "smollm2-135m", True, "test",
+                        demo.PretrainedRecipe(**{**demo.QUICK.__dict__, "alpha": 7.0}))
+    assert other.get("cat", 0) is None and other.done == {}
 
 
 def test_answer_loss_and_first_token_scoring_match_the_full_model(smollm2):

@@ -207,16 +207,66 @@ def plan(args):
           + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning")
           + f", alpha {recipe.alpha:g}; training about {eta:.0f} min on 2 CPU cores", flush=True)
     runs = {m: [] for m in ("zero_shot",) + METHODS}
+    saved = RunLog(os.path.join(args.out, RUN_LOG), args.model, args.quick, args.split, recipe)
 
-    def report(res):
+    def report(res, resumed=False):
         runs[res["method"]].append(res)
+        if not resumed:
+            saved.add(res)
         print(f"  seed {res['seed']} {res['method']:9s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
               "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
-              + f"  ({res['seconds']:.0f} s)", flush=True)
+              + f"  ({res['seconds']:.0f} s{', from ' + RUN_LOG if resumed else ''})", flush=True)
 
-    tasks = [("zero_shot", 0, recipe)] + [(m, seed, recipe) for seed in seeds for m in METHODS]
+    tasks = []
+    for task in [("zero_shot", 0, recipe)] + [(m, seed, recipe) for seed in seeds for m in METHODS]:
+        done = saved.get(*task[:2])
+        if done is None:
+            tasks.append(task)
+        else:
+            report(done, resumed=True)
     return Plan(__name__, tasks, setup, (args.model, args.quick, args.split), report,
                 finish=lambda out_dir: finish(runs, setup, recipe, seeds, args.split, out_dir))
+
+
+RUN_LOG = "pretrained_runs.jsonl"
+
+
+class RunLog:
+    """Every finished run of ``demo pretrained``, one JSON line each in ``--out``, written as it finishes: a run
+    that was cut off (or a seed added later) resumes without retraining what is there. A line counts only for
+    the same checkpoint, test split, quick flag and recipe."""
+
+    def __init__(self, path: str, model: str, quick: bool, split: str, recipe: PretrainedRecipe):
+        import json
+
+        self.path = path
+        self.context = json.dumps({"model": model, "quick": quick, "split": split, "recipe": recipe.__dict__},
+                                  sort_keys=True, default=list)
+        self.done = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut off mid-write: that run is simply redone
+                        continue
+                    if entry.get("context") == self.context:
+                        self.done[(entry["result"]["method"], entry["result"]["seed"])] = entry["result"]
+
+    def get(self, method: str, seed: int) -> dict | None:
+        res = self.done.get((method, seed))
+        if res is not None:
+            import numpy as np
+
+            res = {**res, "sample_map": np.asarray(res["sample_map"], dtype=np.float32)}
+        return res
+
+    def add(self, res: dict):
+        import json
+
+        line = json.dumps({"context": self.context, "result": {**res, "sample_map": res["sample_map"].tolist()}})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
 
 
 def finish(runs, setup, recipe, seeds, split: str, out_dir: str) -> tuple[dict, str]:
