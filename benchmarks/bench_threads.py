@@ -65,7 +65,8 @@ def measure(opts: dict, threads: int) -> dict:
     out = {}
     for part, runs in timed.items():
         times = summarize(interleaved_times(runs, warmup=o.warmup, repeats=o.repeats, budget_s=o.case_budget))
-        out[part] = {m: {"ms": t["fwdbwd"] * 1e3, "x_sdpa": t.get("fwdbwd_x")} for m, t in times.items()}
+        out[part] = {m: {"ms": t["fwdbwd"] * 1e3, "fwd_ms": t["fwd"] * 1e3, "bwd_ms": t["bwd"] * 1e3,
+                         "x_sdpa": t.get("fwdbwd_x")} for m, t in times.items()}
     return out
 
 
@@ -97,10 +98,14 @@ def run_sweep(args, log=print) -> list[dict]:
                 got = [r[n][part][m] for r in rounds]
                 row = {"part": part, "T": T, "D": D, "threads": n, "method": m,
                        "ms": statistics.median(g["ms"] for g in got),
+                       "fwd_ms": statistics.median(g["fwd_ms"] for g in got),
+                       "bwd_ms": statistics.median(g["bwd_ms"] for g in got),
                        "x_sdpa": statistics.median(g["x_sdpa"] for g in got) if got[0]["x_sdpa"] is not None else "",
                        "rounds": len(got)}
                 if 1 in counts:
-                    row["speedup_vs_1"] = statistics.median(r[1][part][m]["ms"] / r[n][part][m]["ms"] for r in rounds)
+                    for key, col in (("ms", "speedup_vs_1"), ("fwd_ms", "fwd_speedup_vs_1"),
+                                     ("bwd_ms", "bwd_speedup_vs_1")):
+                        row[col] = statistics.median(r[1][part][m][key] / r[n][part][m][key] for r in rounds)
                 rows.append(row)
     return rows
 

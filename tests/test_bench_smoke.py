@@ -117,7 +117,9 @@ def test_tiny_sweep_through_the_cli(tmp_path):
         (p, n, m) for p in ("kernel", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
     for r in scaling:
         assert float(r["ms"]) > 0 and float(r["speedup_vs_1"]) > 0, r
+        assert 0 < float(r["fwd_ms"]) < float(r["ms"]) and 0 < float(r["bwd_ms"]) < float(r["ms"]), r
         assert (float(r["speedup_vs_1"]) == 1.0) == (r["threads"] == "1"), r
+        assert (float(r["bwd_speedup_vs_1"]) == 1.0) == (r["threads"] == "1"), r
     packing = rows(tmp_path / "packing.csv")  # part of the full sweep; without its data it says so per method
     assert [(r["data"], r["method"]) for r in packing] == [("absent", m) for m in bench_packing.METHODS]
     assert all(r["status"].startswith("skipped: FileNotFoundError") for r in packing), packing

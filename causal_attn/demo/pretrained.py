@@ -30,16 +30,16 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROBE = 100              # OOD records whose answer-row attention is split by factor type
 QUICK_EVAL = 6           # records per evaluation split with --quick
 QUICK_PROBE = 2
-SECONDS_PER_RECORD_STEP = 0.37  # measured: a LoRA step on 8 STG_M records ~3 s on 2 cores (for the ETA only)
+SECONDS_PER_RECORD_STEP = 0.17  # a LoRA step on 8 STG_M records: 1.2-1.4 s on 2 quiet cores (2026-12-06; the ETA only)
 
 
 @dataclass
 class PretrainedRecipe(TrainRecipe):
     """Everything a pretrained run depends on besides the method and the seed (defaults: the chosen recipe)."""
-    steps: int = 80
+    steps: int = 250
     batch_size: int = 8
     weight_decay: float = 0.0
-    alpha: float = 2.0
+    alpha: float = 5.0
     curve_points: int = 30
     lora_r: int = 8                # 0: full fine-tuning
     lora_alpha: float = 16.0
