@@ -1,5 +1,5 @@
 """`causal-attn demo`: both methods on CPU in minutes — CAT on STG_E (part ``cat``) and CAPT on a
-generated PrOntoQA-style deduction task (part ``capt``); ``demo pretrained`` (not in ``all``: ~20 min per seed)
+generated PrOntoQA-style deduction task (part ``capt``); ``demo pretrained`` (not in ``all``: ~12 min per seed)
 fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT (:mod:`.pretrained`).
 
 Subpackage layout: :mod:`.stg` (the CAT part), :mod:`.capt` (the CAPT part) and their shared pieces
@@ -24,7 +24,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("demo", help="vanilla vs CAT on STG_E and vanilla vs CAPT on a deduction task "
                               "(tiny Llama, CPU, minutes)", description=__doc__.splitlines()[0])
     p.add_argument("part", nargs="?", choices=("all",) + PARTS + EXTRA_PARTS,
-                   default="all", help="run both tiny parts (default) or one; `pretrained` (SmolLM2-135M, ~20 min "
+                   default="all", help="run both tiny parts (default) or one; `pretrained` (SmolLM2-135M, ~12 min "
                    "per seed) only when named")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")

@@ -1,6 +1,6 @@
 """`causal-attn demo pretrained`: vanilla vs CAT fine-tuning of a real checkpoint (SmolLM2-135M) on STG_M.
 
-Not part of ``causal-attn demo`` / ``all`` (the tiny job): about 20 minutes per seed on 2 CPU cores.
+Not part of ``causal-attn demo`` / ``all`` (the tiny job): about 12 minutes per seed on 2 free CPU cores.
 
 Per seed the checkpoint gets the same LoRA adapters (initialised under the seed) and is trained twice on the
 same batches with the same recipe (:class:`PretrainedRecipe`), once with the LM loss on the answer tokens only
