@@ -146,7 +146,7 @@ def thread_targets(rows) -> list[str]:
         if part == "kernel":  # issue 27: our 1 -> n thread speed-up at least SDPA's in the same rounds
             sdpa = next((_f(s, "speedup_vs_1") for s in rows if s["part"] == part and s["method"] == "sdpa"
                          and int(s["threads"]) == top), None)
-            line += f", {_fmt(up, '.2f', 'x')} faster than 1 thread (target >= SDPA's {_fmt(sdpa, '.2f', 'x')})"
+            line += f", {_fmt(up, '.3f', 'x')} faster than 1 thread (target >= SDPA's {_fmt(sdpa, '.3f', 'x')})"
             met = x is not None and up is not None and sdpa is not None and x <= 1.0 and up >= sdpa
         else:
             met = x is not None and x <= 1.0
