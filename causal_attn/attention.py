@@ -161,6 +161,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'cpu', 'torch', 'flex' or 'reference'")
 
 
+def autocast_inputs(q, k, v):
+    """Under ``torch.autocast`` q, k, v in the autocast dtype, as SDPA takes them there (float64 stays): a Hugging
+    Face rotary embedding hands attention fp32 q/k beside a low-precision v (``Trainer(bf16=True)``)."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    low = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(low) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
+
+
 def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=None, scale=None, backend="auto",
               attn_map=None, attn_map_weight=1.0):
     """Causal attention with the causal mass of each row (SPEC §2, §3).
@@ -183,6 +193,7 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=Non
         ``(out, mass)``: out (B, Hq, T, D) in q's dtype; mass (B, Hq, T) float32 (float64 for float64
         inputs) or None.
     """
+    q, k, v = autocast_inputs(q, k, v)
     kpm = check_inputs(q, k, v, key_padding_mask)
     B, Hq, T, D = q.shape
     graph = as_graph(adjacency, B, T, q.device)

@@ -95,10 +95,6 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     The path taken depends only on the inputs and the handle's settings, never on the per-forward
     record, so a checkpoint replay (possibly on another thread: CUDA runs backward on its own) repeats
     the first pass exactly; only storing the mass and the map is skipped then."""
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):  # as SDPA does under autocast: the rotary embedding returns
-        low = torch.get_autocast_dtype(device_type)  # fp32 q/k beside a low-precision v (Trainer bf16=True)
-        query, key, value = query.to(low), key.to(low), value.to(low)
     handle = getattr(module, _HANDLE_ATTR, None)
     graph = kwargs.get("adjacency") if handle is not None else None
     segments = kwargs.get(SEGMENTS_KW) if handle is not None else None

@@ -244,13 +244,9 @@ def pretrained_search_table() -> str:
 PRETRAINED_RESULTS = DOCS / "pretrained_results.json"  # `causal-attn demo pretrained` (results.json's key "pretrained")
 
 
-def _pretrained_results():
-    return _read_json(PRETRAINED_RESULTS)
-
-
 def pretrained_results_table() -> str:
     """The pretrained demo's full run on the released tests: per seed, mean, majority class, untuned checkpoint."""
-    r = _pretrained_results()
+    r = _read_json(PRETRAINED_RESULTS)
     if r is None:
         return _missing(PRETRAINED_RESULTS)
     seeds = r["seeds"]
@@ -279,7 +275,7 @@ def pretrained_results_table() -> str:
 
 def headline_pretrained() -> str:
     """README: one line on the real-checkpoint demo."""
-    r = _pretrained_results()
+    r = _read_json(PRETRAINED_RESULTS)
     if r is None:
         return _missing(PRETRAINED_RESULTS)
     wins = sum(c > v for c, v in zip(r["cat"]["ood_per_seed"], r["vanilla"]["ood_per_seed"]))

@@ -181,3 +181,25 @@ def test_every_shape_family_is_covered():
     assert {"left", "right", "none"} <= {s[5] for s in SHAPES}
     assert {"empty", "full", "random", "none"} <= {s[6] for s in SHAPES}
     assert any(s[7] >= 30 for s in SHAPES) and len(list(itertools.product(CPU_BACKENDS, DTYPES, SHAPES))) == 72
+
+
+def test_autocast_casts_inputs_as_sdpa_does():
+    """Under torch.autocast the op takes q, k, v in the autocast dtype (fp32 q/k beside bf16 v, as a rotary
+    embedding produces them), with the result and gradients of the same op on bf16 inputs outside autocast."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, 19, 16, generator=g) for _ in range(3))
+    adj = (torch.rand(2, 19, 19, generator=g) < 0.3) & torch.ones(19, 19, dtype=torch.bool).tril(-1)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v.bfloat16())]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, mass = causal_attn.attention(*leaves, adj)
+    (out.float().sum() + mass.sum()).backward()
+    ref_leaves = [x.detach().bfloat16().requires_grad_() for x in leaves]
+    ref_out, ref_mass = causal_attn.attention(*ref_leaves, adj)
+    (ref_out.float().sum() + ref_mass.sum()).backward()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out) and torch.equal(mass, ref_mass), f"seed {seed}"
+    for a, b in zip(leaves, ref_leaves):
+        assert a.grad.dtype == a.dtype  # the cast's backward returns each gradient in its input's dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=0, atol=0, msg=f"seed {seed}")
+    with pytest.raises(TypeError, match="share a dtype"):  # outside autocast mixed dtypes stay an error
+        causal_attn.attention(q, k, v.bfloat16(), adj)

@@ -232,41 +232,34 @@ RUN_LOG = "pretrained_runs.jsonl"
 
 
 class RunLog:
-    """Every finished run of ``demo pretrained``, one JSON line each in ``--out``, written as it finishes: a run
-    that was cut off (or a seed added later) resumes without retraining what is there. A line counts only for
-    the same checkpoint, test split, quick flag and recipe."""
+    """Every finished run of ``demo pretrained``, one JSON line each in ``--out`` (the annotation pipeline's
+    :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last line skipped), written as it
+    finishes: a run that was cut off (or a seed added later) resumes without retraining what is there. A line
+    counts only for the same checkpoint, test split, quick flag and recipe."""
 
     def __init__(self, path: str, model: str, quick: bool, split: str, recipe: PretrainedRecipe):
         import json
 
-        self.path = path
+        from ..data.llm import JsonlCache
+
+        self.cache = JsonlCache(path)
         self.context = json.dumps({"model": model, "quick": quick, "split": split, "recipe": recipe.__dict__},
                                   sort_keys=True, default=list)
-        self.done = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut off mid-write: that run is simply redone
-                        continue
-                    if entry.get("context") == self.context:
-                        self.done[(entry["result"]["method"], entry["result"]["seed"])] = entry["result"]
+
+    def _key(self, method: str, seed: int) -> str:
+        return f"{self.context} {method} {seed}"
 
     def get(self, method: str, seed: int) -> dict | None:
-        res = self.done.get((method, seed))
-        if res is not None:
-            import numpy as np
+        entry = self.cache.get(self._key(method, seed))
+        if entry is None:
+            return None
+        import numpy as np
 
-            res = {**res, "sample_map": np.asarray(res["sample_map"], dtype=np.float32)}
-        return res
+        return {**entry["result"], "sample_map": np.asarray(entry["result"]["sample_map"], dtype=np.float32)}
 
     def add(self, res: dict):
-        import json
-
-        line = json.dumps({"context": self.context, "result": {**res, "sample_map": res["sample_map"].tolist()}})
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        self.cache.put({"key": self._key(res["method"], res["seed"]),
+                        "result": {**res, "sample_map": res["sample_map"].tolist()}})
 
 
 def finish(runs, setup, recipe, seeds, split: str, out_dir: str) -> tuple[dict, str]:
