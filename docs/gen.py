@@ -156,12 +156,12 @@ def benchmark_targets() -> str:
     return _md(lines[2:] + [""] + _demoted(report.growth_fits(rows["train_step"], rows["kernels"])))
 
 
-def _report_section(file: str, section: str) -> str:
+def _report_section(file: str, section: str, module: str = "report") -> str:
     path = RESULTS / file
     rows = _read_csv(path)
     if rows is None:
         return _missing(path)
-    return _md(_demoted(getattr(_benchmark_module("report"), section)(rows)))
+    return _md(_demoted(getattr(_benchmark_module(module), section)(rows)))
 
 
 def train_step_table() -> str:
@@ -195,11 +195,7 @@ def packing_speedup(data: str = "gsm8k_val") -> str:
 
 def pretrained_table() -> str:
     """SmolLM2-135M: one LoRA step, SDPA / CAT / the authors' way (benchmarks/results/pretrained.csv)."""
-    path = RESULTS / "pretrained.csv"
-    rows = _read_csv(path)
-    if rows is None:
-        return _missing(path)
-    return _md(_demoted(_benchmark_module("bench_pretrained").summary_section(rows)))
+    return _report_section("pretrained.csv", "summary_section", "bench_pretrained")
 
 
 def _speedups(r: dict) -> str:
