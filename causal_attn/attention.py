@@ -67,12 +67,13 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mas
                   seg_start: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = BACKENDS[backend].backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask,
                                             seg_start, scale)
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the layout the fake promises, whatever q's strides
 
 
 @attention_bwd.register_fake
 def _(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg_start, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, not empty_like: a model hands q/k/v as transposed views of (B, T, H, D) storage
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
