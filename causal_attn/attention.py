@@ -199,18 +199,28 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=Non
     B, Hq, T, D = q.shape
     graph = as_graph(adjacency, B, T, q.device)
     seg_start = segments_for(graph, segment_ids, B, T, q.device)
-    scale = float(D ** -0.5 if scale is None else scale)
     if attn_map is not None:
         if attn_map.shape != (B, T, T) or attn_map.dtype != torch.float32 or attn_map.device != q.device:
             raise ValueError(f"attn_map must be a float32 ({B}, {T}, {T}) tensor on {q.device}; got "
                              f"{attn_map.dtype} {tuple(attn_map.shape)} on {attn_map.device}")
+    return attend(q, k, v, graph, kpm, seg_start, scale=scale, backend=backend, attn_map=attn_map,
+                  attn_map_weight=attn_map_weight)
+
+
+def attend(q, k, v, graph: CausalGraph | None, key_padding_mask: Tensor | None, seg_start: Tensor | None, *,
+           scale=None, backend="auto", attn_map=None, attn_map_weight=1.0):
+    """:func:`attention` on a graph, padding mask (bool) and segment starts that were checked already, once per
+    forward (``patch_model``'s pre-hook): nothing here reads a tensor's values on the host."""
+    q, k, v = autocast_inputs(q, k, v)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     name = resolve_backend(backend, q.device)
     impl = BACKENDS[name]
     if isinstance(impl, DifferentiableBackend):
-        out, mass = impl.fn(q, k, v, graph, kpm, seg_start, scale, attn_map, attn_map_weight)
+        out, mass = impl.fn(q, k, v, graph, key_padding_mask, seg_start, scale, attn_map, attn_map_weight)
         return out, (mass if graph is not None else None)
     packed = graph.packed if graph is not None else None
-    out, _lse, mass, pmap = attention_fwd(q, k, v, packed, kpm, seg_start, scale, name, attn_map is not None)
+    out, _lse, mass, pmap = attention_fwd(q, k, v, packed, key_padding_mask, seg_start, scale, name,
+                                          attn_map is not None)
     if attn_map is not None:
         attn_map += attn_map_weight * pmap.detach()
     return out, (mass if graph is not None else None)

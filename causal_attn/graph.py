@@ -68,19 +68,38 @@ class CausalGraph:
         if packed.shape[1] != seq_len or packed.shape[2] != num_words(seq_len):
             raise ValueError(f"packed shape {tuple(packed.shape)} does not fit T={seq_len} "
                              f"(expected (B, {seq_len}, {num_words(seq_len)}))")
-        self.packed = packed
-        self.seq_len = int(seq_len)
-        self.row_counts = popcount(packed) if row_counts is None else row_counts
-        self.dropped = int(dropped)
+        starts = None
         if segment_ids is not None:
             starts = segment_starts(segment_ids, packed.shape[0], seq_len, packed.device)  # validates
-            cross = unpack_bits(packed, seq_len) & (torch.arange(seq_len, device=packed.device) < starts[:, :, None])
-            if bool(cross.any()):
-                b, i, j = (int(t) for t in cross.nonzero()[0])
-                raise ValueError(f"packed row {b}: adjacency edge (row={i}, col={j}) crosses from one packed sample "
-                                 f"into an earlier one (that sample starts at {int(starts[b, i])}); build packed "
-                                 "graphs from per-sample graphs with CausalGraph.pack")
+            _check_within_segments(packed, starts)
+        self._set(packed, popcount(packed) if row_counts is None else row_counts, dropped, segment_ids, starts)
+
+    def _set(self, packed, row_counts, dropped, segment_ids, seg_start) -> "CausalGraph":
+        self.packed = packed
+        self.row_counts = row_counts
+        self.dropped = int(dropped)
         self.segment_ids = segment_ids
+        self._seg_start = seg_start  # computed (and checked) once, read by every layer of every forward
+        return self
+
+    @classmethod
+    def _checked(cls, packed, row_counts, dropped=0, segment_ids=None, seg_start=None) -> "CausalGraph":
+        """A graph from parts that were validated already (a copy, a slice, another device): no checks, no
+        host sync."""
+        return cls.__new__(cls)._set(packed, row_counts, dropped, segment_ids, seg_start)
+
+    def with_segments(self, segment_ids: torch.Tensor, seg_start: torch.Tensor) -> "CausalGraph":
+        """This graph for a packed forward whose samples ``segment_ids`` (with starts ``seg_start``) describe. A
+        packed graph must have the same segments; an unpacked one must have no edge across two samples. The checks
+        stay on the device (:func:`require`): one host sync in eager mode, none under ``torch.compile``."""
+        if self._seg_start is not None:
+            require((self._seg_start == seg_start).all(), "the adjacency's segments (CausalGraph.pack) disagree with "
+                    "the packed samples that position_ids / seq_idx / cu_seq_lens_q describe")
+            return self
+        require(~_crossing_edges(self.packed, seg_start).any(),
+                "an adjacency edge crosses from one packed sample into an earlier one; build packed graphs from "
+                "per-sample graphs with CausalGraph.pack")
+        return CausalGraph._checked(self.packed, self.row_counts, self.dropped, segment_ids, seg_start)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,6 +232,10 @@ class CausalGraph:
         return self.packed.shape[0]
 
     @property
+    def seq_len(self) -> int:
+        return self.packed.shape[1]
+
+    @property
     def device(self) -> torch.device:
         return self.packed.device
 
@@ -226,8 +249,10 @@ class CausalGraph:
     def __getitem__(self, idx) -> "CausalGraph":
         if isinstance(idx, int):
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        seg = self.segment_ids[idx] if self.segment_ids is not None else None
-        return CausalGraph(self.packed[idx], self.seq_len, row_counts=self.row_counts[idx], segment_ids=seg)
+        if self.segment_ids is None:
+            return CausalGraph._checked(self.packed[idx], self.row_counts[idx])
+        return CausalGraph._checked(self.packed[idx], self.row_counts[idx], 0, self.segment_ids[idx],
+                                    self._seg_start[idx])
 
     def __repr__(self) -> str:
         packed = ""
@@ -240,9 +265,10 @@ class CausalGraph:
         return unpack_bits(self.packed, self.seq_len)
 
     def to(self, device) -> "CausalGraph":
-        seg = self.segment_ids.to(device) if self.segment_ids is not None else None
-        return CausalGraph(self.packed.to(device), self.seq_len, row_counts=self.row_counts.to(device),
-                           dropped=self.dropped, segment_ids=seg)
+        if self.packed.device == torch.device(device):
+            return self
+        seg = [None if t is None else t.to(device) for t in (self.segment_ids, self._seg_start)]
+        return CausalGraph._checked(self.packed.to(device), self.row_counts.to(device), self.dropped, *seg)
 
     def pad_to(self, seq_len: int, *, side: str = "right") -> "CausalGraph":
         """Grow to ``seq_len`` with edge-free rows/cols. ``side="left"`` shifts every edge by the
@@ -263,9 +289,7 @@ class CausalGraph:
 
     def segment_starts(self) -> torch.Tensor | None:
         """int32 (B, T) first position of each row's segment, or None for an unpacked graph."""
-        if self.segment_ids is None:
-            return None
-        return segment_starts(self.segment_ids, self.batch_size, self.seq_len, self.device)
+        return self._seg_start
 
     def counts(self, key_padding_mask: torch.Tensor | None = None,
                seg_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +325,33 @@ def _words_from(start: torch.Tensor, n_words: int) -> torch.Tensor:
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
+def _crossing_edges(packed: torch.Tensor, seg_start: torch.Tensor) -> torch.Tensor:
+    """bool (B, T, W): the set bits of each row that lie before its segment's start."""
+    return (packed & ~_words_from(seg_start, packed.shape[-1])) != 0
+
+
+def _check_within_segments(packed: torch.Tensor, starts: torch.Tensor) -> None:
+    if bool(_crossing_edges(packed, starts).any()):
+        T = packed.shape[1]
+        cross = unpack_bits(packed, T) & (torch.arange(T, device=packed.device) < starts[:, :, None])
+        b, i, j = (int(t) for t in cross.nonzero()[0])
+        raise ValueError(f"packed row {b}: adjacency edge (row={i}, col={j}) crosses from one packed sample "
+                         f"into an earlier one (that sample starts at {int(starts[b, i])}); build packed "
+                         "graphs from per-sample graphs with CausalGraph.pack")
+
+
+def require(ok: torch.Tensor, message: str, detail=None) -> None:
+    """Raise ``ValueError`` with ``message`` unless the bool scalar tensor ``ok`` is True.
+
+    For the checks of a forward's inputs that need their values: in eager mode one host read (a clear error at
+    once, completed by ``detail()`` where given); under ``torch.compile`` a device-side assertion
+    (``torch._assert_async``), so the check neither breaks the graph nor waits for the device."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message + (detail() if detail is not None else ""))
+
+
 def segment_starts(segment_ids: torch.Tensor, B: int, T: int, device) -> torch.Tensor:
     """int32 (B, T): for each position the index of the first position of its segment.
 
@@ -319,8 +370,14 @@ def segment_starts(segment_ids: torch.Tensor, B: int, T: int, device) -> torch.T
         b, i = (int(x) for x in (step < 0).nonzero()[0])
         raise ValueError(f"segment_ids decrease within row {b} (position {i + 1}: {int(segment_ids[b, i])} -> "
                          f"{int(segment_ids[b, i + 1])}); packed samples must lie end to end with non-decreasing ids")
+    return starts_of(segment_ids)
+
+
+def starts_of(segment_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`segment_starts` of ids known to be non-decreasing (no check, no host sync)."""
+    B, T = segment_ids.shape
     new = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
-    new[:, 1:] = step != 0
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     pos = torch.arange(T, device=segment_ids.device).expand(B, T)
     return torch.where(new, pos, 0).cummax(dim=1).values.to(torch.int32).contiguous()
 
@@ -347,7 +404,7 @@ def as_graph(adjacency, B: int, T: int, device) -> CausalGraph | None:
         adjacency = CausalGraph.from_dense(adjacency)
     if not isinstance(adjacency, CausalGraph):
         raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
-    if adjacency.batch_size != B or adjacency.seq_len != T:
+    if adjacency.packed.shape[0] != B or adjacency.packed.shape[1] != T:
         raise ValueError(f"adjacency is for B={adjacency.batch_size}, T={adjacency.seq_len} but the inputs have "
                          f"B={B}, T={T}; build it for this batch (CausalGraph.pad_to pads a shorter one)")
     if adjacency.device != torch.device(device):

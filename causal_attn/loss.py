@@ -52,12 +52,16 @@ def loss_rows(graph: CausalGraph, key_padding_mask=None) -> tuple[torch.Tensor, 
     return rows, c, n
 
 
-def causal_ratio(masses, adjacency, *, key_padding_mask=None, eps: float = EPS) -> RatioStats:
-    """The per-row statistics behind the loss: ``R_i``, ``C_i``, ``N_i`` and the eligible rows."""
+def causal_ratio(masses, adjacency, *, key_padding_mask=None, eps: float = EPS, rows=None) -> RatioStats:
+    """The per-row statistics behind the loss: ``R_i``, ``C_i``, ``N_i`` and the eligible rows.
+
+    ``rows``: :func:`loss_rows` of this graph and padding when the caller has it already (``patch_model``
+    counts once per forward); the graph and padding are then not checked again."""
     m = _stack(masses)
     L, B, H, T = m.shape
-    graph = as_graph(adjacency, B, T, m.device)
-    rows, c, n = loss_rows(graph, key_padding_mask)
+    if rows is None:
+        rows = loss_rows(as_graph(adjacency, B, T, m.device), key_padding_mask)
+    rows, c, n = rows
     c, n = c.float(), n.float()
     mbar = m.float().mean(dim=(0, 2))  # (B, T)
     c_safe = torch.where(rows, c, torch.ones_like(c))
@@ -69,7 +73,7 @@ def causal_ratio(masses, adjacency, *, key_padding_mask=None, eps: float = EPS) 
 
 
 def re_attention_loss(masses, adjacency, *, alpha: float, key_padding_mask=None, reduction: str = "mean",
-                      kind: str = "hinge", eps: float = EPS, return_stats: bool = False):
+                      kind: str = "hinge", eps: float = EPS, return_stats: bool = False, rows=None):
     """CAT's Re-Attention loss.
 
     Args:
@@ -80,12 +84,13 @@ def re_attention_loss(masses, adjacency, *, alpha: float, key_padding_mask=None,
         reduction: "mean" over eligible rows of the batch (the authors' code) or "sum" (the paper).
         kind: "hinge" (``max(0, alpha - R)``) or "div" (``-log(1+C)/log(1+N)`` where ``R < alpha``).
         return_stats: also return the :class:`RatioStats`.
+        rows: the :func:`loss_rows` of ``adjacency`` and ``key_padding_mask`` if already counted.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if kind not in ("hinge", "div"):
         raise ValueError(f"kind must be 'hinge' or 'div', got {kind!r}")
-    st = causal_ratio(masses, adjacency, key_padding_mask=key_padding_mask, eps=eps)
+    st = causal_ratio(masses, adjacency, key_padding_mask=key_padding_mask, eps=eps, rows=rows)
     if kind == "hinge":
         per_row = torch.relu(alpha - st.ratio)
     else:

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .attention import attention
-from .graph import CausalGraph, as_graph, segment_starts
-from .loss import re_attention_loss
+from .attention import attend, autocast_inputs, check_inputs
+from .graph import CausalGraph, as_graph, require, starts_of
+from .loss import loss_rows, re_attention_loss
 
 ATTN_NAME = "causal_attn"  # must not contain "flash", "sdpa" or "flex" (transformers treats those specially)
 _HANDLE_ATTR = "_causal_attn_handle"
@@ -54,17 +54,25 @@ def cat_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
             and (attention_mask is None or attention_mask.shape[-1] == kv_length))
     pad = attention_mask.bool() if attention_mask is not None else None
     if full and mask_function is causal_mask_function:
-        return None if pad is None or bool(pad.all()) else pad
+        return _padding_or_none(pad)
     kwargs.pop("allow_is_causal_skip", None)
     mask4 = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                       allow_is_causal_skip=False, **kwargs)
-    if full:  # e.g. a sliding window at least as long as the sequence: plain causal after all
+    if full and not torch.compiler.is_compiling():  # e.g. a sliding window at least as long as the sequence
         plain = torch.ones(q_length, kv_length, dtype=torch.bool, device=mask4.device).tril()[None, None]
         if pad is not None:
             plain = plain & pad[:, None, None, :]
         if torch.equal(mask4.expand_as(plain), plain.expand_as(mask4)):
-            return None if pad is None or bool(pad.all()) else pad
+            return _padding_or_none(pad)
     return mask4
+
+
+def _padding_or_none(pad):
+    """The padding mask, or None where nothing is padded. Only eager mode looks (one host read, as transformers'
+    own SDPA mask does); a compiled forward keeps the mask and never reads it back."""
+    if pad is None or (not torch.compiler.is_compiling() and bool(pad.all())):
+        return None
+    return pad
 
 
 def plain_attention(q, k, v, mask, scale, dropout=0.0):
@@ -97,13 +105,15 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     the first pass exactly; only storing the mass and the map is skipped then."""
     handle = getattr(module, _HANDLE_ATTR, None)
     graph = kwargs.get("adjacency") if handle is not None else None
-    segments = kwargs.get(SEGMENTS_KW) if handle is not None else None
-    if segments is not None:
-        _check_packed(module, query, key, segments, kwargs.get("sliding_window", getattr(module, "sliding_window", None)))
+    seg_start = kwargs.get(SEGMENTS_KW) if handle is not None else None
+    if seg_start is not None:
+        if query.shape[2] != key.shape[2]:
+            raise ValueError("packed sequences (position_ids restarting inside a row) are supported for full-sequence "
+                             "forwards only, not for KV-cache decoding")
         attention_mask = None  # the block-diagonal causal mask transformers built (if it detected the packing)
     full = query.shape[2] == key.shape[2] and (attention_mask is None or attention_mask.dim() == 2)
     want_map = handle is not None and handle.collect_attention_map and full
-    if graph is None and not want_map and segments is None:
+    if graph is None and not want_map and seg_start is None:
         out = plain_attention(query, key, value, attention_mask, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
     if not full:
@@ -115,7 +125,8 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if dropout > 0:
         raise ValueError(f"attention dropout {dropout} is not supported with a CAT adjacency (the CAT recipe "
                          "uses none); set config.attention_dropout = 0.0")
-    replay = torch._C._current_graph_task_id() != -1  # non-reentrant checkpointing recomputes inside backward
+    # non-reentrant checkpointing recomputes inside backward; a compiled graph recomputes without running this
+    replay = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
     rec = None
     if not replay:
         rec = handle._record()
@@ -133,33 +144,23 @@ def cat_attention(module, query, key, value, attention_mask, scaling=None, dropo
             B, _, T, _ = query.shape
             rec.attn_map = torch.zeros(B, T, T, dtype=torch.float32, device=query.device)
         attn_map = rec.attn_map
-    out, mass = attention(query, key, value, graph, key_padding_mask=attention_mask, segment_ids=segments,
-                          scale=scaling, backend=handle.backend, attn_map=attn_map,
-                          attn_map_weight=1.0 / (len(handle.layers) * query.shape[1]))
+    query, key, value = autocast_inputs(query, key, value)
+    check_inputs(query, key, value)  # shapes only: the graph, padding and segments were checked in the pre-hook
+    out, mass = attend(query, key, value, graph, attention_mask, seg_start, scale=scaling, backend=handle.backend,
+                       attn_map=attn_map, attn_map_weight=1.0 / (len(handle.layers) * query.shape[1]))
     if mass is not None and rec is not None:
         rec.masses[module.layer_idx] = mass
-        rec.key_padding_mask = attention_mask
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_packed(module, query, key, segments, window):
-    if query.shape[2] != key.shape[2]:
-        raise ValueError("packed sequences (position_ids restarting inside a row) are supported for full-sequence "
-                         "forwards only, not for KV-cache decoding")
-    if window is not None:
-        longest = max(int(torch.unique_consecutive(row, return_counts=True)[1].max()) for row in segments)
-        if window < longest:
-            raise ValueError(f"layer {module.layer_idx} uses a sliding window of {window} tokens but a packed sample "
-                             f"has {longest}: CAT attention computes full causal attention per sample; pack samples "
-                             f"no longer than the window or disable the sliding window")
-
-
-def packed_segments(kwargs, x) -> torch.Tensor | None:
+def packed_segment_ids(kwargs, x, known: bool) -> torch.Tensor | None:
     """Segment ids (B, T) of a packed forward from the decoder's keyword arguments, or None.
 
     ``seq_idx`` (B, T) wins, then ``cu_seq_lens_q`` (offsets, one packed row), then ``position_ids`` that
     restart inside a row (a step other than +1 starts a sample, as transformers' own detection), read only
-    when there is no padding mask (with padding, position ids may be anything)."""
+    without a padding mask (with padding, position ids may be anything). Where ``known`` (the adjacency is packed
+    already) or under ``torch.compile``, position ids give segments even when none restarts (one sample per
+    row), so nothing is read on the host; eager mode otherwise looks once whether any restarts."""
     B, T = x.shape[0], x.shape[1]
     seq_idx = kwargs.get("seq_idx")
     if seq_idx is not None:
@@ -167,20 +168,32 @@ def packed_segments(kwargs, x) -> torch.Tensor | None:
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         cu = cu.to(x.device).long()
-        if B != 1 or int(cu[-1]) != T:
-            raise ValueError(f"cu_seq_lens_q {cu.tolist()} does not describe one packed row of {T} tokens (B={B})")
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row, but the batch has B={B} rows")
+        require(cu[-1] == T, f"cu_seq_lens_q does not end at the packed row's length {T}")
         return (torch.bucketize(torch.arange(T, device=x.device), cu[1:], right=True)).unsqueeze(0)
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-    if pos is None or (mask is not None and not (mask.dim() == 2 and bool(mask.bool().all()))):
+    if pos is None:
         return None
+    compiling = torch.compiler.is_compiling()
     pos = pos.to(x.device).expand(B, T)
-    step = torch.diff(pos, dim=-1)
-    if bool((step == 1).all()):
+    restart = torch.diff(pos, dim=-1) != 1
+    if mask is not None:
+        if mask.dim() != 2:
+            return None
+        if compiling:  # transformers' rule under compile: packing only without a mask; eager reads the mask
+            require(~(mask.bool().all() & restart.any()), "position_ids restart inside a row (packed samples) "
+                    "beside an attention_mask without padding: under torch.compile pass packed batches without "
+                    "attention_mask, as DataCollatorWithFlattening and CATCollator(packing=True) make them")
+            return None
+        if not bool(mask.bool().all()):
+            return None
+    if not (known or compiling) and not bool(restart.any()):
         return None
-    return torch.nn.functional.pad((step != 1).cumsum(-1), (1, 0))
+    return torch.nn.functional.pad(restart.cumsum(-1), (1, 0))
 
 
-SEGMENTS_KW = "cat_segment_ids"  # the decoder's keyword argument that carries a packed forward's segments
+SEGMENTS_KW = "cat_segment_starts"  # the decoder's keyword argument: a packed forward's int32 (B, T) segment starts
 
 AttentionInterface.register(ATTN_NAME, cat_attention)
 AttentionMaskInterface.register(ATTN_NAME, cat_mask)
@@ -189,24 +202,21 @@ AttentionMaskInterface.register(ATTN_NAME, cat_mask)
 # ---------------------------------------------------------------------------------------------- handle
 @dataclass
 class _Forward:
-    """What one forward of the patched model collected."""
+    """What one forward of the patched model prepared (once, in the pre-hook) and collected."""
     grad_enabled: bool
     graph: CausalGraph | None
-    masses: dict = field(default_factory=dict)  # layer index -> mass (B, Hq, T) fp32
     key_padding_mask: torch.Tensor | None = None
+    loss_rows: tuple | None = None  # (rows, c, n) of causal_attn.loss.loss_rows
+    masses: dict = field(default_factory=dict)  # layer index -> mass (B, Hq, T) fp32
     attn_map: torch.Tensor | None = None
 
 
-def _with_segments(graph: CausalGraph, segments: torch.Tensor) -> CausalGraph:
-    """The graph with the forward's segments; a packed graph must agree with them."""
-    starts = segment_starts(segments, graph.batch_size, graph.seq_len, graph.device)
-    if graph.segment_ids is not None:
-        if not torch.equal(graph.segment_starts(), starts):
-            raise ValueError("the adjacency's segments (CausalGraph.pack) disagree with the packed samples that "
-                             "position_ids / seq_idx / cu_seq_lens_q describe")
-        return graph
-    return CausalGraph(graph.packed, graph.seq_len, row_counts=graph.row_counts, dropped=graph.dropped,
-                       segment_ids=segments)
+def _sliding_window(attn_module) -> int | None:
+    """A layer's sliding window: its own attribute (Qwen2 / Qwen3: None on full-attention layers), else the
+    config's that the layer hands the attention function (Mistral)."""
+    if hasattr(attn_module, "sliding_window"):
+        return attn_module.sliding_window
+    return getattr(getattr(attn_module, "config", None), "sliding_window", None)
 
 
 def _base_model(model):
@@ -224,6 +234,8 @@ class CATHandle:
         self.alpha, self.reduction, self.kind, self.backend = float(alpha), reduction, kind, backend
         self.collect_attention_map = bool(collect_attention_map)
         self._modules = attn_modules
+        windows = [w for w in map(_sliding_window, attn_modules.values()) if w is not None]
+        self._window = min(windows) if windows else None  # checked against packed samples once per forward
         self._local = threading.local()
         self._adjacency = None
         self.set_adjacency(adjacency)
@@ -240,6 +252,9 @@ class CATHandle:
         return getattr(self._local, "record", None)
 
     def _start_forward(self, module, args, kwargs):
+        """Prepares the forward once for every layer and the loss: the graph on the inputs' device with the
+        forward's segments, the segment starts, the padding mask and the loss rows. Checks that need tensor
+        values go through :func:`causal_attn.graph.require` (device-side under torch.compile)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         # the KV cache's keyword is `past_key_values`, `cache` in transformers 5.24's Llama / Qwen3
@@ -249,21 +264,36 @@ class CATHandle:
         if isinstance(adjacency, (CausalGraph, torch.Tensor)):
             adjacency = adjacency.to(x.device)  # e.g. a collator's CPU graph for a CUDA model
         graph = as_graph(adjacency, x.shape[0], x.shape[1], x.device)  # type, B and T checks
-        segments = packed_segments(kwargs, x) if full else None
-        if segments is not None:
-            segment_starts(segments, x.shape[0], x.shape[1], x.device)  # non-decreasing
+        seg_start = None
+        ids_ = packed_segment_ids(kwargs, x, known=graph is not None and graph.segment_ids is not None) if full \
+            else None
+        if ids_ is not None:
+            if kwargs.get("seq_idx") is not None:  # the caller's ids: check they do not decrease
+                require((ids_[:, 1:] >= ids_[:, :-1]).all(), "seq_idx decrease within row; packed samples must lie "
+                        "end to end with non-decreasing ids")
+            seg_start = starts_of(ids_)
             if graph is not None:
-                graph = _with_segments(graph, segments)
+                graph = graph.with_segments(ids_, seg_start)
+            if self._window is not None:
+                longest = (torch.arange(x.shape[1], device=x.device) - seg_start).max() + 1
+                require(longest <= self._window, f"the model uses a sliding window of {self._window} tokens but a "
+                        "packed sample is longer; CAT attention computes full causal attention per sample: pack "
+                        "samples no longer than the window or disable the sliding window",
+                        lambda: f" (the longest packed sample has {int(longest)})")
         elif graph is not None and graph.segment_ids is not None:
-            segments = graph.segment_ids
-        self._local.record = _Forward(grad_enabled=torch.is_grad_enabled(), graph=graph)
+            seg_start = graph.segment_starts()
+        mask = kwargs.get("attention_mask") if full else None
+        kpm = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seg_start is None else None
+        rows = loss_rows(graph, kpm) if graph is not None else None
+        self._local.record = _Forward(grad_enabled=torch.is_grad_enabled(), graph=graph, key_padding_mask=kpm,
+                                      loss_rows=rows)
         kwargs = dict(kwargs)
         kwargs.pop("adjacency", None)
         kwargs.pop(SEGMENTS_KW, None)
         if graph is not None:
             kwargs["adjacency"] = graph
-        if segments is not None:
-            kwargs[SEGMENTS_KW] = segments
+        if seg_start is not None:
+            kwargs[SEGMENTS_KW] = seg_start
         return args, kwargs
 
     # -------------------------------------------------------------- public
@@ -286,7 +316,8 @@ class CATHandle:
         masses = self.masses()
         rec = self._record()
         return re_attention_loss(masses, rec.graph, alpha=self.alpha, key_padding_mask=rec.key_padding_mask,
-                                 reduction=self.reduction, kind=self.kind, return_stats=return_stats)
+                                 reduction=self.reduction, kind=self.kind, return_stats=return_stats,
+                                 rows=rec.loss_rows)
 
     def attention_map(self) -> torch.Tensor:
         """(B, T, T) fp32 attention averaged over patched layers and heads of the last forward (no gradient)."""
