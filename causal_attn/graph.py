@@ -28,7 +28,7 @@ def pack_bits(dense: torch.Tensor) -> torch.Tensor:
     T = dense.shape[-1]
     W = num_words(T)
     pad = W * WORD - T
-    d = torch.nn.functional.pad(dense.to(torch.int64), (0, pad)) if pad else dense.to(torch.int64)
+    d = torch.nn.functional.pad(dense.to(torch.int64), (0, pad))  # no branch on T: one compiled graph for all T
     d = d.reshape(*dense.shape[:-1], W, WORD)
     shifts = torch.arange(WORD, device=dense.device, dtype=torch.int64)
     words = (d << shifts).sum(-1)  # 0 .. 2^32-1

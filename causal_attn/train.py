@@ -41,6 +41,8 @@ def add_parser(subparsers):
     t.add_argument("--max-length", type=int, default=1024)
     t.add_argument("--packing", action="store_true",
                    help="padding-free batches: each batch's records end to end in one row (no compute on padding)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (TrainingArguments(torch_compile=True); see docs/training.md)")
     t.add_argument("--capt-copies", type=int, default=1, help="CAPT: copies of the training set, new letters each")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: every epoch)")
@@ -225,7 +227,7 @@ def run_train(args) -> int:
         warmup_steps=0.1, lr_scheduler_type="cosine", optim="adamw_torch", weight_decay=0.0, seed=args.seed,
         save_strategy="steps" if args.save_steps else "epoch", save_steps=args.save_steps or 500,
         logging_steps=args.logging_steps, report_to=[], bf16=bf16, remove_unused_columns=False,
-        disable_tqdm=False, use_cpu=not torch.cuda.is_available())
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile)
     trainer = CATTrainer(model=model, args=targs, cat_handle=handle, gamma=gamma if use_graph else 0.0,
                          packing=args.packing, train_dataset=encoded, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=last)
@@ -239,7 +241,7 @@ def run_train(args) -> int:
         return 0
     tokenizer.save_pretrained(args.out)
     summary = {"model": args.model, "data": args.data, "method": args.method, "lora": args.lora,
-               "alpha": args.alpha, "gamma": args.gamma, "packing": args.packing, "records": len(encoded), "missing_spans": missing,
+               "alpha": args.alpha, "gamma": args.gamma, "packing": args.packing, "compile": args.compile, "records": len(encoded), "missing_spans": missing,
                "resumed_from": last, "train_loss": result.training_loss, "global_step": result.global_step,
                "log_history": trainer.state.log_history}
     with open(os.path.join(args.out, "train_summary.json"), "w") as f:

@@ -157,7 +157,8 @@ class CATLossMixin:
     to the parent's loss, with the gradient-accumulation and data-parallel scaling of the module docstring.
 
     A subclass calls :meth:`_init_cat` after ``super().__init__`` and says where the per-micro-batch values
-    (``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean``, ``ratio_ge_alpha``) go in :meth:`_log_cat`.
+    (``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean``, ``ratio_ge_alpha``: 0-dim tensors, NaN for a ratio of
+    a micro-batch without Re-Attention rows, or floats) go in :meth:`_log_cat`.
     ``_outputs_from_parent = False`` when the parent's ``compute_loss(return_outputs=True)`` runs an extra
     forward (it would replace the masses of the forward the loss was computed on): the outputs are then
     computed here, after the Re-Attention loss."""
@@ -195,7 +196,7 @@ class CATLossMixin:
         ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scaled = training and self._lm_loss_is_scaled_for_ga(num_items_in_batch)
         if training:
-            self._log_cat("lm_loss", float(loss.detach()) * (ga_steps if scaled else 1))
+            self._log_cat("lm_loss", loss.detach() * (ga_steps if scaled else 1))
         if has_graph:
             attn, st = self.cat.loss(return_stats=True)
             gamma = self.current_gamma()
@@ -207,13 +208,14 @@ class CATLossMixin:
                 loss = loss + gamma * (share if scaled else share * ga_steps)
             else:  # training_step called outside train(): mean of the micro-batch losses
                 loss = loss + (gamma / ga_steps if scaled else gamma) * attn
-            if training:
-                self._log_cat("attn_loss", float(attn.detach()))
+            if training:  # tensors: read on the host at logging steps only (NaN = no row in this micro-batch)
+                rows = st.rows.sum()
+                ratio = torch.where(st.rows, st.ratio.detach(), 0.0)
+                per_row = lambda x: torch.where(rows > 0, x.sum() / rows.clamp_min(1), float("nan"))  # noqa: E731
+                self._log_cat("attn_loss", attn.detach())
                 self._log_cat("gamma", gamma)
-                if st.rows.any():
-                    r = st.ratio.detach()[st.rows]
-                    self._log_cat("ratio_mean", float(r.mean()))
-                    self._log_cat("ratio_ge_alpha", float((r >= self.cat.alpha).float().mean()))
+                self._log_cat("ratio_mean", per_row(ratio))
+                self._log_cat("ratio_ge_alpha", per_row(((ratio >= self.cat.alpha) & st.rows).float()))
         if return_outputs and outputs is None:
             with torch.no_grad():
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
@@ -260,12 +262,13 @@ class CATTrainer(CATLossMixin, Trainer):
         self._init_cat(handle, gamma)
         self._cat_logs: dict[str, list[float]] = defaultdict(list)
 
-    def _log_cat(self, key: str, value: float) -> None:
+    def _log_cat(self, key: str, value) -> None:
         self._cat_logs[key].append(value)
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._cat_logs:  # a training log: add our means and start over
             for key, values in self._cat_logs.items():
+                values = [v for v in map(float, values) if not math.isnan(v)]  # the host reads them here, once
                 if values:
                     logs[key] = sum(values) / len(values)
             self._cat_logs = defaultdict(list)

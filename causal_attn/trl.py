@@ -7,6 +7,8 @@ logged through TRL's own metrics (``self._metrics``) beside its ``entropy`` and 
 """
 from __future__ import annotations
 
+import math
+
 try:
     from trl import SFTConfig, SFTTrainer
 except ImportError as e:  # pragma: no cover - depends on the environment
@@ -51,8 +53,10 @@ class CATSFTTrainer(CATLossMixin, SFTTrainer):
                          **kwargs)
         self._init_cat(handle, gamma)
 
-    def _log_cat(self, key: str, value: float) -> None:
-        self._metrics["train" if self.model.training else "eval"][key].append(value)
+    def _log_cat(self, key: str, value) -> None:
+        value = float(value)  # TRL averages (and gathers) floats
+        if not math.isnan(value):
+            self._metrics["train" if self.model.training else "eval"][key].append(value)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -1,9 +1,13 @@
 """torch.compile traces through `attention` as one custom op (fake impls + registered autograd): no graph
 breaks, and the compiled forward and backward match eager on CPU (backend "torch" behind the op)."""
+import pytest
 import torch
 
 import causal_attn
-from numerics import make_case, max_err
+from causal_attn import patch_model
+from numerics import fresh_seed, make_case, max_err
+from step_probes import graph_breaks, host_syncs, plain_batch, step_batch
+from tiny_models import tiny_model
 
 
 def _layer(q, k, v, adj, kpm):
@@ -33,3 +37,79 @@ def test_fullgraph_compile_matches_eager_forward_and_backward():
     assert max_err(loss, eager_loss) < 1e-6, f"seed {seed}"
     for name, a, b in zip("qkv", grads, eager_grads):
         assert max_err(a, b) < 1e-6, f"d{name} (seed {seed})"
+
+
+# ---------------------------------------------------------------------------------------------- the model step
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layers", [2, 4])
+def test_patched_step_has_no_graph_break_beyond_plain(layers, layout):
+    """torch._dynamo.explain of forward + LM loss + Re-Attention loss: as many graphs and breaks as the same model
+    with plain SDPA on the same batch (one graph, no break, today)."""
+    model = tiny_model("llama", layers=layers, train=True, attn_implementation="sdpa")
+    batch = step_batch(model, layout, seed=fresh_seed())
+    plain = graph_breaks(model, plain_batch(batch))
+    handle = patch_model(model, alpha=0.3)
+    cat = graph_breaks(model, batch, handle)
+    assert cat == plain == (1, 0), f"CAT (graphs, breaks) {cat} vs plain SDPA {plain}"
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_host_syncs_per_step_do_not_grow_with_depth(layout):
+    """Eager forward + backward: the graph is checked once per forward, never per layer."""
+    seed = fresh_seed()
+    counts = {}
+    for layers in (2, 32):
+        model = tiny_model("llama", layers=layers, hidden=32, heads=2, kv_heads=1, train=True,
+                           attn_implementation="sdpa")
+        batch = step_batch(model, layout, T=40, seed=seed)
+        plain = host_syncs(model, plain_batch(batch))
+        cat = host_syncs(model, batch, patch_model(model, alpha=0.3))
+        assert sum(cat.values()) <= sum(plain.values()) + 2, f"{layers} layers: CAT {dict(cat)}, plain {dict(plain)}"
+        counts[layers] = cat
+    assert counts[2] == counts[32], f"host syncs grow with depth: {counts}"
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,layout", [("llama", "padded"), ("llama", "packed"), ("qwen2", "padded"),
+                                           ("qwen2", "packed"), ("qwen3", "padded"), ("qwen3", "packed")])
+def test_compiled_patched_model_matches_eager(family, layout):
+    """torch.compile (Inductor) of a patched model, forward and backward: loss, logits and every gradient equal the
+    eager patched model's (fp32, rel 1e-5)."""
+    seed = fresh_seed()
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model(family, seed=seed % 1000, layers=2, train=True, attn_implementation="sdpa")
+        handle = patch_model(model, alpha=5.0)
+        out = (torch.compile(model) if compiled else model)(**step_batch(model, layout, T=37, seed=seed))
+        loss = out.loss + handle.loss()
+        loss.backward()
+        assert float(handle.loss().detach()) > 0  # the Re-Attention term is in the loss
+        results.append((out.logits.detach(), loss.detach(), _grads(model)))
+    (lg0, l0, g0), (lg1, l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6, msg=f"loss (seed {seed})")
+    torch.testing.assert_close(lg1, lg0, rtol=1e-5, atol=1e-5, msg=f"logits (seed {seed})")
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        scale = float(g0[name].abs().max()) or 1.0
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5 * scale, msg=f"{name} (seed {seed})")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_another_length_recompiles_once_not_per_layer(layout):
+    """The first batch of a new length recompiles the whole model once with the length dynamic; later lengths reuse
+    it (lengths past 32 tokens: a graph of at most 32 tokens, one bit word per row, is a size-1 dimension, which
+    Dynamo specialises, so short batches add one more graph)."""
+    model = tiny_model("llama", layers=4, train=True, attn_implementation="sdpa")
+    handle = patch_model(model, alpha=0.5)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    run = torch.compile(model, backend="aot_eager")
+    for T in (40, 57, 45, 64):
+        out = run(**step_batch(model, layout, T=T, seed=fresh_seed()))
+        (out.loss + handle.loss()).backward()
+    assert counters["stats"]["unique_graphs"] - before == 2

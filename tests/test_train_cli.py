@@ -175,7 +175,7 @@ def test_cli_errors(workspace, tmp_path, capsys):
 
 def test_train_packing(workspace, tmp_path, monkeypatch):
     """`--packing` end to end (batches are packed rows), recorded in the summary; its first logged losses (step 1,
-    before any update) equal those of the padded run on the same batches."""
+    before any update) equal those of the padded run on the same batches; with `--compile` every step's do."""
     from causal_attn.trainer import CATCollator
 
     packed_rows = []
@@ -201,3 +201,16 @@ def test_train_packing(workspace, tmp_path, monkeypatch):
     assert first[True]["step"] == first[False]["step"] == 1 and first[False]["attn_loss"] > 0
     for key in ("loss", "lm_loss", "attn_loss"):
         assert first[True][key] == pytest.approx(first[False][key], rel=1e-4), key
+
+    # `--compile` (Inductor) trains the same packed run: the same losses at every step
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = _train(workspace, tmp_path / "compiled", "--method", "cat", "--alpha", "2", "--epochs", "1",
+                      "--packing", "--compile")
+    assert compiled["compile"] is True and compiled["global_step"] == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    steps = [[h for h in run["log_history"] if "attn_loss" in h] for run in (runs[True], compiled)]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for eager, comp in zip(*steps):
+        for key in ("loss", "lm_loss", "attn_loss"):
+            assert comp[key] == pytest.approx(eager[key], rel=1e-4), (eager["step"], key)
