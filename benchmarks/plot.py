@@ -129,12 +129,13 @@ def plot_packing(csv_path: str, out_dir: str) -> dict[str, str]:
 
 
 def plot_all(out_dir: str) -> dict[str, str]:
+    import bench_compiled
     import bench_pretrained
 
     paths = {}
     for csv_name, plot in (("kernels.csv", plot_kernels), ("train_step.csv", plot_train),
                            ("threads.csv", plot_threads), ("packing.csv", plot_packing),
-                           ("pretrained.csv", bench_pretrained.plot)):
+                           ("pretrained.csv", bench_pretrained.plot), ("compiled.csv", bench_compiled.plot)):
         if os.path.exists(os.path.join(out_dir, csv_name)):
             paths.update(plot(os.path.join(out_dir, csv_name), out_dir))
     return paths

@@ -182,8 +182,8 @@ def write_summary(out_dir: str, command: str | None = None, note: str | None = N
         path = os.path.join(out_dir, name)
         return read_csv(path) if os.path.exists(path) else []
 
-    krows, trows, hrows, prows, rrows = map(csv_rows, ("kernels.csv", "train_step.csv", "threads.csv", "packing.csv",
-                                                       "pretrained.csv"))
+    krows, trows, hrows, prows, rrows, crows = map(csv_rows, ("kernels.csv", "train_step.csv", "threads.csv",
+                                                              "packing.csv", "pretrained.csv", "compiled.csv"))
     lines = ["# Benchmark summary", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s); "
@@ -191,6 +191,10 @@ def write_summary(out_dir: str, command: str | None = None, note: str | None = N
     if note:
         lines += [note, ""]
     lines += targets(trows, krows, hrows, prows) + growth_fits(trows, krows)
+    if crows:
+        import bench_compiled
+
+        lines += bench_compiled.summary_section(crows)
     if rrows:
         import bench_pretrained
 

@@ -19,6 +19,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import bench_compiled  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_packing  # noqa: E402
 import bench_pretrained  # noqa: E402
@@ -33,9 +34,10 @@ RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("cau
 # the sections of --only, in the order of a full sweep: (name, module with run_sweep, CSV file)
 SECTIONS = (("kernels", bench_kernels, "kernels.csv"), ("train", bench_train_step, "train_step.csv"),
             ("threads", bench_threads, "threads.csv"), ("packing", bench_packing, "packing.csv"),
-            ("pretrained", bench_pretrained, "pretrained.csv"))
-# sections a full sweep leaves out: run them with --only NAME (the real checkpoint's sweep takes about 10 minutes)
-OPT_IN = ("pretrained",)
+            ("pretrained", bench_pretrained, "pretrained.csv"), ("compiled", bench_compiled, "compiled.csv"))
+# sections a full sweep leaves out: run them with --only NAME (the real checkpoint's sweep takes about 10 minutes,
+# the compiled step's compiles each model twice per mode)
+OPT_IN = ("pretrained", "compiled")
 
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
@@ -62,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser):
     bench_threads.add_arguments(p)
     bench_packing.add_arguments(p)
     bench_pretrained.add_arguments(p)
+    bench_compiled.add_arguments(p)
 
 
 def finalize_args(args):
