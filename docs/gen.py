@@ -198,6 +198,20 @@ def pretrained_table() -> str:
     return _report_section("pretrained.csv", "summary_section", "bench_pretrained")
 
 
+def compiled_table() -> str:
+    """torch.compile(model): CAT vs plain SDPA, eager and compiled (benchmarks/results/compiled.csv)."""
+    return _report_section("compiled.csv", "summary_section", "bench_compiled")
+
+
+def compiled_headline() -> str:
+    """One sentence: the compiled CAT step against the compiled plain step, from benchmarks/results/compiled.csv."""
+    path = RESULTS / "compiled.csv"
+    rows = _read_csv(path)
+    if rows is None:
+        return _missing(path)
+    return f"Measured (`{_rel(path)}`): " + _benchmark_module("bench_compiled").headline(rows) + ".\n"
+
+
 def _speedups(r: dict) -> str:
     own = _f(r, "serial_ms") / _f(r, "makespan_ms")
     return f"{_f(r, 'speedup'):.1f}x" + (f" ({own:.1f}x)" if abs(_f(r, "serial_ms") - _f(r, "baseline_ms")) > 1e-9

@@ -73,18 +73,15 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "padded"), ("llama", "packed"), ("qwen2", "padded"),
-                                           ("qwen2", "packed"), ("qwen3", "padded"), ("qwen3", "packed")])
-def test_compiled_patched_model_matches_eager(family, layout):
-    """torch.compile (Inductor) of a patched model, forward and backward: loss, logits and every gradient equal the
-    eager patched model's (fp32, rel 1e-5)."""
+def _compiled_equals_eager(family, layout, device="cpu"):
     seed = fresh_seed()
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = tiny_model(family, seed=seed % 1000, layers=2, train=True, attn_implementation="sdpa")
+        model = tiny_model(family, seed=seed % 1000, layers=2, train=True, attn_implementation="sdpa").to(device)
         handle = patch_model(model, alpha=5.0)
-        out = (torch.compile(model) if compiled else model)(**step_batch(model, layout, T=37, seed=seed))
+        batch = {k: v.to(device) for k, v in step_batch(model, layout, T=37, seed=seed).items()}
+        out = (torch.compile(model) if compiled else model)(**batch)
         loss = out.loss + handle.loss()
         loss.backward()
         assert float(handle.loss().detach()) > 0  # the Re-Attention term is in the loss
@@ -96,6 +93,21 @@ def test_compiled_patched_model_matches_eager(family, layout):
     for name in g0:
         scale = float(g0[name].abs().max()) or 1.0
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5 * scale, msg=f"{name} (seed {seed})")
+
+
+@pytest.mark.parametrize("family,layout", [("llama", "padded"), ("llama", "packed"), ("qwen2", "padded"),
+                                           ("qwen2", "packed"), ("qwen3", "padded"), ("qwen3", "packed")])
+def test_compiled_patched_model_matches_eager(family, layout):
+    """torch.compile (Inductor) of a patched model, forward and backward: loss, logits and every gradient equal the
+    eager patched model's (fp32, rel 1e-5)."""
+    _compiled_equals_eager(family, layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton backend under Inductor)")
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_compiled_patched_model_matches_eager_on_cuda(layout):
+    _compiled_equals_eager("llama", layout, "cuda")
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

@@ -11,7 +11,7 @@ from causal_attn.attention import attention_bwd, attention_fwd, resolve_backend
 from causal_attn.graph import CausalGraph, segment_starts
 from numerics import fresh_seed, random_segments
 
-BACKENDS = ["torch", "cpp"]  # the CUDA-only "triton" has its own opcheck in tests/test_triton.py
+BACKENDS = ["torch", "cpp"]  # and "triton" on CUDA: test_opcheck_triton_on_cuda
 
 
 def model_layout(B, H, T, D, dtype, g):
@@ -19,12 +19,13 @@ def model_layout(B, H, T, D, dtype, g):
     return torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
 
 
-def op_inputs(*, dtype=torch.float32, gqa=True, padding=False, packed=False, adjacency=True, T=37, seed=None):
+def op_inputs(*, dtype=torch.float32, gqa=True, padding=False, packed=False, adjacency=True, T=37, seed=None,
+              device="cpu"):
     seed = fresh_seed() if seed is None else seed
     g = torch.Generator().manual_seed(seed)
     B, Hq, D = 2, 4, 16
     Hkv = 2 if gqa else Hq
-    q, k, v = (model_layout(B, h, T, D, dtype, g) for h in (Hq, Hkv, Hkv))
+    q, k, v = (model_layout(B, h, T, D, dtype, g).detach().to(device).requires_grad_(True) for h in (Hq, Hkv, Hkv))
     kpm = None
     if padding:
         kpm = torch.ones(B, T, dtype=torch.bool)
@@ -36,7 +37,8 @@ def op_inputs(*, dtype=torch.float32, gqa=True, padding=False, packed=False, adj
         if seg_start is not None:
             dense &= torch.arange(T) >= seg_start[:, :, None]
         bits = CausalGraph.from_dense(dense).packed
-    return q, k, v, bits, kpm, seg_start, seed
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return q, k, v, move(bits), move(kpm), move(seg_start), seed
 
 
 CASES = {  # name -> op_inputs keywords
@@ -50,22 +52,34 @@ CASES = {  # name -> op_inputs keywords
 }
 
 
+def _opcheck_both_ops(backend, case, device="cpu"):
+    q, k, v, bits, kpm, seg_start, seed = op_inputs(**CASES[case], device=device)
+    scale = q.shape[-1] ** -0.5
+    for want_map in (False, True):
+        torch.library.opcheck(attention_fwd, (q, k, v, bits, kpm, seg_start, scale, backend, want_map))
+    with torch.no_grad():
+        out, lse, mass, _ = attention_fwd(q, k, v, bits, kpm, seg_start, scale, backend, False)
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g).to(device=device, dtype=q.dtype)
+    dmass = torch.randn(mass.shape, generator=g).to(device) if bits is not None else None
+    torch.library.opcheck(attention_bwd, (q.detach(), k.detach(), v.detach(), out, lse, mass, dout, dmass, bits, kpm,
+                                          seg_start, scale, backend))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck_forward_and_backward(backend, case):
     name = resolve_backend("cpu" if backend == "cpp" else backend, torch.device("cpu"))
     if name != backend:
         pytest.skip(f"backend {backend!r} is not available here")
-    q, k, v, bits, kpm, seg_start, seed = op_inputs(**CASES[case])
-    scale = q.shape[-1] ** -0.5
-    for want_map in (False, True):
-        torch.library.opcheck(attention_fwd, (q, k, v, bits, kpm, seg_start, scale, backend, want_map))
-    with torch.no_grad():
-        out, lse, mass, _ = attention_fwd(q, k, v, bits, kpm, seg_start, scale, backend, False)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
-    dmass = torch.randn(mass.shape) if bits is not None else None
-    torch.library.opcheck(attention_bwd, (q.detach(), k.detach(), v.detach(), out, lse, mass, dout, dmass, bits, kpm,
-                                          seg_start, scale, backend))
+    _opcheck_both_ops(backend, case)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton backend runs on CUDA")
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck_triton_on_cuda(case):
+    _opcheck_both_ops("triton", case, "cuda")
 
 
 def test_fake_backward_matches_real_layout():
