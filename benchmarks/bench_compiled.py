@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_pretrained  # noqa: E402
 from bench_train_step import WARM_T, StepBench  # noqa: E402
-from common import interleaved_times, machine_fields, measure_peak, section_main, setup_threads, summarize  # noqa: E402
-from common import timed_phases  # noqa: E402
+from common import (fmt, interleaved_times, machine_fields, measure_peak, num, section_main, setup_threads,  # noqa: E402
+                    summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "sdpa_compiled", "cat_compiled")
 CASES = {"T512": 512, "T1024": 1024, "T2048": 2048, "smollm2": None}  # name -> T of the tiny Llama, None: SmolLM2
@@ -106,15 +106,9 @@ def run_sweep(args, log=print) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
-def _f(r, k):
-    v = r.get(k, "")
-    return float(v) if v not in ("", None) else None
-
-
 def summary_section(rows) -> list[str]:
     """Markdown: per case the eager and compiled CAT / plain ratios, and the goals (met or missed)."""
     by = {(r["case"], r["method"]): r for r in rows}
-    fmt = lambda x, spec, suf="": "-" if x is None else f"{x:{spec}}{suf}"  # noqa: E731
     first = rows[0] if rows else {}
     lines = ["## Compiled training step: torch.compile(model), CAT vs plain SDPA", "",
              f"One AdamW step; compiled with `{next((r['compile_backend'] for r in rows if r['compile_backend']), '-')}`"
@@ -125,14 +119,14 @@ def summary_section(rows) -> list[str]:
     goals = []
     for case in dict.fromkeys(r["case"] for r in rows):
         s, c, sc, cc = (by.get((case, m), {}) for m in METHODS)
-        lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(_f(s, 'step_ms'), '.0f')} | "
-                     f"{fmt(_f(c, 'step_x_plain'), '.3f', 'x')} | {fmt(_f(sc, 'step_ms'), '.0f')} | "
-                     f"{fmt(_f(cc, 'step_x_plain'), '.3f', 'x')} | {fmt(_f(sc, 'x_eager_same_method'), '.2f', 'x')}, "
-                     f"{fmt(_f(cc, 'x_eager_same_method'), '.2f', 'x')} | {fmt(_f(sc, 'peak_mib'), '.0f')} | "
-                     f"{fmt(_f(cc, 'peak_x_plain'), '.3f', 'x')} |")
+        lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(num(s, 'step_ms'), '.0f')} | "
+                     f"{fmt(num(c, 'step_x_plain'), '.3f', 'x')} | {fmt(num(sc, 'step_ms'), '.0f')} | "
+                     f"{fmt(num(cc, 'step_x_plain'), '.3f', 'x')} | {fmt(num(sc, 'x_eager_same_method'), '.2f', 'x')}, "
+                     f"{fmt(num(cc, 'x_eager_same_method'), '.2f', 'x')} | {fmt(num(sc, 'peak_mib'), '.0f')} | "
+                     f"{fmt(num(cc, 'peak_x_plain'), '.3f', 'x')} |")
         for key, target, what in (("step_x_plain", TARGETS["time"], "time"),
                                   ("peak_x_plain", TARGETS["memory"], "peak memory")):
-            x = _f(cc, key)
+            x = num(cc, key)
             if x is not None:
                 goals.append(f"- compiled CAT step {what}, {case}: {x:.3f}x compiled plain SDPA (goal <= {target:.2f}x): "
                              + ("met" if x <= target else "MISSED"))
@@ -141,47 +135,25 @@ def summary_section(rows) -> list[str]:
 
 def headline(rows) -> str:
     """One sentence for the docs: the range of compiled CAT / compiled plain over the cases."""
-    cc = [r for r in rows if r["method"] == "cat_compiled" and _f(r, "step_x_plain") is not None]
+    cc = [r for r in rows if r["method"] == "cat_compiled" and num(r, "step_x_plain") is not None]
     if not cc:
         return ""
-    xs = [_f(r, "step_x_plain") for r in cc]
-    ps = [_f(r, "peak_x_plain") for r in cc if _f(r, "peak_x_plain") is not None]
+    xs = [num(r, "step_x_plain") for r in cc]
+    ps = [num(r, "peak_x_plain") for r in cc if num(r, "peak_x_plain") is not None]
     return (f"compiled CAT step {min(xs):.2f}x-{max(xs):.2f}x the compiled plain SDPA step's time"
             + (f" and {min(ps):.2f}x-{max(ps):.2f}x its peak memory" if ps else "")
             + f" ({', '.join(r['case'] for r in cc)}; {cc[0].get('machine', '?')})")
 
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
-    """Bars per case: CAT / plain step time, eager and compiled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bars per case: CAT / plain SDPA step time and peak memory, eager and compiled."""
     from common import read_csv
+    from plot import ratio_bars
 
-    rows = read_csv(csv_path)
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in zip(axes, ("step_x_plain", "peak_x_plain"), ("step time", "peak memory (RSS growth)")):
-        for k, m in enumerate(("cat", "cat_compiled")):
-            vals = [_f(next((r for r in rows if r["case"] == c and r["method"] == m), {}), key) for c in cases]
-            xs = [i + (k - 0.5) * 0.38 for i in range(len(cases))]
-            bars = ax.bar(xs, [v or 0 for v in vals], width=0.36,
-                          label={"cat": "eager: CAT / plain SDPA", "cat_compiled": "compiled: CAT / plain SDPA"}[m])
-            for b, v in zip(bars, vals):
-                ax.annotate("n/a" if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(cases)), cases)
-        ax.set_title(title)
-        ax.set_ylabel("x the plain SDPA step (same mode)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("torch.compile(model): one training step, CAT relative to plain SDPA")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "compiled.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ratio_bars(read_csv(csv_path), {"cat": "eager: CAT / plain SDPA", "cat_compiled": "compiled: CAT / plain SDPA"},
+                      keys=("step_x_plain", "peak_x_plain"), ylabel="x the plain SDPA step (same mode)",
+                      suptitle="torch.compile(model): one training step, CAT relative to plain SDPA", out_dir=out_dir,
+                      name="compiled.png")
     return {"compiled_png": path}
 
 

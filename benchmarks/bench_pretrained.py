@@ -29,7 +29,7 @@ import causal_attn  # noqa: E402
 from causal_attn import pretrained  # noqa: E402
 from bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,  # noqa: E402
                               stg_like_graph)
-from common import (child_report, interleaved_times, machine_fields, measure_peak, run_child,  # noqa: E402
+from common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child,  # noqa: E402
                     section_main, summarize, timed_phases)
 
 MODEL_NAME = "smollm2-135m"
@@ -201,15 +201,9 @@ def run_sweep(args, log=print) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
-def _f(r, k):
-    v = r.get(k, "")
-    return float(v) if v not in ("", None) else None
-
-
 def summary_section(rows) -> list[str]:
     """Markdown: the table, the statistics at initialisation and the issue's goals (met or missed)."""
     by = {(r["case"], r["method"]): r for r in rows}
-    fmt = lambda x, spec, suf="": "-" if x is None else f"{x:{spec}}{suf}"  # noqa: E731
     lines = ["## Real checkpoint: one LoRA AdamW step of SmolLM2-135M (30 layers, 9 / 3 heads, vocab 49152)", "",
              "Ratios to the plain SDPA step (medians of interleaved rounds); peak = RSS growth of one step in a fresh "
              "process, MiB; extra = peak - SDPA peak.", "",
@@ -218,21 +212,21 @@ def summary_section(rows) -> list[str]:
     goals = []
     for case in dict.fromkeys(r["case"] for r in rows):
         s, c, a = (by.get((case, m), {}) for m in METHODS)
-        authors_extra = fmt(_f(a, "extra_mib"), ".0f") if a.get("status") == "ok" else \
-            f"~{_f(a, 'projected_peak_gib') * 1024:.0f} (projected)" if a.get("projected_peak_gib") else "-"
-        lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(_f(s, 'step_ms'), '.0f')} | "
-                     f"{fmt(_f(c, 'step_x_sdpa'), '.3f', 'x')} | {fmt(_f(a, 'step_x_sdpa'), '.2f', 'x')} | "
-                     f"{fmt(_f(s, 'peak_mib'), '.0f')} | {fmt(_f(c, 'peak_x_sdpa'), '.3f', 'x')} | "
-                     f"{fmt(_f(c, 'extra_mib'), '.0f')} | {fmt(_f(a, 'peak_x_sdpa'), '.2f', 'x')} | {authors_extra} |")
+        authors_extra = fmt(num(a, "extra_mib"), ".0f") if a.get("status") == "ok" else \
+            f"~{num(a, 'projected_peak_gib') * 1024:.0f} (projected)" if a.get("projected_peak_gib") else "-"
+        lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(num(s, 'step_ms'), '.0f')} | "
+                     f"{fmt(num(c, 'step_x_sdpa'), '.3f', 'x')} | {fmt(num(a, 'step_x_sdpa'), '.2f', 'x')} | "
+                     f"{fmt(num(s, 'peak_mib'), '.0f')} | {fmt(num(c, 'peak_x_sdpa'), '.3f', 'x')} | "
+                     f"{fmt(num(c, 'extra_mib'), '.0f')} | {fmt(num(a, 'peak_x_sdpa'), '.2f', 'x')} | {authors_extra} |")
         for key, target, what in (("step_x_sdpa", TARGETS["time"], "time"), ("peak_x_sdpa", TARGETS["memory"],
                                                                              "peak memory")):
-            x = _f(c, key)
+            x = num(c, key)
             if x is not None:
                 goals.append(f"- CAT step {what}, {case}: {x:.3f}x SDPA (goal <= {target:.2f}x): "
                              + ("met" if x <= target else "MISSED"))
-        ours = _f(c, "extra_mib")
-        theirs = _f(a, "extra_mib") if a.get("status") == "ok" else (
-            _f(a, "projected_peak_gib") * 1024 if a.get("projected_peak_gib") else None)
+        ours = num(c, "extra_mib")
+        theirs = num(a, "extra_mib") if a.get("status") == "ok" else (
+            num(a, "projected_peak_gib") * 1024 if a.get("projected_peak_gib") else None)
         if case == "T2048" and ours is not None and theirs is not None:
             ratio = theirs / max(ours, 1.0)
             goals.append(f"- authors' extra memory at T=2048: {theirs:.0f} MiB"
@@ -240,48 +234,27 @@ def summary_section(rows) -> list[str]:
                          f"(goal >= {TARGETS['authors_extra_over_ours']:.0f}x): "
                          + ("met" if ratio >= TARGETS["authors_extra_over_ours"] else "MISSED"))
     init = by.get(("stg", "cat"), {})
-    if _f(init, "init_attn_loss") is not None:
+    if num(init, "init_attn_loss") is not None:
         lines += ["", f"At initialisation on the STG batch (alpha {ALPHA:g}): Re-Attention loss "
-                  f"{_f(init, 'init_attn_loss'):.3f}; answer rows' causal mass {_f(init, 'init_answer_mass'):.3f} "
-                  f"(uniform attention would give {_f(init, 'init_uniform_mass'):.3f}; "
+                  f"{num(init, 'init_attn_loss'):.3f}; answer rows' causal mass {num(init, 'init_answer_mass'):.3f} "
+                  f"(uniform attention would give {num(init, 'init_uniform_mass'):.3f}; "
                   f"{init.get('answer_rows')} answer rows)."]
     return lines + ([""] + goals if goals else []) + [""]
 
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     """Bars: step time and peak memory of CAT and the authors' way relative to plain SDPA, per case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from common import read_csv
+    from plot import ratio_bars
 
-    rows = read_csv(csv_path)
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in zip(axes, ("step_x_sdpa", "peak_x_sdpa"), ("step time", "peak memory (RSS growth)")):
-        for k, m in enumerate(("cat", "authors")):
-            vals = [_f(next((r for r in rows if r["case"] == c and r["method"] == m), {}), key) for c in cases]
-            xs = [i + (k - 0.5) * 0.38 for i in range(len(cases))]
-            bars = ax.bar(xs, [v or 0 for v in vals], width=0.36, label={"cat": "CAT (patch_model)",
-                                                                         "authors": "authors' way (eager maps)"}[m])
-            for b, v, c in zip(bars, vals, cases):
-                row = next((r for r in rows if r["case"] == c and r["method"] == m), {})
-                note = f"not run:\nprojected\n{_f(row, 'projected_peak_gib'):.0f} GiB" \
-                    if row.get("projected_peak_gib") else "n/a"
-                ax.annotate(note if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(cases)), cases)
-        ax.set_title(title)
-        ax.set_ylabel("x plain SDPA")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M, one LoRA AdamW step, relative to the plain SDPA step")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "pretrained.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def missing(row):
+        return f"not run:\nprojected\n{num(row, 'projected_peak_gib'):.0f} GiB" if row.get("projected_peak_gib") \
+            else "n/a"
+
+    path = ratio_bars(read_csv(csv_path), {"cat": "CAT (patch_model)", "authors": "authors' way (eager maps)"},
+                      keys=("step_x_sdpa", "peak_x_sdpa"), ylabel="x plain SDPA", missing=missing,
+                      suptitle="SmolLM2-135M, one LoRA AdamW step, relative to the plain SDPA step", out_dir=out_dir,
+                      name="pretrained.png")
     return {"pretrained_png": path}
 
 

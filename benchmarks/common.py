@@ -183,6 +183,17 @@ def child_report(**fields):
     print(json.dumps(fields), flush=True)
 
 
+def num(row: dict, key: str) -> float | None:
+    """A CSV cell as a float; None where it is empty or missing."""
+    v = row.get(key, "")
+    return float(v) if v not in ("", None) else None
+
+
+def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    """A table cell: ``x`` formatted with ``spec`` and ``suffix``, "-" for None."""
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
 def write_csv(rows: list[dict], path: str) -> str:
     """Write dict rows (union of keys, first-seen order) to ``path``; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

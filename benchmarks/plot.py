@@ -11,12 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench_kernels import LABELS as KERNEL_LABELS  # noqa: E402
 from bench_packing import LABELS as PACKING_LABELS  # noqa: E402
 from bench_train_step import LABELS as STEP_LABELS  # noqa: E402
-from common import read_csv  # noqa: E402
-
-
-def _num(row, key):
-    v = row.get(key, "")
-    return float(v) if v not in ("", None) else None
+from common import num, read_csv  # noqa: E402
 
 
 def _series(rows, key, **match):
@@ -25,7 +20,7 @@ def _series(rows, key, **match):
     for r in rows:
         if any(str(r.get(k)) != str(v) for k, v in match.items()):
             continue
-        y = _num(r, key)
+        y = num(r, key)
         if y is None or y <= 0:
             continue
         ts, ys = out.setdefault(r["method"], ([], []))
@@ -40,6 +35,31 @@ def _save(fig, out_dir: str, name: str) -> dict[str, str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {name: path}
+
+
+def ratio_bars(rows, series: dict, *, keys: tuple, ylabel: str, suptitle: str, out_dir: str, name: str,
+               missing=lambda row: "n/a") -> str:
+    """Two panels (step time, peak memory: the columns ``keys``) of bars per ``case``, one per method of ``series``
+    ({method: label}), each labelled with its ratio; ``missing(row)`` labels a bar without a value. -> the PNG path"""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.76 / len(series)
+    for ax, key, title in zip(axes, keys, ("step time", "peak memory (RSS growth)")):
+        for k, (method, label) in enumerate(series.items()):
+            found = [next((r for r in rows if r["case"] == c and r["method"] == method), {}) for c in cases]
+            vals = [num(r, key) for r in found]
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(cases))]
+            bars = ax.bar(xs, [v or 0 for v in vals], width=0.95 * width, label=label)
+            for b, v, r in zip(bars, vals, found):
+                ax.annotate(missing(r) if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(cases)), cases)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(suptitle)
+    return _save(fig, out_dir, name)[name]
 
 
 def _panel(ax, series, title, ylabel, labels):
@@ -80,7 +100,7 @@ def plot_train(csv_path: str, out_dir: str) -> dict[str, str]:
 
 def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
     """Speed-up over 1 thread per part and method (bars), the ideal line at y = threads."""
-    rows = [r for r in read_csv(csv_path) if _num(r, "speedup_vs_1") is not None]
+    rows = [r for r in read_csv(csv_path) if num(r, "speedup_vs_1") is not None]
     parts = sorted({r["part"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(parts)), figsize=(4.2 * max(1, len(parts)), 3.4), squeeze=False)
     for ax, part in zip(axes[0], parts):
@@ -88,7 +108,7 @@ def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
         methods = sorted({r["method"] for r in rows if r["part"] == part})
         width = 0.8 / len(methods)
         for i, m in enumerate(methods):
-            ys = [next((_num(r, "speedup_vs_1") for r in rows if r["part"] == part and r["method"] == m
+            ys = [next((num(r, "speedup_vs_1") for r in rows if r["part"] == part and r["method"] == m
                         and int(r["threads"]) == n), 0.0) for n in counts]
             ax.bar([c + (i - (len(methods) - 1) / 2) * width for c in range(len(counts))], ys, width,
                    label=KERNEL_LABELS.get(m, m) if part == "kernel" else STEP_LABELS.get(m, m))
@@ -113,11 +133,11 @@ def plot_packing(csv_path: str, out_dir: str) -> dict[str, str]:
         for i, m in enumerate(methods):
             xs = [d + (i - (len(methods) - 1) / 2) * width for d in range(len(datasets))]
             got = [next((r for r in rows if r["data"] == d and r["method"] == m), {}) for d in datasets]
-            bars = ax.bar(xs, [_num(r, key) or 0.0 for r in got], width, label=PACKING_LABELS.get(m, m))
+            bars = ax.bar(xs, [num(r, key) or 0.0 for r in got], width, label=PACKING_LABELS.get(m, m))
             if key == "samples_per_s" and m == "cat_packed":
                 for bar, r in zip(bars, got):
-                    if _num(r, "x_cat_padded") is not None:
-                        ax.annotate(f"{_num(r, 'x_cat_padded'):.2f}x", (bar.get_x() + bar.get_width() / 2,
+                    if num(r, "x_cat_padded") is not None:
+                        ax.annotate(f"{num(r, 'x_cat_padded'):.2f}x", (bar.get_x() + bar.get_width() / 2,
                                     bar.get_height()), ha="center", va="bottom", fontsize=7)
         B = rows[0].get("B", "") if rows else ""
         ax.set_xticks(range(len(datasets)), datasets)

@@ -7,19 +7,10 @@ import time
 
 import torch
 
-from common import fit_growth, read_csv
+from common import fit_growth, fmt, num, read_csv
 
 TARGETS = {"step_time": 1.10, "step_memory": 1.05, "kernel_fwdbwd": 1.25, "packed_speedup": 1.30}
 PACKING_TARGET_DATA = "gsm8k_val"  # issue 17: CAT packed >= 1.3x CAT padded samples/s on GSM8K lengths at batch 16
-
-
-def _f(r, k):
-    v = r.get(k, "")
-    return float(v) if v not in ("", None) else None
-
-
-def _fmt(x, spec=".2f", suffix=""):
-    return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
 def _table(header, lines):
@@ -32,12 +23,12 @@ def kernel_section(rows) -> list[str]:
     cases = sorted({k[:3] for k in by}, key=lambda c: (c[1], c[2], c[0]))
     lines = []
     for T, D, gqa in cases:
-        get = lambda m, k: _f(by.get((T, D, gqa, m), {}), k)  # noqa: E731
-        lines.append([T, D, "on" if gqa == "True" else "off", _fmt(get("sdpa", "fwdbwd_ms"), ".1f"),
-                      _fmt(get("cat", "fwd_x_sdpa"), ".2f", "x"), _fmt(get("cat", "bwd_x_sdpa"), ".2f", "x"),
-                      _fmt(get("cat", "fwdbwd_x_sdpa"), ".2f", "x"), _fmt(get("cat_nomass", "fwdbwd_x_sdpa"), ".2f", "x"),
-                      _fmt(get("eager", "fwdbwd_x_sdpa"), ".2f", "x"), _fmt(get("sdpa", "peak_mib"), ".0f"),
-                      _fmt(get("cat", "peak_mib"), ".0f"), _fmt(get("eager", "peak_mib"), ".0f")])
+        get = lambda m, k: num(by.get((T, D, gqa, m), {}), k)  # noqa: E731
+        lines.append([T, D, "on" if gqa == "True" else "off", fmt(get("sdpa", "fwdbwd_ms"), ".1f"),
+                      fmt(get("cat", "fwd_x_sdpa"), ".2f", "x"), fmt(get("cat", "bwd_x_sdpa"), ".2f", "x"),
+                      fmt(get("cat", "fwdbwd_x_sdpa"), ".2f", "x"), fmt(get("cat_nomass", "fwdbwd_x_sdpa"), ".2f", "x"),
+                      fmt(get("eager", "fwdbwd_x_sdpa"), ".2f", "x"), fmt(get("sdpa", "peak_mib"), ".0f"),
+                      fmt(get("cat", "peak_mib"), ".0f"), fmt(get("eager", "peak_mib"), ".0f")])
     return ["## Attention kernels (B=1, 8 query heads; GQA on = 2 key/value heads)", "",
             "Time ratios to SDPA from interleaved runs (medians); peak = RSS growth of forward+backward in a fresh "
             "process, MiB.", ""] + _table(
@@ -49,11 +40,11 @@ def train_section(rows) -> list[str]:
     by = {(int(r["T"]), r["method"]): r for r in rows}
     lines = []
     for T in sorted({int(r["T"]) for r in rows}):
-        get = lambda m, k: _f(by.get((T, m), {}), k)  # noqa: E731
-        lines.append([T, _fmt(get("sdpa", "step_ms"), ".0f"), _fmt(get("cat", "step_x_sdpa"), ".2f", "x"),
-                      _fmt(get("authors", "step_x_sdpa"), ".2f", "x"), _fmt(get("sdpa", "peak_mib"), ".0f"),
-                      _fmt(get("cat", "peak_x_sdpa"), ".2f", "x"), _fmt(get("cat", "extra_mib"), ".0f"),
-                      _fmt(get("authors", "peak_x_sdpa"), ".2f", "x"), _fmt(get("authors", "extra_mib"), ".0f")])
+        get = lambda m, k: num(by.get((T, m), {}), k)  # noqa: E731
+        lines.append([T, fmt(get("sdpa", "step_ms"), ".0f"), fmt(get("cat", "step_x_sdpa"), ".2f", "x"),
+                      fmt(get("authors", "step_x_sdpa"), ".2f", "x"), fmt(get("sdpa", "peak_mib"), ".0f"),
+                      fmt(get("cat", "peak_x_sdpa"), ".2f", "x"), fmt(get("cat", "extra_mib"), ".0f"),
+                      fmt(get("authors", "peak_x_sdpa"), ".2f", "x"), fmt(get("authors", "extra_mib"), ".0f")])
     skipped = [f"- T={int(r['T'])} {r['method']}: {r['status']}" for r in rows if r.get("status", "ok") != "ok"]
     return ["## Training step (Llama 4 layers, hidden 256, 8 heads, B=2; one AdamW step)", "",
             "Ratios to the plain SDPA step; extra = peak - SDPA peak (MiB, RSS growth in a fresh process).", ""] + \
@@ -65,12 +56,12 @@ def threads_section(rows) -> list[str]:
     by = {(r["part"], int(r["threads"]), r["method"]): r for r in rows}
     lines = []
     for part, n in sorted({(r["part"], int(r["threads"])) for r in rows}):
-        get = lambda m, k: _f(by.get((part, n, m), {}), k)  # noqa: E731
+        get = lambda m, k: num(by.get((part, n, m), {}), k)  # noqa: E731
         T = by[(part, n, "cat")]["T"] if (part, n, "cat") in by else "-"
-        lines.append([part.replace("_", " "), T, n, _fmt(get("sdpa", "ms"), ".0f"), _fmt(get("cat", "ms"), ".0f"),
-                      _fmt(get("cat", "x_sdpa"), ".2f", "x"), _fmt(get("cat", "speedup_vs_1"), ".2f", "x"),
-                      _fmt(get("sdpa", "speedup_vs_1"), ".2f", "x"),
-                      " / ".join(_fmt(get(m, k), ".2f", "x") for m in ("cat", "sdpa")
+        lines.append([part.replace("_", " "), T, n, fmt(get("sdpa", "ms"), ".0f"), fmt(get("cat", "ms"), ".0f"),
+                      fmt(get("cat", "x_sdpa"), ".2f", "x"), fmt(get("cat", "speedup_vs_1"), ".2f", "x"),
+                      fmt(get("sdpa", "speedup_vs_1"), ".2f", "x"),
+                      " / ".join(fmt(get(m, k), ".2f", "x") for m in ("cat", "sdpa")
                                  for k in ("fwd_speedup_vs_1", "bwd_speedup_vs_1"))])
     return ["## Thread scaling (kernel: fwd+bwd with mass, B=1, 8 heads; training step as above)", "",
             "One fresh process per thread count and round, thread counts alternated over rounds, ours and SDPA "
@@ -83,14 +74,14 @@ def threads_section(rows) -> list[str]:
 def packing_section(rows) -> list[str]:
     lines, skipped = [], []
     for r in rows:
-        if _f(r, "samples_per_s") is None:
+        if num(r, "samples_per_s") is None:
             skipped.append(f"- {r['data']} {r['method']}: {r.get('status', '')}")
             continue
-        lines.append([r["data"], _fmt(_f(r, "mean_len"), ".0f"), r["max_len"],
-                      _fmt(_f(r, "padded_tokens") / _f(r, "tokens"), ".2f"), r["method"],
-                      _fmt(_f(r, "samples_per_s"), ".1f"), _fmt(_f(r, "x_cat_padded"), ".2f", "x"),
-                      _fmt(_f(r, "peak_mib"), ".0f"), _fmt(_f(r, "peak_x_cat_padded"), ".2f", "x"),
-                      _fmt(_f(r, "loss_max_abs_diff"), ".1e")])
+        lines.append([r["data"], fmt(num(r, "mean_len"), ".0f"), r["max_len"],
+                      fmt(num(r, "padded_tokens") / num(r, "tokens"), ".2f"), r["method"],
+                      fmt(num(r, "samples_per_s"), ".1f"), fmt(num(r, "x_cat_padded"), ".2f", "x"),
+                      fmt(num(r, "peak_mib"), ".0f"), fmt(num(r, "peak_x_cat_padded"), ".2f", "x"),
+                      fmt(num(r, "loss_max_abs_diff"), ".1e")])
     B = rows[0].get("B", "") if rows else ""
     return [f"## Packed vs padded training steps (real lengths, B={B}; Llama 4 layers, hidden 256; one AdamW step)", "",
             "Same samples in the same batches for every method; samples/s over all timed steps; peak = RSS growth of "
@@ -102,10 +93,10 @@ def packing_section(rows) -> list[str]:
 
 def packing_targets(rows) -> list[str]:
     r = next((r for r in rows if r["data"] == PACKING_TARGET_DATA and r["method"] == "cat_packed"
-              and _f(r, "x_cat_padded") is not None), None)
+              and num(r, "x_cat_padded") is not None), None)
     if r is None:
         return []
-    x, target = _f(r, "x_cat_padded"), TARGETS["packed_speedup"]
+    x, target = num(r, "x_cat_padded"), TARGETS["packed_speedup"]
     verdict = ("met" if x >= target else "MISSED") if int(r["B"]) == 16 else "not the target's batch 16"
     return [f"- CAT packed samples/s on {r['data']} lengths at batch {r['B']}: {x:.2f}x CAT padded "
             f"(target >= {target:.2f}x): {verdict}"]
@@ -115,16 +106,16 @@ def growth_fits(train_rows, kernel_rows) -> list[str]:
     """Fits of extra memory vs T: CAT should be linear (exponent ~1), the authors' way quadratic (~2)."""
     out = ["## Memory growth with T (least-squares fits)", ""]
     for method in ("cat", "authors"):
-        pts = [(int(r["T"]), _f(r, "extra_mib")) for r in train_rows
-               if r["method"] == method and _f(r, "extra_mib") is not None and 512 <= int(r["T"]) <= 4096]
+        pts = [(int(r["T"]), num(r, "extra_mib")) for r in train_rows
+               if r["method"] == method and num(r, "extra_mib") is not None and 512 <= int(r["T"]) <= 4096]
         if len(pts) >= 2:
             fit = fit_growth(*zip(*pts))
             out.append(f"- training step, {method} extra memory over SDPA, T {pts[0][0]}-{pts[-1][0]}: slope "
                        f"{fit['slope_mib_per_1k']:.1f} MiB per 1k tokens, exponent {fit['exponent']:.2f} "
                        f"(points: {', '.join(f'{t}: {y:.0f}' for t, y in pts)})")
     for method in ("cat", "sdpa", "eager"):
-        pts = [(int(r["T"]), _f(r, "peak_mib")) for r in kernel_rows if r["method"] == method and
-               int(r["D"]) == 64 and r["gqa"] == "False" and _f(r, "peak_mib") is not None]
+        pts = [(int(r["T"]), num(r, "peak_mib")) for r in kernel_rows if r["method"] == method and
+               int(r["D"]) == 64 and r["gqa"] == "False" and num(r, "peak_mib") is not None]
         if len(pts) >= 2:
             fit = fit_growth(*zip(*pts))
             out.append(f"- kernel fwd+bwd (D=64, no GQA), {method} peak, T {pts[0][0]}-{pts[-1][0]}: slope "
@@ -141,12 +132,12 @@ def thread_targets(rows) -> list[str]:
         r = next((r for r in rows if r["part"] == part and r["method"] == "cat" and int(r["threads"]) == top), None)
         if r is None or top == 1:
             continue
-        x, up = _f(r, "x_sdpa"), _f(r, "speedup_vs_1")
-        line = f"- {what} at {top} threads, T={r['T']}: {_fmt(x, '.2f', 'x')} SDPA (target <= 1.00x)"
+        x, up = num(r, "x_sdpa"), num(r, "speedup_vs_1")
+        line = f"- {what} at {top} threads, T={r['T']}: {fmt(x, '.2f', 'x')} SDPA (target <= 1.00x)"
         if part == "kernel":  # issue 27: our 1 -> n thread speed-up at least SDPA's in the same rounds
-            sdpa = next((_f(s, "speedup_vs_1") for s in rows if s["part"] == part and s["method"] == "sdpa"
+            sdpa = next((num(s, "speedup_vs_1") for s in rows if s["part"] == part and s["method"] == "sdpa"
                          and int(s["threads"]) == top), None)
-            line += f", {_fmt(up, '.3f', 'x')} faster than 1 thread (target >= SDPA's {_fmt(sdpa, '.3f', 'x')})"
+            line += f", {fmt(up, '.3f', 'x')} faster than 1 thread (target >= SDPA's {fmt(sdpa, '.3f', 'x')})"
             met = x is not None and up is not None and sdpa is not None and x <= 1.0 and up >= sdpa
         else:
             met = x is not None and x <= 1.0
@@ -162,12 +153,12 @@ def targets(train_rows, kernel_rows, thread_rows=(), packing_rows=()) -> list[st
             continue
         for key, target, what in (("step_x_sdpa", TARGETS["step_time"], "time"),
                                   ("peak_x_sdpa", TARGETS["step_memory"], "peak memory")):
-            x = _f(r, key)
+            x = num(r, key)
             if x is not None:
                 verdict = "met" if x <= target else f"MISSED by {100 * (x / target - 1):.0f}%"
                 out.append(f"- CAT step {what} at T={T}: {x:.2f}x SDPA (target <= {target:.2f}x): {verdict}")
-    ks = [(int(r["T"]), int(r["D"]), r["gqa"], _f(r, "fwdbwd_x_sdpa")) for r in kernel_rows
-          if r["method"] == "cat" and 1024 <= int(r["T"]) <= 4096 and _f(r, "fwdbwd_x_sdpa") is not None]
+    ks = [(int(r["T"]), int(r["D"]), r["gqa"], num(r, "fwdbwd_x_sdpa")) for r in kernel_rows
+          if r["method"] == "cat" and 1024 <= int(r["T"]) <= 4096 and num(r, "fwdbwd_x_sdpa") is not None]
     if ks:
         worst = max(ks, key=lambda k: k[3])
         n_met = sum(k[3] <= TARGETS["kernel_fwdbwd"] for k in ks)
