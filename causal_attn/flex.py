@@ -13,8 +13,8 @@ FlexAttention differentiates through its LSE (PyTorch PR 133159), so the backend
 - GQA through Flex's own ``enable_gqa``; the adjacency is read in ``mask_mod`` from the bit-packed words
   ``(B, T, ceil(T/32))`` (bit ``j % 32`` of word ``j // 32`` of row ``i``).
 - CUDA: the two block-mask builders and the two Flex calls are four small functions, each compiled once with
-  ``dynamic=True``, so a training run whose lengths vary compiles each a bounded number of times, not once per
-  length (:func:`compile_counts`; ``tests/test_flex.py`` counts them over a range of lengths). Padding and
+  ``dynamic=True`` (dynamic batch and length; Flex specialises heads and head dim), so a training run whose lengths vary compiles
+  each a bounded number of times, not once per length (:func:`compile_counts`; ``tests/test_flex.py`` counts them over a range of lengths). Padding and
   segments always enter the mask_mods as tensors (all-real, one segment when absent), so batches with and
   without padding share one graph. No process-wide dynamo setting is touched: each function has its own cache
   and torch's default recompile limit (8) per function; every (dtype, head dim, GQA group, grad mode) a process
@@ -40,6 +40,8 @@ except ImportError:  # torch before 2.9: return_lse=True
     AuxRequest = None
 
 COMPILE_BACKEND = "inductor"
+COMPILE_DEVICES = ("cuda",)  # elsewhere Flex's eager path (its compiled CPU kernel returns no LSE); the GPU kit's
+# dry run and the recompile test add "cpu" with COMPILE_BACKEND "eager" to run the compiled path's dynamo part
 PER_GRAPH = 2  # mask sets kept per adjacency (one per distinct padding / segments; a forward needs one)
 MAX_PLAIN = 4  # mask sets without adjacency (they hold B x T copies of padding and segments only)
 
@@ -168,8 +170,7 @@ _FUNCTIONS = {"mask_allowed": _mask_allowed, "mask_adjacent": _mask_adjacent, "f
 
 
 def _compiles(device) -> bool:
-    """Compiled on CUDA; elsewhere Flex's eager path (the compiled CPU kernel returns no LSE)."""
-    return device.type == "cuda"
+    return device.type in COMPILE_DEVICES
 
 
 def _function(name: str, device):
@@ -177,8 +178,9 @@ def _function(name: str, device):
         return _FUNCTIONS[name]
     with _lock:
         if name not in _compiled:
-            # dynamic=True: lengths (and batch sizes) are symbolic from the first call, so a run whose lengths
-            # vary shares one graph per function instead of compiling each length (static-first would add one)
+            # dynamic=True: lengths and batch sizes are symbolic from the first call (static-first would compile
+            # a second time at the second length); Flex still specialises head counts and head dims, so each of
+            # those (and each dtype) is a graph of its own
             _compiled[name] = torch.compile(_FUNCTIONS[name], dynamic=True, backend=COMPILE_BACKEND)
         return _compiled[name]
 
@@ -187,13 +189,13 @@ def _build(name: str, device, *args):
     return _function(name, device)(*args)
 
 
-def _call(name: str, device, *args):
+def _call(name: str, device, q, k, v, *args):
     """``(out, natural-log LSE (B, Hq, T))`` of one Flex call."""
     if _compiles(device):
-        return _function(name, device)(*args)
+        return _function(name, device)(q, k, v, *args)
     with warnings.catch_warnings():  # eager by design here: not the "use torch.compile" advice
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _FUNCTIONS[name](*args)
+        return _FUNCTIONS[name](q, k, v, *args)
 
 
 def compile_counts() -> dict[str, int]:

@@ -127,11 +127,10 @@ def test_mask_cache_is_bounded_thread_safe_and_lets_adjacencies_go():
         flex.block_masks(None, None, None, 1, T, "cpu")
     with flex._lock:
         assert len(flex._by_graph[graphs[0]]) == flex.PER_GRAPH and len(flex._plain) == flex.MAX_PLAIN
-    before = flex.cached_mask_sets()
     packed = weakref.ref(graphs[1].packed)
     del graphs[1], got, expected, cases[1]
     gc.collect()
-    assert packed() is None and flex.cached_mask_sets() == before - 1  # nothing kept the adjacency alive
+    assert packed() is None  # nothing kept the adjacency alive
 
 
 def test_flex_compiles_a_bounded_number_of_times_over_a_range_of_lengths(monkeypatch):
@@ -141,7 +140,7 @@ def test_flex_compiles_a_bounded_number_of_times_over_a_range_of_lengths(monkeyp
     dynamo's; Inductor on CUDA may add its own, which the GPU kit counts (docs/gpu.md)."""
     from causal_attn import flex
 
-    monkeypatch.setattr(flex, "_compiles", lambda device: True)
+    monkeypatch.setattr(flex, "COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(flex, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(flex, "_compiled", {})
     start = flex.compile_counts()
