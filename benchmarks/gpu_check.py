@@ -62,12 +62,14 @@ import torch  # noqa: E402
 
 import causal_attn  # noqa: E402
 import gpu_budget  # noqa: E402
+import gpu_report  # noqa: E402
 from bench_kernels import ADJACENCY_KINDS, Case, causal_flops, make_inputs, make_method  # noqa: E402
 from bench_train_step import StepBench, projected_authors_gib  # noqa: E402
 from common import do_bench_phases, measure_peak_cuda, read_csv, timed_phases, write_csv  # noqa: E402
 from gpu_report import KERNEL_METHODS, TRAIN_METHODS, fmt, plots, summary  # noqa: E402
 
-DEFAULT_BUDGET_S = 510.0  # 8.5 minutes: one 10-minute call with margin for start-up and the report
+DEFAULT_BUDGET_S = 510.0  # (gpu_report.budget_section says the same) 8.5 minutes: one 10-minute call with margin for start-up and the report
+DRY_BUDGET_S = 1800.0  # the dry run checks that the code runs: nothing of it is cut on a loaded machine
 # (B, Hq, Hkv, T, D, padding, adjacency, logit scale): tails of every GPU tile size, GQA 4:1 and MQA, head dims
 # 64 / 80 (padded) / 128 / 256, an all-padding sample (B = 3 with padding), logits 30x the unit scale
 GPU_CASES = [
@@ -84,11 +86,11 @@ GPU_CASES = [
 FLEX_GPU_CASES = [
     (3, 8, 2, 515, 64, "left", "random", 30.0),
 ]
-# The dry run mirrors the GPU cases at T <= 70 (the interpreter's pace): the same head dims, flags and odd lengths,
+# The dry run mirrors the GPU cases at T <= 40 (the interpreter's pace; lengths stay off multiples of 16): the same head dims, flags and odd lengths,
 # so it launches the same kernel variants and compiles the same Flex graphs the GPU run will (its census predicts
 # the GPU's compile time, benchmarks/gpu_budget.py)
-DRY_CASES = [(B, Hq, Hkv, min(T, 70), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in GPU_CASES]
-FLEX_DRY_CASES = [(B, Hq, Hkv, min(T, 70), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in FLEX_GPU_CASES]
+DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in GPU_CASES]
+FLEX_DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in FLEX_GPU_CASES]
 TRAIN_MODELS_GPU = {
     "llama-0.9B": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                        num_attention_heads=16, num_key_value_heads=4),
@@ -610,6 +612,7 @@ def default_out(plan: Plan) -> str:
 SECTIONS = {"tests": (cuda_tests, "tests.csv", 0.35), "correctness": (correctness, "correctness.csv", 0.10),
             "kernels": (kernels, "kernels.csv", 0.30), "train": (train, "train_step.csv", 0.25)}
 SHARES = {name: share for name, (_, _, share) in SECTIONS.items()}
+assert SHARES["tests"] == gpu_report.TESTS_WEIGHT
 
 
 def _use_compiled_flex_on_cpu():
@@ -623,6 +626,8 @@ def _use_compiled_flex_on_cpu():
 
 def run(args, log=print) -> str:
     plan = Plan.make(args.dry_run)
+    if args.budget_s is None:
+        args.budget_s = DRY_BUDGET_S if plan.dry else DEFAULT_BUDGET_S
     if not plan.dry and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA device visible to torch "
                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
@@ -675,7 +680,7 @@ def run(args, log=print) -> str:
             _free(plan)
         notes += [f"{name}: {sec.note()}"] if sec.note() else []
         budget.append(budget_row(plan, name, sec, gpu_budget.section_counts(
-            before, gpu_budget.snapshot(), sec.measurements, sec.oracle_cases, time.monotonic() - sec.start)))
+            before, gpu_budget.snapshot(), sec.measurements, sec.oracle_cases, time.monotonic() - sec.start), args.budget_s))
         write_csv(budget, os.path.join(out, "budget.csv"))
         with open(path, "w") as f:
             f.write(summary(plan, env, results, notes, time.monotonic() - t0, args.budget_s, budget))
@@ -690,7 +695,7 @@ def run(args, log=print) -> str:
     return path
 
 
-def budget_row(plan: Plan, name: str, sec: Section, counts: dict) -> dict:
+def budget_row(plan: Plan, name: str, sec: Section, counts: dict, budget_s: float) -> dict:
     """One section's wall time, its counts as they map to the GPU plan, and the GPU seconds they predict."""
     gpu_plan = Plan.make(False) if plan.dry else plan
     if name == "correctness":  # the GPU checks fp16, bf16 and fp32 where the dry run checks fp16 and fp32
@@ -708,6 +713,7 @@ def budget_row(plan: Plan, name: str, sec: Section, counts: dict) -> dict:
                **{f"gpu_{k}" if k in ("measurements", "oracle_cases") else k: v for k, v in gpu.items()})
     row["predicted_gpu_s"] = None if name == "tests" else round(gpu_budget.predict_s(gpu, train=name == "train"))
     row["triton_compile_unit_s"] = round(gpu_budget.UNIT_S["triton_binary"], 2)
+    row["budget_s"] = round(budget_s, 1)
     return row
 
 
@@ -727,7 +733,8 @@ def load_rows(path: str) -> list[dict]:
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", help="output folder (default: benchmarks/results/gpu/<gpu name>/ in a checkout, "
                    "./causal_attn_gpu/<gpu name>/ otherwise)")
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds for all sections together; "
+    p.add_argument("--budget-s", type=float, help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:.0f}, "
+                   f"{DRY_BUDGET_S:.0f} with --dry-run); "
                    "weights of the sections (each starts with its weight's share of what is left): " + ", ".join(f"{k} {v:.0%}" for k, v in SHARES.items()))
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                    help="run only these (the summary keeps the other sections' rows from an earlier run in --out)")
@@ -735,6 +742,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(args) -> int:
+    if args.budget_s is None:
+        args.budget_s = DRY_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         # the interpreter is chosen when triton is imported: run the same options in a process that has it
         argv = ["--dry-run", "--budget-s", str(args.budget_s), "--sections", *args.sections]

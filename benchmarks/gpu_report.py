@@ -36,7 +36,7 @@ def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budge
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += _goals_section(plan, results)
     lines += _tests_section(results.get("tests", []))
-    lines += budget_section(plan, budget_rows or [], budget)
+    lines += budget_section(plan, budget_rows or [], budget, budget if not plan.dry else 510.0)
     corr = results.get("correctness", [])
     for part, title in (("attention", "Triton"), ("flex", "backend='flex' (Flex CAT)")):
         rows = [r for r in corr if r["part"] == part]
@@ -174,15 +174,19 @@ def _tests_section(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def budget_section(plan, rows: list[dict], budget: float) -> list[str]:
+TESTS_WEIGHT = 0.35  # the tests section's weight in gpu_check.SECTIONS: its cap on a GPU run is this share
+
+
+def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 510.0) -> list[str]:
     """Per section: wall time, its share of the budget, what it compiled and timed, mapped to the GPU plan, and
-    the GPU seconds predicted from those counts (benchmarks/gpu_budget.py)."""
+    the GPU seconds predicted from those counts (benchmarks/gpu_budget.py), against the GPU run's budget."""
     if not rows:
         return []
     from gpu_budget import UNIT_S
 
-    predicted = [r["predicted_gpu_s"] for r in rows if r.get("predicted_gpu_s") not in (None, "")]
-    tests_cap = next((r["share_s"] for r in rows if r["section"] == "tests"), None)
+    predicted = [float(r["predicted_gpu_s"]) for r in rows if r.get("predicted_gpu_s") not in (None, "")]
+    tests_cap = (TESTS_WEIGHT * gpu_budget_s if plan.dry else
+                 next((float(r["share_s"]) for r in rows if r["section"] == "tests"), None))
     lines = ["## Time budget" + (" and the GPU run predicted from this dry run's counts" if plan.dry else ""), "",
              f"Budget {budget:.0f} s for the sections; each starts with its weight's share of the time left. "
              "Counts on the GPU plan: Triton binaries (launch variants x autotune configs for sm_90), autotune runs "
@@ -190,14 +194,15 @@ def budget_section(plan, rows: list[dict], budget: float) -> list[str]:
     lines += _table(["section", "wall s", "share s", "Triton launch variants", "Triton binaries", "autotune runs",
                      "Flex call / mask graphs", "timed cases", "oracle cases", "predicted GPU s"],
                     [[r["section"], fmt(r["wall_s"], ".0f"), fmt(r["share_s"], ".0f"), r["triton_launches"],
-                      r["triton_binaries"], r["autotune_runs"], f"{r['flex_call_graphs']} / {r['flex_mask_graphs']}",
-                      r["gpu_measurements"], r["gpu_oracle_cases"],
+                      r["triton_binaries"], fmt(r["autotune_runs"], ".0f"),
+                      f"{r['flex_call_graphs']} / {r['flex_mask_graphs']}",
+                      fmt(r["gpu_measurements"], ".0f"), r["gpu_oracle_cases"],
                       "cap" if r["section"] == "tests" else fmt(r.get("predicted_gpu_s"), ".0f")] for r in rows])
     if predicted:
         total = sum(predicted) + (tests_cap or 0)
         lines += ["", f"Predicted GPU time: {sum(predicted):.0f} s for the measured sections"
                   + (f" + the tests' cap of {tests_cap:.0f} s = {total:.0f} s" if tests_cap else "")
-                  + f" (budget {budget:.0f} s). Units: Triton compile {UNIT_S['triton_binary']:.1f} s per binary "
+                  + f" (the GPU run's budget: {gpu_budget_s:.0f} s). Units: Triton compile {float(rows[0]['triton_compile_unit_s']):.1f} s per binary "
                   "(measured here: one sm_90 compile ahead of time), autotune run "
                   f"{UNIT_S['autotune_run']} s, Flex graph {UNIT_S['flex_call_graph']:.0f} s per call / "
                   f"{UNIT_S['flex_mask_graph']:.0f} s per mask builder, timed case {UNIT_S['measurement']} s "
