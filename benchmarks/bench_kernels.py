@@ -56,7 +56,43 @@ def random_graph(B: int, T: int, density: float, generator: torch.Generator, dev
     return causal_attn.CausalGraph.from_dense(dense).to(device)
 
 
-def make_inputs(case: Case, device, dtype, seed: int = 0) -> dict:
+# The STG pattern (Qwen2 tokens of the released stg_e/train_M annotations through causal_attn.data's builder):
+# samples of ~66 tokens whose only edge rows are the 2 rows predicting the label, starting 4 tokens before the
+# end, each joined to every token of 3 spans of ~4 tokens ("Smoking: 8") anywhere in the prompt (STG_H: 170
+# tokens, 5 rows 7 before the end, 6 spans of ~4). Scaled to T: these fractions of the length.
+ANSWER_ROWS = 2 / 66
+ANSWER_START = 1 - 4 / 66
+SPAN_LEN = 4 / 66
+SPANS = (2, 4)  # spans per sample, inclusive range
+
+
+def answer_rows_graph(B: int, T: int, generator: torch.Generator, device="cpu") -> causal_attn.CausalGraph:
+    """STG-like adjacency: per sample, edges only on the answer rows near the end, into 2-4 random spans before
+    them (:data:`ANSWER_ROWS` and the rest of T)."""
+    rows = max(1, round(ANSWER_ROWS * T))
+    start = min(int(ANSWER_START * T), T - rows)
+    span = max(1, round(SPAN_LEN * T))
+    dense = torch.zeros(B, T, T, dtype=torch.bool)
+    slots = max(1, start // (span + 1))  # spans sit in distinct slots: they never touch or overlap
+    for b in range(B):
+        n = int(torch.randint(SPANS[0], SPANS[1] + 1, (), generator=generator))
+        for slot in torch.randperm(slots, generator=generator)[:n].tolist():
+            dense[b, start:start + rows, slot * (span + 1):slot * (span + 1) + span] = True
+    return causal_attn.CausalGraph.from_dense(dense.tril()).to(device)
+
+
+ADJACENCY_KINDS = ("random", "answer_rows")
+
+
+def make_graph(kind: str, B: int, T: int, generator: torch.Generator, device="cpu") -> causal_attn.CausalGraph:
+    if kind == "random":
+        return random_graph(B, T, EDGE_DENSITY, generator, device)
+    if kind == "answer_rows":
+        return answer_rows_graph(B, T, generator, device)
+    raise ValueError(f"unknown adjacency kind {kind!r}; choose from {ADJACENCY_KINDS}")
+
+
+def make_inputs(case: Case, device, dtype, seed: int = 0, adjacency: str = "random") -> dict:
     g = torch.Generator().manual_seed(seed)
     B, T, D = case.B, case.T, case.D
 
@@ -65,7 +101,7 @@ def make_inputs(case: Case, device, dtype, seed: int = 0) -> dict:
 
     return {"q": rnd(case.Hq), "k": rnd(case.Hkv), "v": rnd(case.Hkv), "dout": rnd(case.Hq),
             "dmass": torch.randn(B, case.Hq, T, generator=g).to(device),
-            "graph": random_graph(B, T, EDGE_DENSITY, g, device)}
+            "graph": make_graph(adjacency, B, T, g, device)}
 
 
 def make_method(name: str, inp: dict, backend: str):
@@ -157,41 +193,51 @@ def run_sweep(args, log=print) -> list[dict]:
     rows = []
     for case in cases_for(args):
         methods = [m for m in args.methods if not (m == "eager" and case.T > args.eager_max_t)]
-        inp = make_inputs(case, device, dtype)
+        first, *others = args.adjacency
+        inp = make_inputs(case, device, dtype, adjacency=first)
         runs = {}
-        for m in methods:
-            fwd, bwd = make_method(m, inp, args.backend)
-            runs[m] = (lambda f=fwd, b=bwd: do_bench_phases(f, b)) if device.type == "cuda" else \
+        # "cat" with the first adjacency kind, then "cat@<kind>" with each other one (same q, k, v); the eager maps
+        # cost the same for any adjacency and run with the first kind only
+        variants = [(m, m, inp) for m in methods]
+        if "cat" in methods:
+            variants += [(f"cat@{kind}", "cat", dict(inp, graph=make_inputs(case, device, dtype, adjacency=kind)["graph"]))
+                         for kind in others]
+        for key, m, m_inp in variants:
+            fwd, bwd = make_method(m, m_inp, args.backend)
+            runs[key] = (lambda f=fwd, b=bwd: do_bench_phases(f, b)) if device.type == "cuda" else \
                 (lambda f=fwd, b=bwd: timed_phases(f, b, device))
         if device.type == "cuda":
             times = summarize({m: {p: [t] for p, t in r().items()} for m, r in runs.items()})
         else:
             times = summarize(interleaved_times(runs, warmup=args.warmup, repeats=args.repeats,
                                                 budget_s=args.case_budget))
-        del inp, runs
+        del inp, runs, variants
         mem = {}
         if case.T in args.memory_seq_lens and case.D in args.memory_head_dims:
-            mem = memory_cuda(case, list(times), args, device) if device.type == "cuda" else \
-                memory_cpu(case, list(times), args)
+            base = [m for m in times if "@" not in m]
+            mem = memory_cuda(case, base, args, device) if device.type == "cuda" else memory_cpu(case, base, args)
         case_rows = []
-        for m in args.methods:
-            row = {**asdict(case), "gqa": case.gqa, "method": m, "device": device.type, "dtype": args.dtype,
-                   "backend": resolved if m.startswith("cat") else ""}
+        keys = list(args.methods) + [f"cat@{kind}" for kind in others if "cat" in args.methods]
+        for key in keys:
+            m, _, kind = key.partition("@")
+            adjacency = kind or (first if m in ("cat", "eager") else "none")
+            row = {**asdict(case), "gqa": case.gqa, "method": m, "adjacency": adjacency, "device": device.type,
+                   "dtype": args.dtype, "backend": resolved if m.startswith("cat") else ""}
             case_rows.append(row)
-            if m not in times:
+            if key not in times:
                 row["status"] = f"skipped: eager maps above T={args.eager_max_t} (--eager-max-t)"
                 continue
             for ph in PHASES:
-                row[f"{ph}_ms"] = times[m][ph] * 1e3
-                if f"{ph}_x" in times[m]:
-                    row[f"{ph}_x_sdpa"] = times[m][f"{ph}_x"]
+                row[f"{ph}_ms"] = times[key][ph] * 1e3
+                if f"{ph}_x" in times[key]:
+                    row[f"{ph}_x_sdpa"] = times[key][f"{ph}_x"]
             if device.type == "cuda":
-                row["tflops_fwd"] = causal_flops(case) / times[m]["fwd"] / 1e12
-                row["tflops_bwd"] = 2.5 * causal_flops(case) / times[m]["bwd"] / 1e12
+                row["tflops_fwd"] = causal_flops(case) / times[key]["fwd"] / 1e12
+                row["tflops_bwd"] = 2.5 * causal_flops(case) / times[key]["bwd"] / 1e12
             if "error" in mem:
                 row["status"] = f"memory child failed: {mem['error']}"
-            elif m in mem:
-                row["peak_mib"] = mem[m]
+            elif key in mem:
+                row["peak_mib"] = mem[key]
             row.setdefault("status", "ok")
         add_memory_ratios(case_rows)
         rows += case_rows
@@ -209,6 +255,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--gqa-group", type=int, default=4, help="query heads per key/value head with GQA on")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--adjacency", nargs="+", default=list(ADJACENCY_KINDS), choices=ADJACENCY_KINDS,
+                   help="adjacency kinds of ours with mass (the first also for the eager maps): random = 5%% of "
+                   "allowed pairs, answer_rows = STG-like edges from a few rows near the end into 2-4 spans")
     p.add_argument("--eager-max-t", type=int, help="skip the eager maps above this T (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--memory-seq-lens", type=int, nargs="*", help="T values with a memory measurement "
                    "(default: all)")

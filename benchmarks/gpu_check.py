@@ -1,37 +1,47 @@
 """GPU evidence kit: one offline command that checks and measures CAT on an NVIDIA GPU (Triton and Flex).
 
-    causal-attn gpu-check [--out DIR] [--budget-s 330] [--sections ...] [--dry-run]      # or: make gpu-check
+    causal-attn gpu-check [--out DIR] [--budget-s 510] [--sections ...] [--dry-run]      # or: make gpu-check
 
-Sections, each with its share of ``--budget-s`` (a case that would run past its section's share is not
-started; the summary lists what was cut). The full run is sized for about 6 minutes on an H100, compiles
-included; progress lines carry the elapsed time.
+Sections, in this order, inside one budget (``--budget-s``, default 510 s: a 10-minute call with margin). Each
+section gets its share (:data:`SECTIONS`) of the time still left, so what one leaves unused goes to the next; a
+case that would run past its section's time is not started and the summary lists what was cut.
 
+    tests        ``pytest -m cuda``: the Triton and Flex-backward tests that skip without a GPU (53), results
+                 per test; what the section's time does not reach is listed as not run
     correctness  the Triton backend against the fp64 oracle with FlashAttention's rule (fp16, bf16, fp32; GQA,
                  left/right padding, odd T, large logits, an all-padding sample); ``backend="flex"`` (CAT on
                  FlexAttention, mass from two LSEs) against the same oracle, out, mass and gradients, in bf16 and
                  fp32; ``patch_model`` against Hugging Face eager attention on tiny Llama / Qwen2 in bf16
     kernels      forward, backward, forward+backward of ours with and without mass, Flex CAT (two compiled Flex
                  calls, ``backend="flex"``) and torch SDPA forced to its flash backend (no mass); bf16, GQA 16 / 4
-                 heads, D 64 / 128, T 2k / 8k / 16k at 16k tokens per batch; ``do_bench`` medians, TFLOP/s with
-                 causal FLOPs of one attention (Flex CAT's second call counts as overhead), ``max_memory_allocated``
+                 heads, D 64 / 128, T 2k / 8k / 16k at 16k tokens per batch; ours with mass and Flex CAT on two
+                 adjacency kinds (``adjacency`` column): ``random`` (5 % of allowed pairs) and ``answer_rows``
+                 (STG-like, bench_kernels.answer_rows_graph); ``do_bench`` medians, TFLOP/s with causal FLOPs of one
+                 attention (Flex CAT's second call counts as overhead), ``max_memory_allocated``
     train        one AdamW step, bf16, batch 1, T 2k and 8k, of a ~0.9B random Llama (16 layers, hidden 2048,
                  16 / 4 heads) and of SmolLM2-135M's shape (30 layers, hidden 576, 9 / 3 heads, vocab 49152,
                  random weights): plain SDPA, CAT through ``patch_model`` on our kernels, on Flex, the authors' way
 
-The summary names each goal, met or not: our CAT step <= 1.10x the plain SDPA step; ours >= 1.5x faster than
-Flex CAT in forward+backward; our kernel's TFLOP/s >= 0.8x SDPA flash's.
+A new section is one function ``fn(plan, sec, log, save) -> (rows, notes)`` and one entry of :data:`SECTIONS`.
 
-Output (``benchmarks/results/gpu/<gpu name>/`` in a checkout): summary.md, correctness.csv, kernels.csv,
-train_step.csv, kernels.png, train_step.png. Each CSV is rewritten after every case and the summary after every
-section, so a crash or a kill keeps what was measured; a section that fails becomes a note and the next one
-runs. It runs on whatever torch / triton / transformers it finds, needs no network and no install (``make
-gpu-check`` puts the checkout on ``PYTHONPATH``); a missing piece (FlexAttention, the tests/ folder) becomes one
-line in the summary and the rest still runs.
+The summary names each goal, met or not, on both adjacency kinds: our CAT step <= 1.10x the plain SDPA step;
+ours >= 1.5x faster than Flex CAT in forward+backward; our kernel's TFLOP/s >= 0.8x SDPA flash's; beside them the
+CUDA test results, and the time budget: per section the wall time, what it compiled (Triton binaries, Flex graphs)
+and timed, and the GPU time predicted from those counts (benchmarks/gpu_budget.py).
+
+Output (``benchmarks/results/gpu/<gpu name>/`` in a checkout, found by the marker file
+``benchmarks/results/README.md``, which installs do not ship): summary.md, tests.csv, correctness.csv,
+kernels.csv, train_step.csv, budget.csv, kernels.png, train_step.png. Each CSV is rewritten after every case and
+the summary after every section, so a crash or a kill keeps what was measured; a section that fails becomes a
+note and the next one runs. It runs on whatever torch / triton / transformers it finds, needs no network and no
+install (``make gpu-check`` puts the checkout on ``PYTHONPATH``); a missing piece (FlexAttention, pytest, the
+tests/ folder) becomes one line in the summary and the rest still runs.
 
 ``--dry-run``: the same code path on tiny shapes with CPU tensors under ``TRITON_INTERPRET=1`` (float16
 where the GPU run uses bfloat16, which the interpreter cannot compute; Flex runs forward only, torch has no CPU
-Flex backward), so the kit is known to execute before any GPU sees it (``tests/test_gpu_check.py`` runs it in
-``make test``).
+Flex backward, through the compiled path with dynamo's eager backend), so the kit is known to execute before any
+GPU sees it (``tests/test_gpu_check.py`` runs it in ``make test``); it writes ``benchmarks/results/gpu/dry-run/``
+(ignored by git) unless ``--out`` says otherwise.
 """
 from __future__ import annotations
 
@@ -51,12 +61,15 @@ if HERE not in sys.path:
 import torch  # noqa: E402
 
 import causal_attn  # noqa: E402
-from bench_kernels import Case, causal_flops, make_inputs, make_method  # noqa: E402
+import gpu_budget  # noqa: E402
+import gpu_report  # noqa: E402
+from bench_kernels import ADJACENCY_KINDS, Case, causal_flops, make_inputs, make_method  # noqa: E402
 from bench_train_step import StepBench, projected_authors_gib  # noqa: E402
 from common import do_bench_phases, measure_peak_cuda, read_csv, timed_phases, write_csv  # noqa: E402
 from gpu_report import KERNEL_METHODS, TRAIN_METHODS, fmt, plots, summary  # noqa: E402
 
-SHARES = {"correctness": 0.20, "kernels": 0.45, "train": 0.35}
+DEFAULT_BUDGET_S = 510.0  # (gpu_report.budget_section says the same) 8.5 minutes: one 10-minute call with margin for start-up and the report
+DRY_BUDGET_S = 1800.0  # the dry run checks that the code runs: nothing of it is cut on a loaded machine
 # (B, Hq, Hkv, T, D, padding, adjacency, logit scale): tails of every GPU tile size, GQA 4:1 and MQA, head dims
 # 64 / 80 (padded) / 128 / 256, an all-padding sample (B = 3 with padding), logits 30x the unit scale
 GPU_CASES = [
@@ -73,10 +86,11 @@ GPU_CASES = [
 FLEX_GPU_CASES = [
     (3, 8, 2, 515, 64, "left", "random", 30.0),
 ]
-FLEX_DRY_CASES = [
-    (3, 4, 2, 45, 16, "left", "random", 1.0),
-    (2, 2, 1, 70, 32, "right", "random", 30.0),
-]
+# The dry run mirrors the GPU cases at T <= 40 (the interpreter's pace; lengths stay off multiples of 16): the same head dims, flags and odd lengths,
+# so it launches the same kernel variants and compiles the same Flex graphs the GPU run will (its census predicts
+# the GPU's compile time, benchmarks/gpu_budget.py)
+DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in GPU_CASES]
+FLEX_DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in FLEX_GPU_CASES]
 TRAIN_MODELS_GPU = {
     "llama-0.9B": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                        num_attention_heads=16, num_key_value_heads=4),
@@ -99,7 +113,7 @@ class Plan:
     backend: str
     low: torch.dtype  # the half-precision dtype of the kernel and training sections
     dtypes: tuple
-    cases: list | None  # None: the interpreter cases of tests/numerics.py
+    cases: list
     flex_cases: list
     flex_dtypes: tuple
     kernel_tokens: int
@@ -113,7 +127,7 @@ class Plan:
     @staticmethod
     def make(dry: bool) -> "Plan":
         if dry:
-            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), None,
+            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), DRY_CASES,
                         FLEX_DRY_CASES, (torch.float32, torch.bfloat16), kernel_tokens=128, kernel_seq_lens=(32, 64),
                         kernel_heads=(4, 1), head_dims=(16,), train_models=TRAIN_MODELS_DRY,
                         train_seq_lens=(32, 64))
@@ -132,6 +146,8 @@ class Section:
     start: float = field(default_factory=time.monotonic)
     last: float = 0.0  # duration of the latest case: the estimate for the next one
     cut: list = field(default_factory=list)
+    measurements: int = 0  # timed cases (gpu_budget counts them)
+    oracle_cases: int = 0
 
     def admit(self, what: str) -> bool:
         now = time.monotonic()
@@ -155,6 +171,74 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# ------------------------------------------------------------------------------------------ CUDA tests
+_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+
+
+def cuda_tests(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]:
+    """``pytest -m cuda`` in a child process, stopped at the section's time; one row per test (outcome, seconds
+    since the previous result), the tests it did not reach as "not run". The dry run's child sees no
+    TRITON_INTERPRET, so there, as on any machine without CUDA, every test skips."""
+    tests = tests_folder()
+    if tests is None:
+        return [], ["tests: skipped, the checkout's tests/ folder is not here; run from a source checkout"]
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        return [], ["tests: skipped, pytest is not installed here (pip install pytest)"]
+    root = os.path.dirname(tests)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "tests"]
+    rows, notes = [], []
+    deadline = sec.start + sec.seconds
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    last, tail = time.monotonic(), []
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    timed_out = False
+    while True:
+        if time.monotonic() > deadline:
+            timed_out = True
+            os.killpg(proc.pid, 9)
+            break
+        if not sel.select(timeout=1.0):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        tail = (tail + [line.rstrip()])[-40:]
+        m = _OUTCOME.match(line)
+        if m:
+            now = time.monotonic()
+            rows.append(dict(test=m.group(1), outcome=m.group(2), seconds=round(now - last, 2)))
+            last = now
+            save(rows)
+    proc.wait()
+    sel.close()
+    if timed_out:  # the tests it did not reach, by name
+        done = {r["test"] for r in rows}
+        rows += [dict(test=t, outcome="not run", seconds="") for t in _collect_cuda_tests(root, env) if t not in done]
+        notes.append(f"tests: stopped after the section's {sec.seconds:.0f} s; "
+                     f"{sum(r['outcome'] == 'not run' for r in rows)} test(s) not run")
+    elif proc.returncode not in (0, 1, 5):  # 1: some failed (in the rows); 5: none collected
+        notes.append(f"tests: pytest exited {proc.returncode}: " + " | ".join(tail[-3:]))
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in dict.fromkeys(r["outcome"] for r in rows)}
+    log("tests: " + (", ".join(f"{n} {o}" for o, n in counts.items()) or "none collected"))
+    return rows, notes
+
+
+def _collect_cuda_tests(root: str, env: dict) -> list[str]:
+    res = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return [ln.strip() for ln in res.stdout.splitlines() if "::" in ln]
+
+
 # ------------------------------------------------------------------------------------------ correctness
 def tests_folder() -> str | None:
     path = os.path.join(os.path.dirname(HERE), "tests")
@@ -168,11 +252,8 @@ def correctness(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[s
                     "run from a source checkout"]
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    from numerics import TRITON_CASES
-
     rows, notes = [], []
-    # the Triton backend; the dry run takes the interpreter cases of tests/test_triton.py
-    for case in plan.cases or TRITON_CASES:
+    for case in plan.cases:
         for dtype in plan.dtypes:
             _oracle_case(plan, sec, log, rows, "attention", plan.backend, case, dtype, grads=True)
             save(rows)
@@ -203,6 +284,7 @@ def _oracle_case(plan: Plan, sec: Section, log, rows: list, part: str, backend: 
         return
     row = dict(part=part, B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, padding=padding, adjacency=adjacency,
                logit_scale=logit_scale, dtype=_dtype_name(dtype), grads=grads)
+    sec.oracle_cases += 1
     try:
         q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, D, dtype, padding=padding, adjacency=adjacency,
                                             logit_scale=logit_scale, device=plan.device)
@@ -304,7 +386,8 @@ def _kernel_method(name: str, inp: dict, plan: Plan):
     return make_method(name, inp, plan.backend)
 
 
-def _time(plan: Plan, fwd, bwd) -> dict:
+def _time(plan: Plan, sec: Section, fwd, bwd) -> dict:
+    sec.measurements += 1
     if plan.device.type == "cuda":
         return do_bench_phases(fwd, bwd)  # its first call (outside the timing) compiles / autotunes
     out = fwd()  # warm-up (interpreter: first calls build the kernels)
@@ -324,11 +407,13 @@ def kernels(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]
             case = Case(T, D, Hq, Hkv, max(1, plan.kernel_tokens // T))
             if not sec.admit(f"T={T} D={D}"):
                 continue
-            rows += _kernel_case(plan, case, flex_problem)
+            new = _kernel_case(plan, sec, case, flex_problem)
+            rows += new
             sec.done()
             save(rows)
             log(f"kernels T={T} D={D} B={case.B}: " + ", ".join(
-                f"{r['method']} {fmt(r.get('fwdbwd_ms', r.get('fwd_ms')))} ms" for r in rows[-len(KERNEL_METHODS):]))
+                f"{r['method']}{'' if r['adjacency'] in ('none', 'random') else ' ' + r['adjacency']} "
+                f"{fmt(r.get('fwdbwd_ms', r.get('fwd_ms')))} ms" for r in new))
     return rows, notes
 
 
@@ -340,33 +425,41 @@ def _flex_available() -> str | None:
     return None
 
 
-def _kernel_case(plan: Plan, case: Case, flex_problem: str | None) -> list[dict]:
-    inp = make_inputs(case, plan.device, plan.low)
+def _kernel_case(plan: Plan, sec: Section, case: Case, flex_problem: str | None) -> list[dict]:
+    """The methods on one shape: those with mass once per adjacency kind (same q, k, v), the others once."""
+    first = make_inputs(case, plan.device, plan.low, adjacency=ADJACENCY_KINDS[0])
+    inputs = {kind: dict(first, graph=make_inputs(case, "cpu", plan.low, adjacency=kind)["graph"].to(plan.device))
+              for kind in ADJACENCY_KINDS[1:]}
+    inputs[ADJACENCY_KINDS[0]] = first
     base = dict(T=case.T, B=case.B, D=case.D, Hq=case.Hq, Hkv=case.Hkv, gqa=case.gqa, dtype=_dtype_name(plan.low))
     rows, times = [], {}
     for name in KERNEL_METHODS:
-        row = dict(base, method=name)
-        rows.append(row)
-        if name == "flex_cat" and flex_problem:
-            row["status"] = "unavailable"
-            continue
-        try:
-            fwd, bwd = _kernel_method(name, inp, plan)
-            times[name] = t = _time(plan, fwd, bwd)
-            for ph, sec in t.items():
-                row[f"{ph}_ms"] = sec * 1e3
-            flops = causal_flops(case)
-            for ph, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
-                if t.get(ph):
-                    row[f"tflops_{ph}"] = mult * flops / t[ph] / 1e12
-            if plan.device.type == "cuda":
-                row["peak_mib"] = measure_peak_cuda(lambda: bwd(fwd()) if bwd is not None else fwd())
-            row["status"] = "ok" if bwd is not None else "ok: forward only (no backward on this device)"
-            del fwd, bwd
-        except Exception as e:  # noqa: BLE001  (out of memory, a backend refusing a shape: record, go on)
-            row["status"] = f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            _free(plan)
-    ref = times.get("sdpa_flash")
+        for kind in (ADJACENCY_KINDS if name in MASS_METHODS else ("none",)):
+            row = dict(base, method=name, adjacency=kind)
+            rows.append(row)
+            if name == "flex_cat" and flex_problem:
+                row["status"] = "unavailable"
+                continue
+            inp = inputs[kind if kind != "none" else ADJACENCY_KINDS[0]]
+            try:
+                fwd, bwd = _kernel_method(name, inp, plan)
+                times[name, kind] = t = _time(plan, sec, fwd, bwd)
+                for ph, secs in t.items():
+                    row[f"{ph}_ms"] = secs * 1e3
+                flops = causal_flops(case)
+                for ph, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
+                    if t.get(ph):
+                        row[f"tflops_{ph}"] = mult * flops / t[ph] / 1e12
+                if plan.device.type == "cuda":
+                    row["peak_mib"] = measure_peak_cuda(lambda: bwd(fwd()) if bwd is not None else fwd())
+                if name == "flex_cat":
+                    row["flex_second_call_blocks"] = _second_call_blocks(inp, case, plan)
+                row["status"] = "ok" if bwd is not None else "ok: forward only (no backward on this device)"
+                del fwd, bwd
+            except Exception as e:  # noqa: BLE001  (out of memory, a backend refusing a shape: record, go on)
+                row["status"] = f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                _free(plan)
+    ref = times.get(("sdpa_flash", "none"))
     for row in rows:
         for ph in ("fwd", "bwd", "fwdbwd"):
             if ref and ref.get(ph) and row.get(f"{ph}_ms"):
@@ -376,6 +469,22 @@ def _kernel_case(plan: Plan, case: Case, flex_problem: str | None) -> list[dict]
         if row["method"].startswith("cat"):
             row["autotune"] = choices
     return rows
+
+
+MASS_METHODS = ("cat", "flex_cat")  # the methods whose work depends on the adjacency
+
+
+def _second_call_blocks(inp: dict, case: Case, plan: Plan) -> float:
+    """Flex CAT's second call over its first, in the (query block, key block) pairs its block masks visit: the
+    share of the full attention work the mass costs Flex (its block sparsity skips the rest)."""
+    from causal_attn import flex
+
+    mask_all, mask_s = flex.block_masks(inp["graph"], None, None, case.B, case.T, plan.device)
+
+    def visited(m):
+        return int(m.kv_num_blocks.sum()) + (int(m.full_kv_num_blocks.sum()) if m.full_kv_num_blocks is not None else 0)
+
+    return visited(mask_s) / max(visited(mask_all), 1)
 
 
 def _autotune_choices(case: Case) -> str:
@@ -412,9 +521,9 @@ def train(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]:
                     bench = bench or _step_bench(plan, model, method, B)
                     bench.prepare(T, B)
                     if method == "cat_flex" and plan.device.type != "cuda":
-                        row.update(_forward_only(plan, bench))
+                        row.update(_forward_only(plan, sec, bench))
                     else:
-                        t = _time(plan, bench.forward_loss, bench.backward_step)
+                        t = _time(plan, sec, bench.forward_loss, bench.backward_step)
                         row["step_ms"], row["forward_ms"] = t["fwdbwd"] * 1e3, t["fwd"] * 1e3
                         if plan.device.type == "cuda":
                             row["peak_mib"] = measure_peak_cuda(bench.step)
@@ -442,7 +551,8 @@ def _step_bench(plan: Plan, model: dict, method: str, B: int) -> StepBench:
                      backend="flex" if flex else plan.backend)
 
 
-def _forward_only(plan: Plan, bench: StepBench) -> dict:
+def _forward_only(plan: Plan, sec: Section, bench: StepBench) -> dict:
+    sec.measurements += 1
     with torch.no_grad():
         bench.forward_loss()
         t = timed_phases(bench.forward_loss, None, plan.device)
@@ -488,19 +598,36 @@ def environment(plan: Plan) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
+CHECKOUT_MARKER = os.path.join(HERE, "results", "README.md")  # in a checkout; installs do not ship results/
+
+
 def default_out(plan: Plan) -> str:
-    in_checkout = os.path.basename(os.path.dirname(HERE)) != "causal_attn"
     name = "dry-run" if plan.dry else re.sub(r"[^A-Za-z0-9.-]+", "_", torch.cuda.get_device_name(0)).strip("_")
-    root = os.path.join(HERE, "results", "gpu") if in_checkout else os.path.abspath("causal_attn_gpu")
+    root = os.path.join(HERE, "results", "gpu") if os.path.isfile(CHECKOUT_MARKER) else os.path.abspath("causal_attn_gpu")
     return os.path.join(root, name)
 
 
-SECTIONS = {"correctness": (correctness, "correctness.csv"), "kernels": (kernels, "kernels.csv"),
-            "train": (train, "train_step.csv")}
+# name -> (function, CSV file, weight), run in this order. A section starts with the time still left times its
+# weight over the weights of the sections still to run: what one leaves unused goes to the next ones.
+SECTIONS = {"tests": (cuda_tests, "tests.csv", 0.35), "correctness": (correctness, "correctness.csv", 0.10),
+            "kernels": (kernels, "kernels.csv", 0.30), "train": (train, "train_step.csv", 0.25)}
+SHARES = {name: share for name, (_, _, share) in SECTIONS.items()}
+assert SHARES["tests"] == gpu_report.TESTS_WEIGHT
+
+
+def _use_compiled_flex_on_cpu():
+    """Dry run: causal_attn.flex's compiled path (the one CUDA takes) on CPU with dynamo's eager backend, so the
+    dry run executes its dynamo part and counts the graphs a GPU will compile."""
+    from causal_attn import flex
+
+    flex.COMPILE_DEVICES = tuple(dict.fromkeys(flex.COMPILE_DEVICES + ("cpu",)))
+    flex.COMPILE_BACKEND = "eager"
 
 
 def run(args, log=print) -> str:
     plan = Plan.make(args.dry_run)
+    if args.budget_s is None:
+        args.budget_s = DRY_BUDGET_S if plan.dry else DEFAULT_BUDGET_S
     if not plan.dry and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA device visible to torch "
                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
@@ -508,6 +635,8 @@ def run(args, log=print) -> str:
     out = args.out or default_out(plan)
     os.makedirs(out, exist_ok=True)
     t0 = time.monotonic()
+    if plan.dry:
+        _use_compiled_flex_on_cpu()
 
     def progress(msg):
         log(f"[{time.monotonic() - t0:5.0f} s] {msg}")
@@ -515,16 +644,23 @@ def run(args, log=print) -> str:
 
     env = environment(plan)
     progress("gpu-check: " + "; ".join(f"{k} {v}" for k, v in env.items()) + f"; writing to {out}")
-    results, notes = {}, []
+    unit = gpu_budget.measure_triton_compile_s()
+    if unit is not None:
+        gpu_budget.UNIT_S["triton_binary"] = unit
+    progress(f"one Triton compile for sm_90 here: {'-' if unit is None else f'{unit:.1f} s'}")
+    results, notes, budget = {}, [], []
     path = os.path.join(out, "summary.md")
-    for name, (fn, filename) in SECTIONS.items():
+    deadline = time.monotonic() + args.budget_s
+    for name, (fn, filename, weight) in SECTIONS.items():
         if name not in args.sections:
             earlier = os.path.join(out, filename)
             if os.path.isfile(earlier):  # a run of some sections keeps the others' results in the summary
                 results[name] = load_rows(earlier)
                 notes.append(f"{name}: not rerun; rows from the earlier run in {filename}")
             continue
-        sec = Section(name, args.budget_s * SHARES[name])
+        ahead = sum(w for n, (_, _, w) in SECTIONS.items() if n in args.sections and
+                    list(SECTIONS).index(n) >= list(SECTIONS).index(name))
+        sec = Section(name, max(0.0, deadline - time.monotonic()) * weight / ahead)
         progress(f"section {name} ({sec.seconds:.0f} s)")
         results[name] = []
 
@@ -533,6 +669,7 @@ def run(args, log=print) -> str:
             if rows:
                 write_csv(rows, os.path.join(out, filename))
 
+        before = gpu_budget.snapshot()
         try:
             rows, section_notes = fn(plan, sec, progress, save)
             save(rows)
@@ -542,17 +679,42 @@ def run(args, log=print) -> str:
             progress(notes[-1])
             _free(plan)
         notes += [f"{name}: {sec.note()}"] if sec.note() else []
+        budget.append(budget_row(plan, name, sec, gpu_budget.section_counts(
+            before, gpu_budget.snapshot(), sec.measurements, sec.oracle_cases, time.monotonic() - sec.start), args.budget_s))
+        write_csv(budget, os.path.join(out, "budget.csv"))
         with open(path, "w") as f:
-            f.write(summary(plan, env, results, notes, time.monotonic() - t0, args.budget_s))
+            f.write(summary(plan, env, results, notes, time.monotonic() - t0, args.budget_s, budget))
     try:
         plots(out, results, plan)
     except Exception as e:  # noqa: BLE001
         notes.append(f"plots: {type(e).__name__}: {e}")
     with open(path, "w") as f:
-        f.write(summary(plan, env, results, notes, time.monotonic() - t0, args.budget_s))
+        f.write(summary(plan, env, results, notes, time.monotonic() - t0, args.budget_s, budget))
     log(open(path).read())
     progress(f"gpu-check: results in {out}")
     return path
+
+
+def budget_row(plan: Plan, name: str, sec: Section, counts: dict, budget_s: float) -> dict:
+    """One section's wall time, its counts as they map to the GPU plan, and the GPU seconds they predict."""
+    gpu_plan = Plan.make(False) if plan.dry else plan
+    if name == "correctness":  # the GPU checks fp16, bf16 and fp32 where the dry run checks fp16 and fp32
+        mapping = dict(dtype_copies={"float16": len(gpu_plan.dtypes) - 1},
+                       oracle_scale=len(gpu_plan.dtypes) / len(plan.dtypes))
+    elif name == "kernels":
+        mapping = dict(head_dims=len(gpu_plan.head_dims) // len(plan.head_dims),
+                       lengths=len(gpu_plan.kernel_seq_lens) / len(plan.kernel_seq_lens))
+    else:
+        mapping = {}
+    gpu = gpu_budget.gpu_counts(counts, **mapping)
+    row = dict(section=name, wall_s=round(counts["wall_s"], 1), share_s=round(sec.seconds, 1),
+               triton_launches=len(counts["launches"]), flex_graphs=sum(counts["flex"].values()),
+               measurements=counts["measurements"], oracle_cases=counts["oracle_cases"],
+               **{f"gpu_{k}" if k in ("measurements", "oracle_cases") else k: v for k, v in gpu.items()})
+    row["predicted_gpu_s"] = None if name == "tests" else round(gpu_budget.predict_s(gpu, train=name == "train"))
+    row["triton_compile_unit_s"] = round(gpu_budget.UNIT_S["triton_binary"], 2)
+    row["budget_s"] = round(budget_s, 1)
+    return row
 
 
 def load_rows(path: str) -> list[dict]:
@@ -571,14 +733,17 @@ def load_rows(path: str) -> list[dict]:
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", help="output folder (default: benchmarks/results/gpu/<gpu name>/ in a checkout, "
                    "./causal_attn_gpu/<gpu name>/ otherwise)")
-    p.add_argument("--budget-s", type=float, default=330.0, help="seconds for all sections together, shared "
-                   + ", ".join(f"{k} {v:.0%}" for k, v in SHARES.items()))
-    p.add_argument("--sections", nargs="+", default=list(SHARES), choices=list(SHARES),
+    p.add_argument("--budget-s", type=float, help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:.0f}, "
+                   f"{DRY_BUDGET_S:.0f} with --dry-run); "
+                   "weights of the sections (each starts with its weight's share of what is left): " + ", ".join(f"{k} {v:.0%}" for k, v in SHARES.items()))
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                    help="run only these (the summary keeps the other sections' rows from an earlier run in --out)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU tensors, TRITON_INTERPRET=1")
 
 
 def main(args) -> int:
+    if args.budget_s is None:
+        args.budget_s = DRY_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         # the interpreter is chosen when triton is imported: run the same options in a process that has it
         argv = ["--dry-run", "--budget-s", str(args.budget_s), "--sections", *args.sections]

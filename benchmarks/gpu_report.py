@@ -27,13 +27,16 @@ def _table(header, rows) -> list[str]:
         ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
-def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budget: float) -> str:
+def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budget: float,
+            budget_rows: list[dict] | None = None) -> str:
     lines = ["# GPU check" + (" (dry run: CPU tensors, timings are not evidence)" if plan.dry else ""), "",
              "; ".join(f"{k} {v}" for k, v in env.items()) + ".",
              f"Wall time {wall:.0f} s (budget {budget:.0f} s). Reproduce: `causal-attn gpu-check"
              + (" --dry-run" if plan.dry else "") + "`.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += _goals_section(plan, results)
+    lines += _tests_section(results.get("tests", []))
+    lines += budget_section(plan, budget_rows or [], budget, budget if not plan.dry else 510.0)
     corr = results.get("correctness", [])
     for part, title in (("attention", "Triton"), ("flex", "backend='flex' (Flex CAT)")):
         rows = [r for r in corr if r["part"] == part]
@@ -56,15 +59,19 @@ def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budge
         table = []
         for r in sorted(kern, key=lambda r: (r["D"], r["T"])):
             if r.get("fwd_ms") is None:
-                cells = ["-"] * 6 + [r["status"]]
+                cells = ["-"] * 7 + [r["status"]]
             else:
                 cells = [fmt(r.get("fwd_ms")), fmt(r.get("bwd_ms")), fmt(r.get("fwdbwd_ms")),
                          fmt(r.get("fwdbwd_x_sdpa"), ".2f", "x"),
                          "-" if plan.dry else fmt(r.get("tflops_fwdbwd"), ".0f"),
-                         fmt(r.get("peak_mib"), ".0f"), r["status"]]
-            table.append([r["D"], r["T"], r["B"], KERNEL_LABELS[r["method"]]] + cells)
-        lines += _table(["D", "T", "B", "method", "fwd ms", "bwd ms", "fwd+bwd ms", "x SDPA", "TFLOP/s fwd+bwd",
-                         "peak MiB", "status"], table) + [""]
+                         fmt(r.get("peak_mib"), ".0f"), fmt(r.get("flex_second_call_blocks"), ".2f"), r["status"]]
+            table.append([r["D"], r["T"], r["B"], KERNEL_LABELS[r["method"]], r.get("adjacency", "random")] + cells)
+        lines += _table(["D", "T", "B", "method", "adjacency", "fwd ms", "bwd ms", "fwd+bwd ms", "x SDPA",
+                         "TFLOP/s fwd+bwd", "peak MiB", "Flex 2nd call blocks", "status"], table) + [""]
+        lines += ["Adjacency: random = 5 % of allowed pairs, every row has edges; answer_rows = STG-like, edges only "
+                  "from the answer rows near each sample's end into 2-4 spans (bench_kernels.answer_rows_graph). "
+                  "Flex 2nd call blocks: the (query, key) blocks Flex CAT's second call (causal AND adjacency) visits, "
+                  "over its first call's: the share of a full attention its mass costs it.", ""]
         tuned = sorted({(r["T"], r["D"], r.get("autotune", "-")) for r in kern if r["method"] == "cat"})
         lines += ["Autotune choice per shape (BLOCK_MxBLOCK_N, warps, stages):", ""]
         lines += [f"- T={T} D={D}: {a}" for T, D, a in tuned] + [""]
@@ -79,7 +86,8 @@ def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budge
                           fmt(r.get("step_ms"), ".1f"),
                           fmt(r.get("step_x_sdpa"), ".2f", "x"), fmt(r.get("peak_mib"), ".0f"),
                           fmt(r.get("peak_x_sdpa"), ".2f", "x"), r["status"]] for r in rows]) + [""]
-    lines += ["Files: summary.md, correctness.csv, kernels.csv, train_step.csv, kernels.png, train_step.png.", ""]
+    lines += ["Files: summary.md, tests.csv, correctness.csv, kernels.csv, train_step.csv, budget.csv, kernels.png, "
+              "train_step.png.", ""]
     return "\n".join(lines)
 
 
@@ -102,18 +110,22 @@ def _correctness_table(rows: list[dict], title: str) -> list[str]:
 
 
 def goals(results: dict) -> list[tuple[str, bool | None, str]]:
-    """``(goal, met (None: not measured), the measured ratios)`` for the three goals of the GPU run."""
+    """``(goal, met (None: not measured), the measured ratios)`` for the goals of the GPU run; the kernel goals are
+    judged on every adjacency kind (rows written before the column existed count as "random")."""
     kern = results.get("kernels", [])
     by_case: dict = {}
     for r in kern:
-        by_case.setdefault((r["D"], r["T"]), {})[r["method"]] = r
+        by_case.setdefault((r["D"], r["T"]), {})[r["method"], r.get("adjacency") or _default_kind(r["method"])] = r
     flex, tflops = [], []
     for (D, T), ms in by_case.items():
-        ours = ms.get("cat", {}).get("fwdbwd_ms")
-        if ours and ms.get("flex_cat", {}).get("fwdbwd_ms"):
-            flex.append((f"D={D} T={T}", ms["flex_cat"]["fwdbwd_ms"] / ours))
-        if ours and ms.get("sdpa_flash", {}).get("fwdbwd_ms"):
-            tflops.append((f"D={D} T={T}", ms["sdpa_flash"]["fwdbwd_ms"] / ours))  # same FLOPs: time ratio
+        sdpa = ms.get(("sdpa_flash", "none"), {}).get("fwdbwd_ms")
+        for kind in sorted({k for m, k in ms if m == "cat"}):
+            ours = ms.get(("cat", kind), {}).get("fwdbwd_ms")
+            flex_ms = ms.get(("flex_cat", kind), {}).get("fwdbwd_ms")
+            if ours and flex_ms:
+                flex.append((f"D={D} T={T} {kind}", flex_ms / ours))
+            if ours and sdpa:
+                tflops.append((f"D={D} T={T} {kind}", sdpa / ours))  # same FLOPs: time ratio
     step = [(f"{r['model']} T={r['T']}", r["step_x_sdpa"]) for r in results.get("train", [])
             if r["method"] == "cat" and r.get("step_x_sdpa")]
 
@@ -130,11 +142,73 @@ def goals(results: dict) -> list[tuple[str, bool | None, str]]:
                   lambda x: x >= GOAL_TFLOPS, "x")]
 
 
+def _default_kind(method: str) -> str:
+    return "random" if method in ("cat", "flex_cat") else "none"
+
+
 def _goals_section(plan, results: dict) -> list[str]:
-    lines = ["## Goals" + (" (dry run: CPU / interpreter timings, not evidence)" if plan.dry else ""), ""]
+    lines = ["## Goals" + (" (dry run: CPU / interpreter timings, not evidence)" if plan.dry else ""), "",
+             "Kernel goals on both adjacency kinds (random, answer_rows); see docs/gpu.md for why Flex CAT gains on "
+             "answer_rows.", ""]
     for name, met, detail in goals(results):
         verdict = "not measured" if met is None else ("MET" if met else "NOT MET")
         lines.append(f"- **{verdict}**: {name}" + ("" if met is None else f" ({detail})"))
+    return lines + [""]
+
+
+def _tests_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in dict.fromkeys(r["outcome"] for r in rows)}
+    lines = ["## CUDA tests (`pytest -m cuda`)", "",
+             f"{len(rows)} tests: " + ", ".join(f"{n} {o.lower()}" for o, n in counts.items()) + ".", ""]
+    bad = [r for r in rows if r["outcome"] in ("FAILED", "ERROR")]
+    lines += [f"- {r['outcome']}: {r['test']}" for r in bad]
+    by_file: dict = {}
+    for r in rows:
+        f = r["test"].split("::")[0]
+        by_file.setdefault(f, {}).setdefault(r["outcome"], 0)
+        by_file[f][r["outcome"]] += 1
+    lines += _table(["file", "results"], [[f, ", ".join(f"{n} {o.lower()}" for o, n in c.items())]
+                                           for f, c in by_file.items()])
+    return lines + [""]
+
+
+TESTS_WEIGHT = 0.35  # the tests section's weight in gpu_check.SECTIONS: its cap on a GPU run is this share
+
+
+def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 510.0) -> list[str]:
+    """Per section: wall time, its share of the budget, what it compiled and timed, mapped to the GPU plan, and
+    the GPU seconds predicted from those counts (benchmarks/gpu_budget.py), against the GPU run's budget."""
+    if not rows:
+        return []
+    from gpu_budget import UNIT_S
+
+    predicted = [float(r["predicted_gpu_s"]) for r in rows if r.get("predicted_gpu_s") not in (None, "")]
+    tests_cap = (TESTS_WEIGHT * gpu_budget_s if plan.dry else
+                 next((float(r["share_s"]) for r in rows if r["section"] == "tests"), None))
+    lines = ["## Time budget" + (" and the GPU run predicted from this dry run's counts" if plan.dry else ""), "",
+             f"Budget {budget:.0f} s for the sections; each starts with its weight's share of the time left. "
+             "Counts on the GPU plan: Triton binaries (launch variants x autotune configs for sm_90), autotune runs "
+             "(x lengths), Flex graphs (dynamo graphs of causal_attn.flex's compiled entry points), timed cases.", ""]
+    lines += _table(["section", "wall s", "share s", "Triton launch variants", "Triton binaries", "autotune runs",
+                     "Flex call / mask graphs", "timed cases", "oracle cases", "predicted GPU s"],
+                    [[r["section"], fmt(r["wall_s"], ".0f"), fmt(r["share_s"], ".0f"), r["triton_launches"],
+                      r["triton_binaries"], fmt(r["autotune_runs"], ".0f"),
+                      f"{r['flex_call_graphs']} / {r['flex_mask_graphs']}",
+                      fmt(r["gpu_measurements"], ".0f"), r["gpu_oracle_cases"],
+                      "cap" if r["section"] == "tests" else fmt(r.get("predicted_gpu_s"), ".0f")] for r in rows])
+    if predicted:
+        total = sum(predicted) + (tests_cap or 0)
+        lines += ["", f"Predicted GPU time: {sum(predicted):.0f} s for the measured sections"
+                  + (f" + the tests' cap of {tests_cap:.0f} s = {total:.0f} s" if tests_cap else "")
+                  + f" (the GPU run's budget: {gpu_budget_s:.0f} s). Units: Triton compile {float(rows[0]['triton_compile_unit_s']):.1f} s per binary "
+                  "(measured here: one sm_90 compile ahead of time), autotune run "
+                  f"{UNIT_S['autotune_run']} s, Flex graph {UNIT_S['flex_call_graph']:.0f} s per call / "
+                  f"{UNIT_S['flex_mask_graph']:.0f} s per mask builder, timed case {UNIT_S['measurement']} s "
+                  f"(training step {UNIT_S['train_measurement']} s), oracle case {UNIT_S['oracle_case']} s "
+                  "(assumptions, checked by the wall times of a GPU run). The tests section is a cap: its tests "
+                  "skip without CUDA, so nothing of theirs is counted here."]
     return lines + [""]
 
 
@@ -153,9 +227,13 @@ def plots(out: str, results: dict, plan) -> list[str]:
         for ax, D in zip(axes[0], dims):
             for m in KERNEL_METHODS:
                 key = metric if any(r.get(metric) for r in kern if r["method"] == m) else "fwd_ms"
-                pts = sorted((r["T"], r[key]) for r in kern if (r["D"], r["method"]) == (D, m) and r.get(key))
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=KERNEL_LABELS[m] + ("" if key == metric else " (fwd only)"))
+                for kind in dict.fromkeys(r.get("adjacency") or _default_kind(m) for r in kern if r["method"] == m):
+                    pts = sorted((r["T"], r[key]) for r in kern if (r["D"], r["method"]) == (D, m) and r.get(key)
+                                 and (r.get("adjacency") or _default_kind(m)) == kind)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", linestyle="--" if kind == "answer_rows" else "-",
+                                label=KERNEL_LABELS[m] + ("" if kind == "none" else f", {kind}")
+                                + ("" if key == metric else " (fwd only)"))
             ax.set_xscale("log", base=2)
             ax.set_title(f"D={D}, GQA")
             ax.set_xlabel("T (fixed tokens per batch)")

@@ -23,7 +23,9 @@ def _series(rows, key, **match):
         y = num(r, key)
         if y is None or y <= 0:
             continue
-        ts, ys = out.setdefault(r["method"], ([], []))
+        kind = r.get("adjacency")  # ours on a second adjacency kind is a series of its own
+        name = r["method"] + (f" ({kind})" if kind and kind not in ("random", "none") else "")
+        ts, ys = out.setdefault(name, ([], []))
         ts.append(int(r["T"]))
         ys.append(y)
     return out
@@ -64,7 +66,8 @@ def ratio_bars(rows, series: dict, *, keys: tuple, ylabel: str, suptitle: str, o
 
 def _panel(ax, series, title, ylabel, labels):
     for method, (ts, ys) in sorted(series.items()):
-        ax.plot(ts, ys, marker="o", label=labels.get(method, method))
+        base, _, kind = method.partition(" (")
+        ax.plot(ts, ys, marker="o", label=labels.get(base, base) + (f" ({kind}" if kind else ""))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)

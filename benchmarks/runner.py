@@ -27,8 +27,9 @@ import bench_threads  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import setup_threads, write_csv  # noqa: E402
 
-# A checkout writes into benchmarks/results; an installed copy (causal_attn/benchmarks) into the working folder.
-IN_CHECKOUT = os.path.basename(os.path.dirname(HERE)) != "causal_attn"
+# A checkout writes into benchmarks/results; an installed copy (causal_attn/benchmarks) into the working folder. A
+# checkout is known by the marker file results/README.md (installs prune results/), not by any folder's name.
+IN_CHECKOUT = os.path.isfile(os.path.join(HERE, "results", "README.md"))
 RESULTS = os.path.join(HERE, "results") if IN_CHECKOUT else os.path.abspath("causal_attn_bench")
 
 # the sections of --only, in the order of a full sweep: (name, module with run_sweep, CSV file)

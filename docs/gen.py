@@ -164,6 +164,18 @@ def _report_section(file: str, section: str, module: str = "report") -> str:
     return _md(_demoted(getattr(_benchmark_module(module), section)(rows)))
 
 
+def gpu_budget_prediction() -> str:
+    """docs/gpu.md: the GPU kit's time budget as the committed dry run counted and predicted it (gpu_report)."""
+    from types import SimpleNamespace
+
+    path = RESULTS / "gpu_budget_dry_run.csv"
+    rows = _read_csv(path)
+    if rows is None:
+        return _missing(path)
+    report = _benchmark_module("gpu_report")
+    return _md(_demoted(report.budget_section(SimpleNamespace(dry=True), rows, float(rows[0]["budget_s"]))))
+
+
 def train_step_table() -> str:
     return _report_section("train_step.csv", "train_section")
 

@@ -509,8 +509,26 @@ def autotune_choices() -> dict[str, str]:
     return out
 
 
+# Every distinct launch of this process: (kernel, dtype, T % 16 == 0, HEAD_D, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
+# -> the lengths T it ran at. On a GPU each key is one binary per autotune config, autotuned once per T: the GPU
+# kit's dry run counts them to predict its compile time (benchmarks/gpu_budget.py).
+_census: dict[tuple, set] = {}
+
+
+def _record(kernel: str, dtype, T: int, flags: dict):
+    key = (kernel, str(dtype).replace("torch.", ""), T % 16 == 0,
+           *(flags.get(k) for k in ("HEAD_D", "HAS_ADJ", "HAS_KPM", "HAS_SEG", "PRECISION")))
+    _census.setdefault(key, set()).add(T)
+
+
+def launch_census() -> dict[tuple, set]:
+    """A copy of the launch census (see :data:`_census`)."""
+    return {k: set(v) for k, v in _census.items()}
+
+
 def _run(kernel: str, device, grid_rows: int, grid_cols: int, *args, **constexprs):
     fn, pinned = _launcher(kernel, device, constexprs["HEAD_D"], constexprs["PRECISION"] == "ieee")
+    _record(kernel, args[0].dtype, grid_rows, constexprs)
 
     def grid(meta):
         return (triton.cdiv(grid_rows, meta["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]), grid_cols)
@@ -606,6 +624,7 @@ def backward(q, k, v, out, lse, mass, dout, dmass, packed, key_padding_mask, seg
     mass_arg = mass if use_mass else lse
     delta = torch.empty_like(lse)
     pre_grid = (triton.cdiv(T, PREPROCESS_BLOCK_M), B * Hq)
+    _record("preprocess", q.dtype, T, dict(HEAD_D=D, HAS_ADJ=use_mass))
     _attn_bwd_preprocess[pre_grid](out, dout, mass_arg, g, delta, *out.stride(), *dout.stride(), T, Hq,
                                    HEAD_D=D, BLOCK_D=const["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M, HAS_ADJ=use_mass)
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)

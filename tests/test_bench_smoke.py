@@ -98,12 +98,14 @@ def test_tiny_sweep_through_the_cli(tmp_path):
                "--scaling-threads", "1", "2", "--scaling-rounds", "1", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
-    assert {(int(r["T"]), r["method"]) for r in kernels} == {(T, m) for T in (128, 512) for m in bench_kernels.METHODS}
+    expected = {(T, m, "random" if m in ("cat", "eager") else "none") for T in (128, 512) for m in bench_kernels.METHODS}
+    assert {(int(r["T"]), r["method"], r["adjacency"]) for r in kernels} == expected | {
+        (T, "cat", "answer_rows") for T in (128, 512)}
     for r in kernels:
         assert r["status"] == "ok", r
         for ph in ("fwd", "bwd", "fwdbwd"):
             assert 0 < float(r[f"{ph}_x_sdpa"]) < math.inf
-    peak = {r["method"]: float(r["peak_mib"]) for r in kernels if r["T"] == "512"}
+    peak = {r["method"]: float(r["peak_mib"]) for r in kernels if r["T"] == "512" and r["adjacency"] != "answer_rows"}
     one_map = 8 * 512 * 512 * 4 / 2**20  # one (Hq, T, T) fp32 stack: 8 MiB
     assert peak["eager"] > 2 * one_map, peak  # the measurement sees the maps ...
     assert peak["cat"] < one_map, peak  # ... and ours keeps none
@@ -225,3 +227,41 @@ def test_compiled_section_through_the_cli(tmp_path):
         assert (r["compile_backend"] == "aot_eager") == r["method"].endswith("_compiled"), r
     assert (tmp_path / "compiled.png").stat().st_size > 0
     assert "## Compiled training step" in (tmp_path / "summary.md").read_text()
+
+
+def test_answer_rows_adjacency_follows_the_released_stg_annotations():
+    """The benchmark's STG-like adjacency at STG_E's length is what the released annotations give through the
+    adjacency builder (edge rows and their place, 2-4 spans of ~4 tokens), and keeps those fractions at long T."""
+    import json
+
+    from causal_attn.data.adjacency import encode_example
+    from causal_attn.data.tokenizers import load_tokenizer
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cat", "stg_e", "train_M.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip(f"no released STG data at {path}")
+
+    def pattern(dense):  # (edge rows, first edge row counted from the end, spans, mean span length) of one sample
+        rows = dense.any(-1).nonzero().flatten().tolist()
+        cols = dense.any(0).nonzero().flatten().tolist()
+        spans = sum(1 for i, c in enumerate(cols) if i == 0 or c != cols[i - 1] + 1)
+        return len(rows), dense.shape[0] - rows[0], spans, len(cols) / spans
+
+    tok = load_tokenizer("qwen2")
+    released = []
+    with open(path) as f:
+        for line in list(f)[:8]:
+            r = json.loads(line)
+            ex = encode_example(r["input"], r["target"], r["important"], tok)
+            T = len(ex["input_ids"])
+            dense = torch.zeros(T, T, dtype=torch.bool)
+            dense[tuple(torch.tensor(ex["edges"]).T)] = True
+            released.append(pattern(dense))
+    ours = [pattern(d) for d in bench_kernels.answer_rows_graph(8, 66, torch.Generator().manual_seed(1)).to_dense()]
+    assert {p[:2] for p in released} == {p[:2] for p in ours} == {(2, 4)}, (released, ours)
+    for p in released + ours:
+        assert 2 <= p[2] <= 4 and 3 <= p[3] <= 5, (released, ours)
+    for d in bench_kernels.answer_rows_graph(2, 4096, torch.Generator().manual_seed(2)).to_dense():
+        rows, back, spans, length = pattern(d)
+        assert rows == round(4096 * 2 / 66) and back == 4096 - int(4096 * (1 - 4 / 66)) and 2 <= spans <= 4
+        assert length == round(4096 * 4 / 66)

@@ -4,6 +4,7 @@ registry's import layering, and the backward against the oracle on CUDA (the onl
 import ast
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -93,11 +94,71 @@ def test_block_masks_are_reused_for_one_adjacency_and_rebuilt_after_an_edit():
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 40, 16, torch.float32, padding="left")
     graph = CausalGraph.from_dense(adj)
-    first = flex.block_masks(graph.packed, kpm, None, 2, 40, q.device)
-    assert flex.block_masks(graph.packed, kpm.clone(), None, 2, 40, q.device) is first  # equal padding: reused
+    first = flex.block_masks(graph, kpm, None, 2, 40, q.device)
+    assert flex.block_masks(graph, kpm.clone(), None, 2, 40, q.device) is first  # equal padding: reused
     graph.packed[0, 30] ^= 1  # an in-place edit bumps the version: rebuilt, and the mass follows the edit
-    assert flex.block_masks(graph.packed, kpm, None, 2, 40, q.device) is not first
+    assert flex.block_masks(graph, kpm, None, 2, 40, q.device) is not first
     check_forward_against_oracle(_flex(graph, kpm), q, k, v, graph.to_dense(), kpm, seed)
+
+
+def test_mask_cache_is_bounded_thread_safe_and_lets_adjacencies_go():
+    """Threads share the cache (each result equals a single-threaded one); an adjacency's block masks go with its
+    graph, at most PER_GRAPH per graph; those without adjacency stay within MAX_PLAIN."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from causal_attn import flex
+
+    cases = [make_case(2, 2, 1, T, 16, torch.float32, padding="left") for T in (24, 40, 57)]
+    graphs = [CausalGraph.from_dense(c[3]) for c in cases]
+
+    def run(i):
+        q, k, v, _, kpm, _ = cases[i % 3]
+        with torch.no_grad():
+            return causal_attn.attention(q, k, v, graphs[i % 3], key_padding_mask=kpm, backend="flex")
+
+    expected = [run(i) for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, range(24)))
+    for i, (out, mass) in enumerate(got):
+        assert torch.equal(out, expected[i % 3][0]) and torch.equal(mass, expected[i % 3][1]), i
+    for T in range(20, 30):  # distinct paddings of one graph, then graph-less calls: both kinds stay bounded
+        flex.block_masks(graphs[0], torch.rand(2, 24) > 0.2, None, 2, 24, "cpu")
+        flex.block_masks(None, None, None, 1, T, "cpu")
+    with flex._lock:
+        assert len(flex._by_graph[graphs[0]]) == flex.PER_GRAPH and len(flex._plain) == flex.MAX_PLAIN
+    packed = weakref.ref(graphs[1].packed)
+    del graphs[1], got, expected, cases[1]
+    gc.collect()
+    assert packed() is None  # nothing kept the adjacency alive
+
+
+def test_flex_compiles_a_bounded_number_of_times_over_a_range_of_lengths(monkeypatch):
+    """The compiled path (CUDA's) over lengths 40..515, with and without padding: one graph per entry point for
+    lengths within one Flex block (<= 128), one more for all longer ones, none per length. Run on CPU with dynamo's
+    "eager" backend (FlexAttention's compiled CPU kernel returns no LSE): the guards, and so the recompiles, are
+    dynamo's; Inductor on CUDA may add its own, which the GPU kit counts (docs/gpu.md)."""
+    from causal_attn import flex
+
+    monkeypatch.setattr(flex, "COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(flex, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(flex, "_compiled", {})
+    start = flex.compile_counts()
+    if not start:
+        pytest.skip("this torch cannot list dynamo's cache entries")
+    counts = []
+    for i, T in enumerate((40, 77, 129, 200, 333, 515)):
+        q, k, v, adj, kpm, seed = make_case(2, 4, 2, T, 16, torch.float32, padding="left" if i % 2 else "none")
+        graph = CausalGraph.from_dense(adj)
+        with torch.no_grad():
+            for _layer in range(2):
+                out, mass = causal_attn.attention(q, k, v, graph, key_padding_mask=kpm, backend="flex")
+        if i == 3:
+            check_forward_against_oracle(_flex(graph, kpm), q, k, v, adj, kpm, seed)
+        counts.append({n: c - start[n] for n, c in flex.compile_counts().items()})
+    assert counts[0] == dict.fromkeys(start, 1), counts
+    assert counts[-1] == counts[2] == dict.fromkeys(start, 2), counts  # 129 .. 515: one graph for them all
+    print("flex compiles per entry point after lengths 40, 77, 129, 200, 333, 515:", counts)
 
 
 def test_patch_model_trains_nothing_but_matches_the_cpu_backend_forward():

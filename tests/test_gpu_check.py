@@ -2,6 +2,7 @@
 the same code path on tiny shapes with CPU tensors under TRITON_INTERPRET=1."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,35 +30,49 @@ def test_dry_run_writes_every_section(tmp_path):
     res = _gpu_check("--dry-run", "--out", str(out))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["correctness.csv", "kernels.csv", "kernels.png", "summary.md", "train_step.csv",
-                     "train_step.png"], files
+    assert files == ["budget.csv", "correctness.csv", "kernels.csv", "kernels.png", "summary.md", "tests.csv",
+                     "train_step.csv", "train_step.png"], files
     assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
 
+    tests = _rows(out / "tests.csv")  # pytest -m cuda: the Triton and Flex-backward tests, all skipped without CUDA
+    assert len(tests) == 53 and {r["outcome"] for r in tests} == {"SKIPPED"}, tests[:3]
+    assert {r["test"].split("::")[0] for r in tests} == {"tests/test_triton.py", "tests/test_flex.py"}
+
     corr = _rows(out / "correctness.csv")
-    attention = [r for r in corr if r["part"] == "attention"]
-    assert len(attention) == 12 and {r["dtype"] for r in attention} == {"float32", "float16"}
+    attention = [r for r in corr if r["part"] == "attention"]  # the GPU cases at T <= 40, fp32 and fp16
+    assert len(attention) == 14 and {r["dtype"] for r in attention} == {"float32", "float16"}
     assert [r for r in corr if r["status"] != "ok"] == []
     assert {r["family"] for r in corr if r["part"] == "patch_model"} == {"llama", "qwen2"}
     for r in attention:  # the errors are measured, not assumed: finite and of the dtype's order
         assert 0 <= float(r["out_err"]) < (1e-3 if r["dtype"] == "float32" else 1e-2), r
     flex = [r for r in corr if r["part"] == "flex"]  # CPU: forward only (torch has no CPU Flex backward)
-    assert len(flex) == 4 and {r["dtype"] for r in flex} == {"float32", "bfloat16"}
+    assert len(flex) == 2 and {r["dtype"] for r in flex} == {"float32", "bfloat16"}
     for r in flex:
         assert r["status"] == "ok" and r["grads"] == "False" and r.get("dq_err", "") == "", r
         assert 0 <= float(r["mass_err"]) < 1e-4, r
         assert 0 <= float(r["out_err"]) < (1e-4 if r["dtype"] == "float32" else 5e-2), r
 
-    kern = _rows(out / "kernels.csv")
-    assert len(kern) == 2 * 4  # T x methods (GQA on, one head dim)
-    assert {r["method"] for r in kern} == {"cat", "cat_nomass", "flex_cat", "sdpa_flash"}
+    kern = _rows(out / "kernels.csv")  # per T: the methods with mass on both adjacency kinds, the others once
+    assert sorted((r["T"], r["method"], r["adjacency"]) for r in kern) == sorted(
+        (T, m, a) for T in ("32", "64") for m, a in [("cat", "random"), ("cat", "answer_rows"), ("flex_cat", "random"),
+                                                  ("flex_cat", "answer_rows"), ("cat_nomass", "none"),
+                                                  ("sdpa_flash", "none")])
     for r in kern:
         assert r["Hq"] != r["Hkv"], r
         if r["method"] == "flex_cat":  # CPU FlexAttention has no backward
             assert r["status"].startswith("ok: forward only") and float(r["fwd_ms"]) > 0, r
+            assert 0 < float(r["flex_second_call_blocks"]) <= 1, r
         else:
             assert r["status"] == "ok", r
             assert float(r["fwdbwd_ms"]) > 0 and float(r["fwdbwd_x_sdpa"]) > 0
     assert all(r["autotune"] == "pinned interpreter config" for r in kern if r["method"] == "cat")
+
+    budget = {r["section"]: r for r in _rows(out / "budget.csv")}  # counted, then predicted for the GPU plan
+    assert list(budget) == ["tests", "correctness", "kernels", "train"]
+    assert int(budget["correctness"]["triton_launches"]) > 0 and int(budget["kernels"]["triton_binaries"]) > 0
+    assert int(budget["kernels"]["flex_call_graphs"]) > 0 and int(budget["train"]["gpu_measurements"]) == 16
+    assert budget["tests"]["predicted_gpu_s"] == "" and all(
+        float(budget[s]["predicted_gpu_s"]) > 0 for s in ("correctness", "kernels", "train"))
 
     train = _rows(out / "train_step.csv")
     assert sorted((r["model"], r["method"], r["T"]) for r in train) == sorted(
@@ -70,12 +85,14 @@ def test_dry_run_writes_every_section(tmp_path):
             assert r["status"] == "ok" and float(r["step_ms"]) > 0, r
 
     summary = (out / "summary.md").read_text()
-    for heading in ("# GPU check (dry run", "## Goals", "## Correctness: Triton", "## Correctness: backend='flex'",
+    for heading in ("# GPU check (dry run", "## Goals", "## CUDA tests (`pytest -m cuda`)", "53 tests: 53 skipped",
+                    "## Time budget", "Predicted GPU time:", "## Correctness: Triton", "## Correctness: backend='flex'",
                     "patch_model vs Hugging Face eager", "## Kernels", "Autotune choice",
                     "## Training step: llama-0.9B", "## Training step: smollm2-135M"):
         assert heading in summary, heading
     for goal in ("plain SDPA step", "faster than Flex CAT", "SDPA flash's"):
         assert goal in summary, goal
+    assert "D=16 T=32 answer_rows" in summary and "D=16 T=32 random" in summary  # goals judged on both kinds
     assert "cut:" not in summary
 
 
@@ -84,7 +101,7 @@ def test_budget_cuts_cases_and_says_so(tmp_path):
     res = _gpu_check("--dry-run", "--out", str(out), "--budget-s", "0.2", "--sections", "kernels")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     kern = _rows(out / "kernels.csv")
-    assert len(kern) == 4  # the first case always runs; the second would overrun the 0.09 s share
+    assert len(kern) == 6  # the first case always runs; the second would overrun the section's 0.2 s
     summary = (out / "summary.md").read_text()
     assert "kernels: cut: 1 case(s) not started" in summary
 
@@ -94,3 +111,20 @@ def test_without_cuda_says_what_to_do(tmp_path):
     res = _gpu_check("--out", str(tmp_path / "x"), timeout=300)
     assert res.returncode != 0
     assert "no CUDA device" in res.stderr and "--dry-run" in res.stderr
+
+
+def test_output_folder_is_chosen_by_the_checkout_marker(monkeypatch, tmp_path):
+    """In a checkout (marker benchmarks/results/README.md, whatever the folder is called) results go to
+    benchmarks/results/gpu/<gpu>/, which git ignores for the dry run; elsewhere to ./causal_attn_gpu/<gpu>/."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    plan = gpu_check.Plan.make(True)
+    assert os.path.isfile(gpu_check.CHECKOUT_MARKER)
+    assert gpu_check.default_out(plan) == os.path.join(ROOT, "benchmarks", "results", "gpu", "dry-run")
+    monkeypatch.setattr(gpu_check, "CHECKOUT_MARKER", str(tmp_path / "absent" / "README.md"))
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.default_out(plan) == str(tmp_path / "causal_attn_gpu" / "dry-run")
+    if shutil.which("git") and os.path.exists(os.path.join(ROOT, ".git")):  # a git checkout (or worktree)
+        res = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/gpu/dry-run/summary.md"], cwd=ROOT)
+        assert res.returncode == 0, "the dry run's folder must be ignored by git"

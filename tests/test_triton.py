@@ -34,6 +34,7 @@ def _triton(adj, kpm, scale=None):
     return lambda q, k, v: causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, scale=scale, backend="triton")
 
 
+@pytest.mark.cuda  # the device tests: `pytest -m cuda` (make gpu-check) runs them on a GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda s: "B{}-H{}/{}-T{}-D{}-{}-{}-x{:g}".format(*s))
 def test_matches_fp64_oracle(case, dtype):
@@ -45,6 +46,7 @@ def test_matches_fp64_oracle(case, dtype):
     print(f"ERRORS {dtype} {case} " + " ".join(f"{n}={o:.3e}/{e:.3e}" for n, (o, e) in errs.items()))
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda s: "B{}-H{}/{}-T{}-D{}-{}-{}-x{:g}".format(*s))
 def test_segments_match_fp64_oracle(case, dtype):
@@ -62,6 +64,7 @@ def test_segments_match_fp64_oracle(case, dtype):
     print(f"ERRORS segments {dtype} {case} " + " ".join(f"{n}={o:.3e}/{e:.3e}" for n, (o, e) in errs.items()))
 
 
+@pytest.mark.cuda
 def test_scale_graph_and_strided_inputs():
     """transformers hands q/k/v as transposes of (B, T, H, D); a CausalGraph and an explicit scale."""
     _require_device()
@@ -72,6 +75,7 @@ def test_scale_graph_and_strided_inputs():
     check_against_oracle(_triton(graph, kpm, scale=0.29), qt, kt, vt, adj, kpm, seed, scale=0.29)
 
 
+@pytest.mark.cuda
 def test_gradient_through_out_only_with_adjacency():
     """Mass unused -> dmass is None -> the backward drops the g terms."""
     _require_device()
@@ -85,6 +89,7 @@ def test_gradient_through_out_only_with_adjacency():
         assert max_err(a, b) < 1e-4, f"d{name} (seed {seed})"
 
 
+@pytest.mark.cuda
 def test_no_nan_on_fully_padded_rows_and_deterministic_backward():
     _require_device()
     q, k, v, adj, kpm, seed = make_case(3, 2, 1, 40, 16, torch.float16, padding="left", logit_scale=400.0,
@@ -103,6 +108,7 @@ def test_no_nan_on_fully_padded_rows_and_deterministic_backward():
     assert (first[0].float()[no_key] == 0).all() and (first[1][no_key] == 0).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_attention_map_diagnostic(packed):
     """Buffer += weight * sum over heads of P: equals the oracle's head-averaged map for weight 1/H."""
@@ -120,6 +126,7 @@ def test_attention_map_diagnostic(packed):
     assert max_err(buf - 0.5, p.mean(1)) < 1e-5, f"seed {seed}"
 
 
+@pytest.mark.cuda
 def test_unsupported_inputs_raise():
     _require_device()
     q = torch.randn(1, 1, 8, 16, dtype=torch.float64, device=DEVICE)
