@@ -2,7 +2,7 @@
 same two steps in eager mode.
 
 Cases (``--compiled-cases``):
-    T512, T1024, T2048  the train-step benchmark's Llama (4 layers, hidden 256, 8 heads, vocab 1024), B 2, random
+    T512, T1024, T2048  (any T<n>) the train-step benchmark's Llama (4 layers, hidden 256, 8 heads, vocab 1024), B 2, random
                         tokens and an STG-shaped adjacency (``bench_train_step``)
     smollm2             SmolLM2-135M with LoRA r 8 on q/k/v/o on its first 8 released STG_M records (``bench_pretrained``)
 Methods: ``sdpa`` and ``cat`` (eager), ``sdpa_compiled`` and ``cat_compiled`` (the model wrapped in
@@ -12,8 +12,9 @@ zero_grad, forward, loss (+ gamma * ``handle.loss()`` for CAT), backward, AdamW 
 Timing: the four steps interleaved per round after warm-up rounds (the first call of a shape compiles; the tiny
 cases run in one process, so T1024 recompiles once with a dynamic length and T2048 reuses it, as in a run whose
 batches vary in length). Ratios are medians of per-round ratios: eager CAT / eager SDPA, compiled CAT / compiled
-SDPA. Memory: per method the RSS high-water growth of one more step over the resident set before it, in this
-process after the timing (every method warm), so compiled code and caches are not counted.
+SDPA. Memory: per method the median of 3 measurements of the RSS high-water growth of one more step over the
+resident set before it, in this process after the timing (every method warm), so compiled code and caches are not
+counted. On CPU the tiny cases run on ``--threads`` threads (default 1) and smollm2 on ``--pretrained-threads``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from common import (fmt, interleaved_times, machine_fields, measure_peak, num, s
                     summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "sdpa_compiled", "cat_compiled")
-CASES = {"T512": 512, "T1024": 1024, "T2048": 2048, "smollm2": None}  # name -> T of the tiny Llama, None: SmolLM2
+CASES = ("T512", "T1024", "T2048", "smollm2")  # T<n>: the tiny Llama at T = n; smollm2: the real checkpoint
 TINY_BATCH = 2
 TARGETS = {"time": 1.00, "memory": 1.05}  # compiled CAT / compiled SDPA
 
@@ -67,7 +68,7 @@ def run_sweep(args, log=print) -> list[dict]:
     machine = machine_fields()
     rows, tiny = [], None
     for case in args.compiled_cases:
-        T = CASES[case]
+        T = None if case == "smollm2" else int(case[1:])
         if T is None:
             if device.type == "cpu":
                 torch.set_num_threads(args.pretrained_threads or os.cpu_count() or 1)
@@ -85,7 +86,8 @@ def run_sweep(args, log=print) -> list[dict]:
                                     budget_s=args.compiled_case_budget)
         eager = summarize({m: samples[m] for m in ("sdpa", "cat")}, base="sdpa")
         compiled = summarize({m: samples[m] for m in ("sdpa_compiled", "cat_compiled")}, base="sdpa_compiled")
-        peaks = {m: measure_peak(b.step) for m, b in benches.items()} if device.type == "cpu" else {}
+        peaks = {m: statistics.median(measure_peak(b.step) for _ in range(3)) for m, b in benches.items()} \
+            if device.type == "cpu" else {}
         for m in METHODS:
             times = {**eager, **compiled}[m]
             base = "sdpa_compiled" if m.endswith("_compiled") else "sdpa"
@@ -157,8 +159,15 @@ def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     return {"compiled_png": path}
 
 
+def _case(text: str) -> str:
+    if text == "smollm2" or (text[:1] == "T" and text[1:].isdigit() and int(text[1:]) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use T<n> (e.g. T1024) or smollm2")
+
+
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--compiled-cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--compiled-cases", nargs="+", default=list(CASES), type=_case,
+                   help="T<n> (the tiny Llama at T = n) or smollm2")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled steps")
     p.add_argument("--compiled-warmup", type=int, default=2,
                    help="untimed rounds per case (the first call of a shape compiles)")
