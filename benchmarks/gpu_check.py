@@ -6,28 +6,34 @@ Sections, in this order, inside one budget (``--budget-s``, default 510 s: a 10-
 section gets its share (:data:`SECTIONS`) of the time still left, so what one leaves unused goes to the next; a
 case that would run past its section's time is not started and the summary lists what was cut.
 
-    tests        ``pytest -m cuda``: the Triton and Flex-backward tests that skip without a GPU (53), results
-                 per test; what the section's time does not reach is listed as not run
-    correctness  the Triton backend against the fp64 oracle with FlashAttention's rule (fp16, bf16, fp32; GQA,
-                 left/right padding, odd T, large logits, an all-padding sample); ``backend="flex"`` (CAT on
-                 FlexAttention, mass from two LSEs) against the same oracle, out, mass and gradients, in bf16 and
-                 fp32; ``patch_model`` against Hugging Face eager attention on tiny Llama / Qwen2 in bf16
-    kernels      forward, backward, forward+backward of ours with and without mass, Flex CAT (two compiled Flex
-                 calls, ``backend="flex"``) and torch SDPA forced to its flash backend (no mass); bf16, GQA 16 / 4
-                 heads, D 64 / 128, T 2k / 8k / 16k at 16k tokens per batch; ours with mass and Flex CAT on two
-                 adjacency kinds (``adjacency`` column): ``random`` (5 % of allowed pairs) and ``answer_rows``
-                 (STG-like, bench_kernels.answer_rows_graph); ``do_bench`` medians, TFLOP/s with causal FLOPs of one
-                 attention (Flex CAT's second call counts as overhead), ``max_memory_allocated``
-    train        one AdamW step, bf16, batch 1, T 2k and 8k, of a ~0.9B random Llama (16 layers, hidden 2048,
-                 16 / 4 heads) and of SmolLM2-135M's shape (30 layers, hidden 576, 9 / 3 heads, vocab 49152,
-                 random weights): plain SDPA, CAT through ``patch_model`` on our kernels, on Flex, the authors' way
+    tests        ``pytest -m cuda``: the Triton, Flex-backward and compiled-model tests that skip without a GPU
+                 (55), results per test; what the section's time does not reach is listed as not run
+    correctness  the Triton backend against the fp64 oracle with FlashAttention's rule in bf16, each launch on the
+                 first config of its list (``flash_mass.pin_first_config``: one binary per variant, no autotuning;
+                 the CUDA tests check fp16 / bf16 / fp32 on the autotuned path and ``backend="flex"``): GQA,
+                 left/right padding, odd T, head dims 64 / 128 / 256, large logits, an all-padding sample;
+                 ``patch_model`` against Hugging Face eager attention on tiny Llama / Qwen2 in bf16
+    kernels      forward, backward, forward+backward of ours with mass, Flex CAT (two compiled Flex calls,
+                 ``backend="flex"``) and torch SDPA forced to its flash backend (no mass); bf16, GQA 16 / 4 heads,
+                 D 128, T 2k / 8k at 16k tokens per batch; ours and Flex CAT on two adjacency kinds (``adjacency``
+                 column): ``random`` (5 % of allowed pairs) and ``answer_rows`` (STG-like,
+                 bench_kernels.answer_rows_graph); ``do_bench`` medians, TFLOP/s with causal FLOPs of one attention
+                 (Flex CAT's second call counts as overhead), ``max_memory_allocated``
+    train        one AdamW step, bf16, batch 1, of a ~0.9B random Llama (16 layers, hidden 2048, 16 / 4 heads):
+                 plain SDPA and CAT through ``patch_model`` on our kernels at T 2k and 8k, the authors' way at 2k,
+                 then, last (the budget cuts it first), the compiled step at 2k: both models wrapped in
+                 ``torch.compile`` (Inductor; ``aot_eager`` in the dry run) after patching
+
+What was cut from an earlier, larger plan to fit the budget, and why: docs/gpu.md.
 
 A new section is one function ``fn(plan, sec, log, save) -> (rows, notes)`` and one entry of :data:`SECTIONS`.
 
 The summary names each goal, met or not, on both adjacency kinds: our CAT step <= 1.10x the plain SDPA step;
-ours >= 1.5x faster than Flex CAT in forward+backward; our kernel's TFLOP/s >= 0.8x SDPA flash's; beside them the
-CUDA test results, and the time budget: per section the wall time, what it compiled (Triton binaries, Flex graphs)
-and timed, and the GPU time predicted from those counts (benchmarks/gpu_budget.py).
+ours >= 1.5x faster than Flex CAT in forward+backward; our kernel's TFLOP/s >= 0.8x SDPA flash's; the compiled CAT
+step <= 1.00x the compiled plain SDPA step's time and <= 1.05x its peak memory; beside them the
+CUDA test results, and the time budget: per section the wall time, what it compiled (Triton binaries, Flex graphs,
+torch.compile graphs) and timed, and the GPU time predicted from those counts
+(benchmarks/gpu_budget.py).
 
 Output (``benchmarks/results/gpu/<gpu name>/`` in a checkout, found by the marker file
 ``benchmarks/results/README.md``, which installs do not ship): summary.md, tests.csv, correctness.csv,
@@ -39,7 +45,8 @@ tests/ folder) becomes one line in the summary and the rest still runs.
 
 ``--dry-run``: the same code path on tiny shapes with CPU tensors under ``TRITON_INTERPRET=1`` (float16
 where the GPU run uses bfloat16, which the interpreter cannot compute; Flex runs forward only, torch has no CPU
-Flex backward, through the compiled path with dynamo's eager backend), so the kit is known to execute before any
+Flex backward, through the compiled path with dynamo's eager backend; the compiled training step with
+``aot_eager``, Inductor's C++ compiles being minutes on a small CPU), so the kit is known to execute before any
 GPU sees it (``tests/test_gpu_check.py`` runs it in ``make test``); it writes ``benchmarks/results/gpu/dry-run/``
 (ignored by git) unless ``--out`` says otherwise.
 """
@@ -66,42 +73,41 @@ import gpu_report  # noqa: E402
 from bench_kernels import ADJACENCY_KINDS, Case, causal_flops, make_inputs, make_method  # noqa: E402
 from bench_train_step import StepBench, projected_authors_gib  # noqa: E402
 from common import do_bench_phases, measure_peak_cuda, read_csv, timed_phases, write_csv  # noqa: E402
-from gpu_report import KERNEL_METHODS, TRAIN_METHODS, fmt, plots, summary  # noqa: E402
+from gpu_report import fmt, plots, summary  # noqa: E402
 
 DEFAULT_BUDGET_S = 510.0  # (gpu_report.budget_section says the same) 8.5 minutes: one 10-minute call with margin for start-up and the report
 DRY_BUDGET_S = 1800.0  # the dry run checks that the code runs: nothing of it is cut on a loaded machine
 # (B, Hq, Hkv, T, D, padding, adjacency, logit scale): tails of every GPU tile size, GQA 4:1 and MQA, head dims
 # 64 / 80 (padded) / 128 / 256, an all-padding sample (B = 3 with padding), logits 30x the unit scale
+# Cut from this list to the CUDA tests (numerics.TRITON_CASES, autotuned, fp32 / fp16 / bf16), each case here being
+# four more Triton binaries (~9 s): T = 1 at D = 16, and MQA at D = 80 with a full adjacency. The last two cases add
+# no binary (their launch variants are those of the second and third).
 GPU_CASES = [
-    (1, 1, 1, 1, 16, "none", "random", 1.0),
     (2, 16, 4, 1000, 64, "left", "random", 1.0),
     (1, 8, 8, 2049, 128, "right", "random", 1.0),
-    (2, 4, 1, 333, 80, "none", "full", 1.0),
     (1, 4, 2, 257, 256, "left", "random", 1.0),
     (2, 4, 2, 515, 128, "right", "random", 30.0),
     (3, 2, 1, 129, 64, "left", "empty", 1.0),
 ]
-# Flex compiles per shape and dtype (forward and backward, two mask_mods, ~30 s): one case covering much: GQA 4:1,
-# left padding with an all-padding sample (B = 3), rows without adjacency, odd T, logits 30x the unit scale
-FLEX_GPU_CASES = [
-    (3, 8, 2, 515, 64, "left", "random", 30.0),
-]
-# The dry run mirrors the GPU cases at T <= 40 (the interpreter's pace; lengths stay off multiples of 16): the same head dims, flags and odd lengths,
-# so it launches the same kernel variants and compiles the same Flex graphs the GPU run will (its census predicts
+# The dry run mirrors the GPU cases at T <= 40 (the interpreter's pace; lengths stay off multiples of 16): the same
+# head dims, flags and odd lengths, so it launches the same kernel variants the GPU run will (its census predicts
 # the GPU's compile time, benchmarks/gpu_budget.py)
 DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in GPU_CASES]
-FLEX_DRY_CASES = [(B, Hq, Hkv, min(T, 40), D, pad, adj, x) for B, Hq, Hkv, T, D, pad, adj, x in FLEX_GPU_CASES]
+# backend="flex" against the oracle is left to the CUDA tests (test_flex.py: forward and backward, fp32 and bf16,
+# the Triton cases and one more): a case here compiled four more Flex graphs (about 40 s) for a table of errors.
+# A case is (B, Hq, Hkv, T, D, padding, adjacency, logit scale), as above.
+FLEX_GPU_CASES: list = []
+FLEX_DRY_CASES: list = []
+# One model (the ~0.9B Llama: GQA 16 / 4, head dim 128, the kernels section's shape, so it compiles no Triton binary
+# of its own). SmolLM2-135M's shape (head dim 64) would add a head-dim class of Triton binaries and its own Flex and
+# Inductor graphs; the CPU benchmarks cover it (causal-attn bench: pretrained, compiled).
 TRAIN_MODELS_GPU = {
     "llama-0.9B": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                        num_attention_heads=16, num_key_value_heads=4),
-    "smollm2-135M": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
 TRAIN_MODELS_DRY = {
     "llama-0.9B": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2),
-    "smollm2-135M": dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True),
 }
 
 
@@ -122,20 +128,29 @@ class Plan:
     head_dims: tuple
     train_models: dict
     train_seq_lens: tuple
+    compiled_seq_lens: tuple  # the compiled training step's lengths (one: each new length is another compile)
+    compile_backend: str  # torch.compile backend of the compiled step (GPU: Inductor)
+    kernel_methods: tuple = ("cat", "flex_cat", "sdpa_flash")
+    train_methods: tuple = ("sdpa", "cat", "authors")  # eager; then COMPILED_METHODS, last (cut first)
     patch_families: tuple = ("llama", "qwen2")
 
     @staticmethod
     def make(dry: bool) -> "Plan":
+        # Correctness in one dtype (the GPU's bfloat16; the dry run's float16 stands for it), each launch variant
+        # pinned to its first config (flash_mass.pin_first_config): the CUDA tests check fp16, bf16 and fp32 on the
+        # autotuned path. Kernels at one head dim and two lengths; the dry run's lengths keep the adjacency at two
+        # words or more and B off 1 and off the head counts, so dynamo compiles Flex's functions once each, as on the
+        # GPU (B 8 and 2; T 32 at one word would specialise and compile twice). The training step at the kernels'
+        # lengths and head dim (GPU and dry run alike), so it compiles and autotunes no Triton launch of its own.
         if dry:
-            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float32, torch.float16), DRY_CASES,
-                        FLEX_DRY_CASES, (torch.float32, torch.bfloat16), kernel_tokens=128, kernel_seq_lens=(32, 64),
+            return Plan(True, torch.device("cpu"), "triton", torch.float16, (torch.float16,), DRY_CASES,
+                        FLEX_DRY_CASES, (torch.float32, torch.bfloat16), kernel_tokens=160, kernel_seq_lens=(48, 80),
                         kernel_heads=(4, 1), head_dims=(16,), train_models=TRAIN_MODELS_DRY,
-                        train_seq_lens=(32, 64))
-        return Plan(False, torch.device("cuda"), "auto", torch.bfloat16,
-                    (torch.float16, torch.bfloat16, torch.float32), GPU_CASES, FLEX_GPU_CASES,
-                    (torch.bfloat16, torch.float32), kernel_tokens=16384, kernel_seq_lens=(2048, 8192, 16384),
-                    kernel_heads=(16, 4), head_dims=(128, 64), train_models=TRAIN_MODELS_GPU,
-                    train_seq_lens=(2048, 8192))
+                        train_seq_lens=(48, 80), compiled_seq_lens=(48,), compile_backend="aot_eager")
+        return Plan(False, torch.device("cuda"), "auto", torch.bfloat16, (torch.bfloat16,), GPU_CASES, FLEX_GPU_CASES,
+                    (torch.bfloat16, torch.float32), kernel_tokens=16384, kernel_seq_lens=(2048, 8192),
+                    kernel_heads=(16, 4), head_dims=(128,), train_models=TRAIN_MODELS_GPU,
+                    train_seq_lens=(2048, 8192), compiled_seq_lens=(2048,), compile_backend="inductor")
 
 
 @dataclass
@@ -149,9 +164,10 @@ class Section:
     measurements: int = 0  # timed cases (gpu_budget counts them)
     oracle_cases: int = 0
 
-    def admit(self, what: str) -> bool:
+    def admit(self, what: str, estimate_s: float = 0.0) -> bool:
+        """``estimate_s``: the case's expected seconds where the previous case's are no guide (a compile)."""
         now = time.monotonic()
-        if now - self.start + self.last > self.seconds:
+        if now - self.start + max(self.last, estimate_s) > self.seconds:
             self.cut.append(what)
             return False
         self._case_start = now
@@ -253,12 +269,22 @@ def correctness(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[s
     if tests not in sys.path:
         sys.path.insert(0, tests)
     rows, notes = [], []
+    from causal_attn.kernels import flash_mass
+
+    with flash_mass.pin_first_config():  # one binary per launch variant; the CUDA tests take the autotuned path
+        _correctness(plan, sec, log, save, rows, notes, tests)
+    return rows, notes
+
+
+def _correctness(plan: Plan, sec: Section, log, save, rows: list, notes: list, tests: str):
     for case in plan.cases:
         for dtype in plan.dtypes:
             _oracle_case(plan, sec, log, rows, "attention", plan.backend, case, dtype, grads=True)
             save(rows)
     flex_problem = _flex_available()
-    if flex_problem:
+    if not plan.flex_cases:
+        notes.append("correctness: backend='flex' against the oracle is left to the CUDA tests (test_flex.py)")
+    elif flex_problem:
         notes.append(f"correctness: backend='flex' not checked ({flex_problem})")
     else:  # Flex differentiates on CUDA only
         for case in plan.flex_cases:
@@ -271,7 +297,6 @@ def correctness(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[s
             sec.done()
             save(rows)
             log(f"correctness patch_model {family}: {rows[-1]['status']}")
-    return rows, notes
 
 
 def _oracle_case(plan: Plan, sec: Section, log, rows: list, part: str, backend: str, case, dtype, grads: bool):
@@ -433,7 +458,7 @@ def _kernel_case(plan: Plan, sec: Section, case: Case, flex_problem: str | None)
     inputs[ADJACENCY_KINDS[0]] = first
     base = dict(T=case.T, B=case.B, D=case.D, Hq=case.Hq, Hkv=case.Hkv, gqa=case.gqa, dtype=_dtype_name(plan.low))
     rows, times = [], {}
-    for name in KERNEL_METHODS:
+    for name in plan.kernel_methods:
         for kind in (ADJACENCY_KINDS if name in MASS_METHODS else ("none",)):
             row = dict(base, method=name, adjacency=kind)
             rows.append(row)
@@ -496,59 +521,102 @@ def _autotune_choices(case: Case) -> str:
 
 
 # ------------------------------------------------------------------------------------------ training step
+COMPILED_METHODS = ("sdpa_compiled", "cat_compiled")  # the StepBench model wrapped in torch.compile after patching
+
+
+def _train_jobs(plan: Plan) -> list[tuple[str, str, tuple]]:
+    """(model, method, lengths) in the order they run: every eager method, then the compiled steps (each an
+    Inductor compile of the whole model, the most expensive cases), last so that the budget cuts them first."""
+    # the authors' way at the first length only: at the GPU's second (8k) its maps (~170 GB by
+    # projected_authors_gib) fit no card, the run would only record the skip
+    jobs = [(m, method, plan.train_seq_lens[:1] if method == "authors" else plan.train_seq_lens)
+            for m in plan.train_models for method in plan.train_methods]
+    return jobs + [(m, method, plan.compiled_seq_lens) for m in plan.train_models for method in COMPILED_METHODS]
+
+
 def train(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     B = 1
-    for model_name, model in plan.train_models.items():
-        for method in TRAIN_METHODS:
-            bench = None
-            for T in plan.train_seq_lens:
-                row = dict(model=model_name, method=method, T=T, B=B, dtype=_dtype_name(plan.low),
-                           params_m=sum(_param_counts(model).values()) / 1e6)
-                rows.append(row)
-                if method == "authors" and plan.device.type == "cuda":
-                    need = projected_authors_gib(T, B, model, bytes_per_value=2)
-                    free = torch.cuda.mem_get_info()[0] / 2**30
-                    if need > 0.8 * free:
-                        row["status"] = f"skipped: projected {need:.0f} GiB of maps > 80% of the {free:.0f} GiB free"
-                        save(rows)
-                        continue
-                if not sec.admit(f"{model_name} {method} T={T}"):
-                    row["status"] = "cut"
+    for model_name, method, seq_lens in _train_jobs(plan):
+        model = plan.train_models[model_name]
+        compiled = method in COMPILED_METHODS
+        bench = None
+        for T in seq_lens:
+            row = dict(model=model_name, method=method, T=T, B=B, dtype=_dtype_name(plan.low),
+                       params_m=sum(_param_counts(model).values()) / 1e6)
+            rows.append(row)
+            if method == "authors" and plan.device.type == "cuda":
+                need = projected_authors_gib(T, B, model, bytes_per_value=2)
+                free = torch.cuda.mem_get_info()[0] / 2**30
+                if need > 0.8 * free:
+                    row["status"] = f"skipped: projected {need:.0f} GiB of maps > 80% of the {free:.0f} GiB free"
                     save(rows)
                     continue
-                try:
-                    bench = bench or _step_bench(plan, model, method, B)
-                    bench.prepare(T, B)
-                    if method == "cat_flex" and plan.device.type != "cuda":
-                        row.update(_forward_only(plan, sec, bench))
-                    else:
-                        t = _time(plan, sec, bench.forward_loss, bench.backward_step)
-                        row["step_ms"], row["forward_ms"] = t["fwdbwd"] * 1e3, t["fwd"] * 1e3
-                        if plan.device.type == "cuda":
-                            row["peak_mib"] = measure_peak_cuda(bench.step)
-                        row["status"] = "ok"
-                except Exception as e:  # noqa: BLE001
-                    row["status"] = f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    bench = None
-                    _free(plan)
-                sec.done()
-                _step_ratios(rows)
+            # a compiled case's first step compiles the model: the eager cases before it say nothing of its time
+            estimate = (gpu_budget.UNIT_S["inductor_graph"] + gpu_budget.UNIT_S["train_measurement"]
+                        if compiled and bench is None and not plan.dry else 0.0)
+            if not sec.admit(f"{model_name} {method} T={T}", estimate):
+                row["status"] = "cut"
                 save(rows)
-                log(f"train {model_name} {method} T={T}: {fmt(row.get('step_ms', row.get('forward_ms')), '.1f')} ms "
-                    f"({row['status']})")
-            del bench
-            _free(plan)
+                continue
+            try:
+                bench = bench or _step_bench(plan, model, method, B)
+                bench.prepare(T, B)
+                if compiled:
+                    row.update(_compile_and_warm(plan, bench))
+                if method == "cat_flex" and plan.device.type != "cuda":
+                    row.update(_forward_only(plan, sec, bench))
+                else:
+                    t = _time(plan, sec, bench.forward_loss, bench.backward_step)
+                    row["step_ms"], row["forward_ms"] = t["fwdbwd"] * 1e3, t["fwd"] * 1e3
+                    if plan.device.type == "cuda":
+                        row["peak_mib"] = measure_peak_cuda(bench.step)
+                    row["status"] = "ok"
+                if compiled:
+                    row["compiled_graphs"] = gpu_budget.model_graphs() - row.pop("_graphs_before")
+            except Exception as e:  # noqa: BLE001
+                row.pop("_graphs_before", None)
+                row["status"] = f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                bench = None
+                _free(plan)
+            sec.done()
+            _step_ratios(rows)
+            save(rows)
+            log(f"train {model_name} {method} T={T}: {fmt(row.get('step_ms', row.get('forward_ms')), '.1f')} ms "
+                + (f"(first step {fmt(row.get('first_step_s'), '.1f')} s) " if compiled else "") + f"({row['status']})")
+        del bench
+        _free(plan)
     return rows, notes
 
 
 def _step_bench(plan: Plan, model: dict, method: str, B: int) -> StepBench:
-    """A model + optimizer for ``method`` ("cat_flex": CAT through patch_model on backend "flex"). No warm-up
-    step of its own: :func:`_time` runs one outside the timing (at the measured T, so Flex compiles only the
-    shapes measured), and the optimizer state exists before the memory is measured."""
-    flex = method == "cat_flex"
-    return StepBench("cat" if flex else method, plan.device, model=model, dtype=plan.low,
+    """A model + optimizer for ``method`` ("cat_flex": CAT through patch_model on backend "flex"; "*_compiled":
+    the method's model, wrapped in torch.compile by :func:`_compile_and_warm` after ``prepare`` patched it). No
+    warm-up step of its own: :func:`_time` runs one outside the timing (at the measured T, so Flex compiles only
+    the shapes measured), and the optimizer state exists before the memory is measured."""
+    base = method.removesuffix("_compiled")
+    flex = base == "cat_flex"
+    return StepBench("cat" if flex else base, plan.device, model=model, dtype=plan.low,
                      backend="flex" if flex else plan.backend)
+
+
+def _compile_and_warm(plan: Plan, bench: StepBench) -> dict:
+    """Wraps the prepared (for CAT: patched) model in ``torch.compile`` once, with a backend that counts its graphs
+    (gpu_budget.counting_backend; Inductor on a GPU, ``plan.compile_backend``), and runs one step outside the
+    timing: its seconds (``first_step_s``) are the compile's, for a new length a recompile's. The optimizer step
+    stays eager, as in bench_compiled."""
+    before = gpu_budget.model_graphs()
+    if not getattr(bench, "compiled", False):
+        bench.model = torch.compile(bench.model, backend=gpu_budget.counting_backend(plan.compile_backend))
+        bench.compiled = True
+    if plan.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    bench.step()
+    if plan.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"first_step_s": time.perf_counter() - t0, "compile_backend": plan.compile_backend,
+            "_graphs_before": before}
 
 
 def _forward_only(plan: Plan, sec: Section, bench: StepBench) -> dict:
@@ -560,13 +628,22 @@ def _forward_only(plan: Plan, sec: Section, bench: StepBench) -> dict:
 
 
 def _step_ratios(rows: list[dict]):
+    """Each step over the plain SDPA step of the same model, T and mode (eager or compiled); compiled steps also
+    over their own eager method's step (``step_x_eager``)."""
+    def ref(row, method):
+        return next((r for r in rows if r["method"] == method and (r["model"], r["T"]) == (row["model"], row["T"])
+                     and r.get("step_ms")), None)
+
     for row in rows:
-        ref = next((r for r in rows if r["method"] == "sdpa" and (r["model"], r["T"]) == (row["model"], row["T"])
-                    and r.get("step_ms")), None)
-        if ref and row.get("step_ms"):
-            row["step_x_sdpa"] = row["step_ms"] / ref["step_ms"]
-            if row.get("peak_mib") and ref.get("peak_mib"):
-                row["peak_x_sdpa"] = row["peak_mib"] / ref["peak_mib"]
+        compiled = row["method"] in COMPILED_METHODS
+        base = ref(row, "sdpa_compiled" if compiled else "sdpa")
+        if base and row.get("step_ms"):
+            row["step_x_sdpa"] = row["step_ms"] / base["step_ms"]
+            if row.get("peak_mib") and base.get("peak_mib"):
+                row["peak_x_sdpa"] = row["peak_mib"] / base["peak_mib"]
+        eager = ref(row, row["method"].removesuffix("_compiled")) if compiled else None
+        if eager and row.get("step_ms"):
+            row["step_x_eager"] = row["step_ms"] / eager["step_ms"]
 
 
 def _param_counts(cfg: dict) -> dict:
@@ -698,8 +775,13 @@ def run(args, log=print) -> str:
 def budget_row(plan: Plan, name: str, sec: Section, counts: dict, budget_s: float) -> dict:
     """One section's wall time, its counts as they map to the GPU plan, and the GPU seconds they predict."""
     gpu_plan = Plan.make(False) if plan.dry else plan
-    if name == "correctness":  # the GPU checks fp16, bf16 and fp32 where the dry run checks fp16 and fp32
-        mapping = dict(dtype_copies={"float16": len(gpu_plan.dtypes) - 1},
+    if name == "correctness":  # the dry run's float16 stands for the GPU's half dtypes (bfloat16; float16 too if planned)
+        def count(dtypes, kinds):
+            return sum(d in kinds for d in dtypes)
+
+        halves, fp32 = (torch.float16, torch.bfloat16), (torch.float32,)
+        mapping = dict(dtype_copies={"float16": count(gpu_plan.dtypes, halves) / max(count(plan.dtypes, halves), 1),
+                                     "float32": count(gpu_plan.dtypes, fp32) / max(count(plan.dtypes, fp32), 1)},
                        oracle_scale=len(gpu_plan.dtypes) / len(plan.dtypes))
     elif name == "kernels":
         mapping = dict(head_dims=len(gpu_plan.head_dims) // len(plan.head_dims),
@@ -709,6 +791,7 @@ def budget_row(plan: Plan, name: str, sec: Section, counts: dict, budget_s: floa
     gpu = gpu_budget.gpu_counts(counts, **mapping)
     row = dict(section=name, wall_s=round(counts["wall_s"], 1), share_s=round(sec.seconds, 1),
                triton_launches=len(counts["launches"]), flex_graphs=sum(counts["flex"].values()),
+               model_graphs=counts["model_graphs"],
                measurements=counts["measurements"], oracle_cases=counts["oracle_cases"],
                **{f"gpu_{k}" if k in ("measurements", "oracle_cases") else k: v for k, v in gpu.items()})
     row["predicted_gpu_s"] = None if name == "tests" else round(gpu_budget.predict_s(gpu, train=name == "train"))

@@ -7,10 +7,12 @@ import os
 KERNEL_METHODS = ("cat", "cat_nomass", "flex_cat", "sdpa_flash")
 KERNEL_LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "flex_cat": "Flex CAT (2 Flex calls, mass)",
                  "sdpa_flash": "SDPA flash, no mass"}
-TRAIN_METHODS = ("sdpa", "cat", "cat_flex", "authors")
+TRAIN_METHODS = ("sdpa", "cat", "cat_flex", "authors", "sdpa_compiled", "cat_compiled")
 TRAIN_LABELS = {"sdpa": "plain SDPA (no CAT)", "cat": "CAT, our kernels", "cat_flex": "CAT on Flex",
-                "authors": "CAT the authors' way (eager maps)"}
+                "authors": "CAT the authors' way (eager maps)",
+                "sdpa_compiled": "plain SDPA, torch.compile(model)", "cat_compiled": "CAT, our kernels, torch.compile(model)"}
 GOAL_STEP, GOAL_FLEX, GOAL_TFLOPS = 1.10, 1.5, 0.8
+GOAL_COMPILED_TIME, GOAL_COMPILED_MEMORY = 1.00, 1.05  # compiled CAT step / compiled plain SDPA step (issue 31)
 
 
 def fmt(x, spec=".2f", suffix=""):
@@ -81,11 +83,20 @@ def summary(plan, env: dict, results: dict, notes: list[str], wall: float, budge
         lines += [f"## Training step: {model_name}" + (" (dry run: a tiny stand-in)" if plan.dry else " shape")
                   + f", random weights, {rows[0]['params_m']:.3g}M parameters ({plan.train_models[model_name]}), "
                   f"{rows[0]['dtype']}, AdamW, batch 1", ""]
-        lines += _table(["method", "T", "forward ms", "step ms", "x SDPA", "peak MiB", "x SDPA", "status"],
+        lines += _table(["method", "T", "forward ms", "step ms", "x SDPA", "peak MiB", "x SDPA",
+                         "first step s (compile)", "graphs", "x eager", "status"],
                         [[TRAIN_LABELS[r["method"]], r["T"], fmt(r.get("forward_ms"), ".1f"),
                           fmt(r.get("step_ms"), ".1f"),
                           fmt(r.get("step_x_sdpa"), ".2f", "x"), fmt(r.get("peak_mib"), ".0f"),
-                          fmt(r.get("peak_x_sdpa"), ".2f", "x"), r["status"]] for r in rows]) + [""]
+                          fmt(r.get("peak_x_sdpa"), ".2f", "x"), fmt(r.get("first_step_s"), ".1f"),
+                          r.get("compiled_graphs", "-"), fmt(r.get("step_x_eager"), ".2f", "x"), r["status"]]
+                         for r in rows]) + [""]
+        if any(r["method"].endswith("_compiled") for r in rows):
+            backend = next((r.get("compile_backend") for r in rows if r.get("compile_backend")), "?")
+            lines += [f"x SDPA: over the plain SDPA step of the same mode (compiled rows: over the compiled plain "
+                      f"step; backend `{backend}`, the optimizer step eager). First step: the compile's seconds. "
+                      "Graphs: dynamo graphs of the compiled model (1: no graph break). x eager: over the same method "
+                      "uncompiled.", ""]
     lines += ["Files: summary.md, tests.csv, correctness.csv, kernels.csv, train_step.csv, budget.csv, kernels.png, "
               "train_step.png.", ""]
     return "\n".join(lines)
@@ -126,8 +137,11 @@ def goals(results: dict) -> list[tuple[str, bool | None, str]]:
                 flex.append((f"D={D} T={T} {kind}", flex_ms / ours))
             if ours and sdpa:
                 tflops.append((f"D={D} T={T} {kind}", sdpa / ours))  # same FLOPs: time ratio
-    step = [(f"{r['model']} T={r['T']}", r["step_x_sdpa"]) for r in results.get("train", [])
-            if r["method"] == "cat" and r.get("step_x_sdpa")]
+    train = results.get("train", [])
+    step = [(f"{r['model']} T={r['T']}", r["step_x_sdpa"]) for r in train if r["method"] == "cat" and r.get("step_x_sdpa")]
+    compiled = [r for r in train if r["method"] == "cat_compiled"]
+    compiled_time = [(f"{r['model']} T={r['T']}", r["step_x_sdpa"]) for r in compiled if r.get("step_x_sdpa")]
+    compiled_memory = [(f"{r['model']} T={r['T']}", r["peak_x_sdpa"]) for r in compiled if r.get("peak_x_sdpa")]
 
     def judge(name, pairs, ok, unit):
         if not pairs:
@@ -139,7 +153,11 @@ def goals(results: dict) -> list[tuple[str, bool | None, str]]:
             judge(f"ours >= {GOAL_FLEX:.1f}x faster than Flex CAT in forward+backward", flex,
                   lambda x: x >= GOAL_FLEX, "x faster"),
             judge(f"our kernel's TFLOP/s >= {GOAL_TFLOPS:.1f}x SDPA flash's (forward+backward)", tflops,
-                  lambda x: x >= GOAL_TFLOPS, "x")]
+                  lambda x: x >= GOAL_TFLOPS, "x"),
+            judge(f"compiled CAT step (torch.compile(model)) <= {GOAL_COMPILED_TIME:.2f}x the compiled plain SDPA "
+                  "step's time", compiled_time, lambda x: x <= GOAL_COMPILED_TIME, "x"),
+            judge(f"compiled CAT step <= {GOAL_COMPILED_MEMORY:.2f}x the compiled plain SDPA step's peak memory",
+                  compiled_memory, lambda x: x <= GOAL_COMPILED_MEMORY, "x")]
 
 
 def _default_kind(method: str) -> str:
@@ -190,12 +208,13 @@ def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 
     lines = ["## Time budget" + (" and the GPU run predicted from this dry run's counts" if plan.dry else ""), "",
              f"Budget {budget:.0f} s for the sections; each starts with its weight's share of the time left. "
              "Counts on the GPU plan: Triton binaries (launch variants x autotune configs for sm_90), autotune runs "
-             "(x lengths), Flex graphs (dynamo graphs of causal_attn.flex's compiled entry points), timed cases.", ""]
+             "(x lengths), Flex graphs (dynamo graphs of causal_attn.flex's compiled entry points), Inductor graphs "
+             "(dynamo graphs of torch.compile(model) in the compiled training step), timed cases.", ""]
     lines += _table(["section", "wall s", "share s", "Triton launch variants", "Triton binaries", "autotune runs",
-                     "Flex call / mask graphs", "timed cases", "oracle cases", "predicted GPU s"],
+                     "Flex call / mask graphs", "Inductor graphs", "timed cases", "oracle cases", "predicted GPU s"],
                     [[r["section"], fmt(r["wall_s"], ".0f"), fmt(r["share_s"], ".0f"), r["triton_launches"],
                       r["triton_binaries"], fmt(r["autotune_runs"], ".0f"),
-                      f"{r['flex_call_graphs']} / {r['flex_mask_graphs']}",
+                      f"{r['flex_call_graphs']} / {r['flex_mask_graphs']}", r.get("inductor_graphs", 0) or 0,
                       fmt(r["gpu_measurements"], ".0f"), r["gpu_oracle_cases"],
                       "cap" if r["section"] == "tests" else fmt(r.get("predicted_gpu_s"), ".0f")] for r in rows])
     if predicted:
@@ -206,7 +225,8 @@ def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 
                   "(measured here: one sm_90 compile ahead of time), autotune run "
                   f"{UNIT_S['autotune_run']} s, Flex graph {UNIT_S['flex_call_graph']:.0f} s per call / "
                   f"{UNIT_S['flex_mask_graph']:.0f} s per mask builder, timed case {UNIT_S['measurement']} s "
-                  f"(training step {UNIT_S['train_measurement']} s), oracle case {UNIT_S['oracle_case']} s "
+                  f"(training step {UNIT_S['train_measurement']} s), oracle case {UNIT_S['oracle_case']} s, "
+                  f"Inductor graph {UNIT_S['inductor_graph']:.0f} s (forward and backward of the 16-layer model) "
                   "(assumptions, checked by the wall times of a GPU run). The tests section is a cap: its tests "
                   "skip without CUDA, so nothing of theirs is counted here."]
     return lines + [""]
@@ -255,7 +275,8 @@ def plots(out: str, results: dict, plan) -> list[str]:
                         for g in groups]
                 ax.bar([j + i * width for j in range(len(groups))], vals, width, label=TRAIN_LABELS[m])
         for ax, title in zip(axes, ("step time, ms", "peak memory growth, MiB")):
-            ax.set_xticks([j + 1.5 * width for j in range(len(groups))], [f"{mo}\nT={T}" for mo, T in groups],
+            ax.set_xticks([j + (len(TRAIN_METHODS) - 1) / 2 * width for j in range(len(groups))],
+                          [f"{mo}\nT={T}" for mo, T in groups],
                           fontsize=7)
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)

@@ -38,6 +38,7 @@ On GPU each kernel is autotuned over the configs of its GPU generation (:data:`G
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -486,12 +487,31 @@ def head_dim_class(head_dim: int) -> int:
 _tuned: dict[tuple[str, int, int], object] = {}
 
 
+_pin_first = False  # pin_first_config(): every GPU launch uses its config list's first entry, no autotuning
+
+
+@contextlib.contextmanager
+def pin_first_config():
+    """Inside: GPU launches use the first config of their list (:data:`GPU_CONFIGS` / :data:`FP32_CONFIGS`)
+    instead of autotuning, so each launch variant compiles one binary instead of one per config. For checks of
+    correctness that need not pay the autotuner (the GPU kit's correctness section; the CUDA tests take the
+    autotuned path). Not thread-safe: a process-wide switch for the duration of the block."""
+    global _pin_first
+    before, _pin_first = _pin_first, True
+    try:
+        yield
+    finally:
+        _pin_first = before
+
+
 def _launcher(kernel: str, device: torch.device, head_dim: int, fp32: bool):
     """(callable kernel[grid], pinned config or None): autotuned per GPU generation and head-dim class
-    (fp32: :data:`FP32_CONFIGS`), pinned in the interpreter."""
+    (fp32: :data:`FP32_CONFIGS`), pinned in the interpreter and inside :func:`pin_first_config`."""
     if interpreting():
         return KERNELS[kernel], INTERPRETER_CONFIG[kernel]
     key = (kernel, gpu_generation(device), 0 if fp32 else head_dim_class(head_dim))
+    if _pin_first:
+        return KERNELS[kernel], (FP32_CONFIGS[kernel] if fp32 else GPU_CONFIGS[key[1]][key[2]][kernel])[0]
     if key not in _tuned:
         configs = FP32_CONFIGS[kernel] if fp32 else GPU_CONFIGS[key[1]][key[2]][kernel]
         _tuned[key] = triton.autotune([c.triton() for c in configs], key=TUNE_KEY)(KERNELS[kernel])
@@ -509,15 +529,16 @@ def autotune_choices() -> dict[str, str]:
     return out
 
 
-# Every distinct launch of this process: (kernel, dtype, T % 16 == 0, HEAD_D, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION)
-# -> the lengths T it ran at. On a GPU each key is one binary per autotune config, autotuned once per T: the GPU
-# kit's dry run counts them to predict its compile time (benchmarks/gpu_budget.py).
+# Every distinct launch of this process: (kernel, dtype, T % 16 == 0, HEAD_D, HAS_ADJ, HAS_KPM, HAS_SEG, PRECISION,
+# pinned) -> the lengths T it ran at. On a GPU each key is one binary per autotune config, autotuned once per T (one
+# binary, no autotuning, where ``pinned``: inside :func:`pin_first_config`): the GPU kit's dry run counts them to
+# predict its compile time (benchmarks/gpu_budget.py).
 _census: dict[tuple, set] = {}
 
 
 def _record(kernel: str, dtype, T: int, flags: dict):
     key = (kernel, str(dtype).replace("torch.", ""), T % 16 == 0,
-           *(flags.get(k) for k in ("HEAD_D", "HAS_ADJ", "HAS_KPM", "HAS_SEG", "PRECISION")))
+           *(flags.get(k) for k in ("HEAD_D", "HAS_ADJ", "HAS_KPM", "HAS_SEG", "PRECISION")), _pin_first)
     _census.setdefault(key, set()).add(T)
 
 
