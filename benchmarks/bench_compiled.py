@@ -149,8 +149,7 @@ def headline(rows) -> str:
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     """Bars per case: CAT / plain SDPA step time and peak memory, eager and compiled."""
-    from common import read_csv
-    from plot import ratio_bars
+    from common import ratio_bars, read_csv
 
     path = ratio_bars(read_csv(csv_path), {"cat": "eager: CAT / plain SDPA", "cat_compiled": "compiled: CAT / plain SDPA"},
                       keys=("step_x_plain", "peak_x_plain"), ylabel="x the plain SDPA step (same mode)",

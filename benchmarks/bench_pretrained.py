@@ -244,8 +244,7 @@ def summary_section(rows) -> list[str]:
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     """Bars: step time and peak memory of CAT and the authors' way relative to plain SDPA, per case."""
-    from common import read_csv
-    from plot import ratio_bars
+    from common import ratio_bars, read_csv
 
     def missing(row):
         return f"not run:\nprojected\n{num(row, 'projected_peak_gib'):.0f} GiB" if row.get("projected_peak_gib") \

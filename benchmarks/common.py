@@ -194,6 +194,40 @@ def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def ratio_bars(rows, series: dict, *, keys: tuple, ylabel: str, suptitle: str, out_dir: str, name: str,
+               missing=lambda row: "n/a") -> str:
+    """Two panels (step time, peak memory: the columns ``keys``) of bars per ``case``, one per method of ``series``
+    ({method: label}), each labelled with its ratio; ``missing(row)`` labels a bar without a value. -> the PNG path"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.76 / len(series)
+    for ax, key, title in zip(axes, keys, ("step time", "peak memory (RSS growth)")):
+        for k, (method, label) in enumerate(series.items()):
+            found = [next((r for r in rows if r["case"] == c and r["method"] == method), {}) for c in cases]
+            vals = [num(r, key) for r in found]
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(cases))]
+            bars = ax.bar(xs, [v or 0 for v in vals], width=0.95 * width, label=label)
+            for b, v, r in zip(bars, vals, found):
+                ax.annotate(missing(r) if v is None else f"{v:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(cases)), cases)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_csv(rows: list[dict], path: str) -> str:
     """Write dict rows (union of keys, first-seen order) to ``path``; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
