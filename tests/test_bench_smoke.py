@@ -194,19 +194,20 @@ def test_static_makespan_follows_atens_openmp_chunks():
 def test_sim_threads_writes_csv_and_png_for_a_tiny_case(tmp_path):
     import sim_threads
 
-    case = sim_threads.Case("tiny", Hq=4, Hkv=2, T=256, D=16)
-    rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(2, 4), log=lambda *_: None)
-    path, (fwd, delta, dkdv, dq), _ = torch.ops.causal_attn_cpp.plan(1, 4, 2, 256)
+    case = sim_threads.Case("tiny", Hq=8, Hkv=2, T=512, D=16)
+    rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(1, 2, 4), log=lambda *_: None)
+    groups, (fwd, bwd, total) = torch.ops.causal_attn_cpp.plan(1, 8, 2, 512)
+    assert groups == 3 and bwd == 6 and total == 2 * 8
     with open(tmp_path / "sim_threads.csv") as f:
         written = list(csv.DictReader(f))
-    assert len(written) == len(rows) == 2 * 4 and (tmp_path / "sim_threads.png").stat().st_size > 0
+    assert len(written) == len(rows) == 3 * 3 and (tmp_path / "sim_threads.png").stat().st_size > 0
     by = {(r["phase"], r["structure"], int(r["threads"])): r for r in written}
     assert by[("forward", "unchanged", 2)]["tasks"] == str(fwd)
-    assert by[("backward", "split", 4)]["tasks"] == f"{delta}+{dkdv}+{dq}" and by[("backward", "single", 4)]["tasks"] == "2"
-    # 2 (batch, kv head) pairs: the old kernel went per query head from 3 threads on; the kernel now splits
-    assert by[("backward", "before", 2)]["tasks"] == "2" and by[("backward", "before", 4)]["tasks"] == "4"
-    assert path == "split" and {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "split"}
+    assert by[("backward", "grouped", 4)]["tasks"] == f"{bwd}+{total}" and by[("backward", "single", 4)]["tasks"] == "2"
+    assert {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "grouped"}
     for r in written:
-        assert float(r["serial_ms"]) > 0 and float(r["speedup"]) > 0
-        if r["structure"] != "split":  # the split's speed-up is over the single pass, so not bounded by the threads
-            assert float(r["speedup"]) <= int(r["threads"]) + 1e-9
+        assert float(r["serial_ms"]) > 0 and 0 < float(r["speedup"]) <= int(r["threads"]) + 1e-9
+        # backward speed-ups are over the faster one-thread backward of the two
+        assert float(r["baseline_ms"]) <= float(r["serial_ms"]) + 1e-9
+    # the single pass has 2 tasks: it stops at 2 threads
+    assert by[("backward", "single", 4)]["makespan_ms"] == by[("backward", "single", 2)]["makespan_ms"]
