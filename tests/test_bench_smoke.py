@@ -94,7 +94,7 @@ def rows(path):
 
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
-               "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
+               "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-smollm2-seq-len", "96", "--scaling-train-seq-len", "64",
                "--scaling-threads", "1", "2", "--scaling-rounds", "1", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
@@ -114,7 +114,9 @@ def test_tiny_sweep_through_the_cli(tmp_path):
         assert float(r["step_ms"]) > 0 and math.isfinite(float(r["peak_mib"]))
     scaling = rows(tmp_path / "threads.csv")
     assert {(r["part"], int(r["threads"]), r["method"]) for r in scaling} == {
-        (p, n, m) for p in ("kernel", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
+        (p, n, m) for p in ("kernel", "kernel_smollm2", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
+    assert {(r["part"], r["T"], r["heads"]) for r in scaling} == {("kernel", "128", "8/8"), ("kernel_smollm2", "96", "9/3"),
+                                                                  ("train_step", "64", "")}
     for r in scaling:
         assert float(r["ms"]) > 0 and float(r["speedup_vs_1"]) > 0, r
         assert 0 < float(r["fwd_ms"]) < float(r["ms"]) and 0 < float(r["bwd_ms"]) < float(r["ms"]), r
@@ -127,7 +129,8 @@ def test_tiny_sweep_through_the_cli(tmp_path):
                  "summary.md"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 2 |" in summary
+    assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 8/8 | 2 |" in summary
+    assert "| kernel SmolLM2 (GQA, D 64) | 96 | 9/3 | 2 |" in summary and "SmolLM2 attention (9/3 heads)" in summary
 
 
 def test_packing_section_through_the_cli(tmp_path):
