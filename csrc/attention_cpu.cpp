@@ -325,9 +325,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 // Backward tasks the plan aims for: a batch-1 sequence with 3 kv heads should still keep 32 cores busy.
 constexpr int64_t kBackwardTasks = 32;
 // Each query group past the first writes a partial dK, dV (2 T D floats per (batch, kv head)) that the final sum
-// reads back: memory traffic ~ T D against the group's ~ G T^2 D / groups flops. At most one extra group per this
-// many query rows of the GQA group (G T) keeps that under ~5 % of the one-thread time (measured: ~0.7 % per extra
-// group for SmolLM2, G T = 3 x 2048).
+// reads back: memory traffic ~ T D against the group's ~ G T^2 D / groups flops, so an extra group costs ~ 1 / (G T)
+// of the one-thread time (measured for SmolLM2, 3 query heads per kv head, at one thread: 0.4-0.7 % per extra group
+// at T 2048, 1-1.5 % at T 1024). At most one extra group per this many query rows of the GQA group (G T) keeps the
+// total near 5 %.
 constexpr int64_t kRowsPerExtraGroup = 1024;
 
 // The backward's decomposition, a function of the shape only (never of the thread count). The work of one
@@ -346,7 +347,7 @@ BackwardPlan plan_backward(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
   p.query_blocks = (T + BQ - 1) / BQ;
   p.units = Hq / Hkv * p.query_blocks;
   // Rounded down: a task count just above a thread count (33 on 32 threads) would idle most threads for a
-  // second round of tasks. At least two units per group, so that the long-short pairing below balances them.
+  // second round of tasks. At least two units per group, so that the long-short dealing below balances them.
   const int64_t G = Hq / Hkv;
   p.groups = std::max<int64_t>(1, std::min({kBackwardTasks / (B * Hkv), 1 + G * T / kRowsPerExtraGroup, p.units / 2}));
   // An even number of tasks, so that two threads (a laptop, a small VM) get the same share.

@@ -220,10 +220,9 @@ def sim_threads_table() -> str:
             label = f"{phase} ({structure})" + (" **chosen**" if chosen and phase == "backward" else "")
             lines.append([f"{case[0]} B={case[1]} T={case[2]} ({case[3]}/{case[4]} heads, D {case[5]})", label]
                          + [_speedups(sel[t]) if t in sel else "-" for t in threads])
-    return _md(["Predicted speed-up over the single-pass backward (and the forward) at one thread: the makespan of "
-                "the measured one-thread task times under `at::parallel_for`'s static chunking, memory bandwidth "
-                "not modelled. In parentheses, where a pass does more work than that baseline: over its own "
-                "one-thread time.", ""]
+    return _md(["Predicted speed-up over the faster of the two backwards (and over the forward) at one thread: the "
+                "makespan of the measured one-thread task times under `at::parallel_for`'s static chunking, memory "
+                "bandwidth not modelled. In parentheses, for the slower one: over its own one-thread time.", ""]
                + _table(["shape", "pass", *[f"{t} threads" for t in threads]], lines))
 
 
