@@ -200,6 +200,8 @@ def pretrained_table() -> str:
 
 def _speedups(r: dict) -> str:
     own = _f(r, "serial_ms") / _f(r, "makespan_ms")
+    if int(r["threads"]) == 1:  # the one-thread cost against the faster backward: two decimals, nothing to repeat
+        return f"{_f(r, 'speedup'):.2f}x"
     return f"{_f(r, 'speedup'):.1f}x" + (f" ({own:.1f}x)" if abs(_f(r, "serial_ms") - _f(r, "baseline_ms")) > 1e-9
                                         else "")
 
@@ -223,7 +225,7 @@ def sim_threads_table() -> str:
     return _md(["Predicted speed-up over the faster of the two backwards (and over the forward) at one thread: the "
                 "makespan of the measured one-thread task times under `at::parallel_for`'s static chunking, memory "
                 "bandwidth not modelled. In parentheses, for the slower one: over its own one-thread time.", ""]
-               + _table(["shape", "pass", *[f"{t} threads" for t in threads]], lines))
+               + _table(["shape", "pass", *[f"{t} thread{'s' if t > 1 else ''}" for t in threads]], lines))
 
 
 def pretrained_search_table() -> str:
