@@ -164,7 +164,7 @@ def thread_targets(rows) -> list[str]:
 
 
 def targets(train_rows, kernel_rows, thread_rows=(), packing_rows=()) -> list[str]:
-    out = ["## Targets (issues 8, 14 and 17)", ""] + thread_targets(thread_rows) + packing_targets(packing_rows)
+    out = ["## Targets (issues 8, 14, 17 and 33)", ""] + thread_targets(thread_rows) + packing_targets(packing_rows)
     for T in (1024, 2048):
         r = next((r for r in train_rows if r["method"] == "cat" and int(r["T"]) == T), None)
         if r is None:
