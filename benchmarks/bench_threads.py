@@ -1,7 +1,8 @@
 """Thread scaling on CPU: the attention kernel and the training step at 1 thread and at all threads.
 
-The other sweeps run at ``--threads`` (default 1, steadier on a shared machine). This one times one kernel
-case (forward+backward with mass; B=1, 8 heads, no GQA) and one training step (``bench_train_step``'s model)
+The other sweeps run at ``--threads`` (default 1, steadier on a shared machine). This one times two kernel
+cases (forward+backward with mass, B=1: 8 heads without GQA, and SmolLM2-135M's attention, 9 query / 3 kv heads,
+D 64, against SDPA with ``enable_gqa``) and one training step (``bench_train_step``'s model)
 at each thread count of ``--scaling-threads`` (default: 1 and the thread count torch starts with). Each
 measurement is a fresh process at one thread count (ours and SDPA interleaved inside it, medians of
 ``--repeats`` rounds); ``--scaling-rounds`` rounds run one such process per thread count, alternating which
@@ -28,8 +29,9 @@ from common import interleaved_times, run_child, section_main, summarize, timed_
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at import, before a sweep pins --threads
 # the sweep options a measuring child needs
-CHILD_OPTIONS = ("scaling_seq_len", "scaling_head_dim", "scaling_train_seq_len", "heads", "batch", "train_batch",
-                 "dtype", "backend", "warmup", "repeats", "case_budget")
+CHILD_OPTIONS = ("scaling_seq_len", "scaling_head_dim", "scaling_smollm2_seq_len", "scaling_train_seq_len", "heads",
+                 "batch", "train_batch", "dtype", "backend", "warmup", "repeats", "case_budget")
+SMOLLM2 = dict(Hq=9, Hkv=3, D=64)  # SmolLM2-135M's attention (the pretrained demo's model)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -39,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    "each; medians over rounds are reported")
     p.add_argument("--scaling-seq-len", type=int, default=4096, help="T of the kernel case")
     p.add_argument("--scaling-head-dim", type=int, default=128, help="head dim of the kernel case")
+    p.add_argument("--scaling-smollm2-seq-len", type=int, default=2048, help="T of the SmolLM2 kernel case (B=1)")
     p.add_argument("--scaling-train-seq-len", type=int, default=1024, help="T of the training step")
 
 
@@ -51,15 +54,19 @@ def measure(opts: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     o = argparse.Namespace(**opts)
     device = torch.device("cpu")
-    case = bench_kernels.Case(o.scaling_seq_len, o.scaling_head_dim, o.heads, o.heads, o.batch)
-    inp = bench_kernels.make_inputs(case, device, getattr(torch, o.dtype))
-    kernels = {m: bench_kernels.make_method(m, inp, o.backend) for m in ("cat", "sdpa")}
+    cases = {"kernel": bench_kernels.Case(o.scaling_seq_len, o.scaling_head_dim, o.heads, o.heads, o.batch),
+             "kernel_smollm2": bench_kernels.Case(o.scaling_smollm2_seq_len, SMOLLM2["D"], SMOLLM2["Hq"], SMOLLM2["Hkv"])}
+    kernels = {}
+    for part, case in cases.items():
+        inp = bench_kernels.make_inputs(case, device, getattr(torch, o.dtype))
+        kernels[part] = {m: bench_kernels.make_method(m, inp, o.backend) for m in ("cat", "sdpa")}
     steps = {m: bench_train_step.StepBench(m, device) for m in ("cat", "sdpa")}
     for b in steps.values():
         b.prepare(bench_train_step.WARM_T, o.train_batch).step()
         b.prepare(o.scaling_train_seq_len, o.train_batch)
     timed = {
-        "kernel": {m: (lambda f=f, b=b: timed_phases(f, b, device)) for m, (f, b) in kernels.items()},
+        **{part: {m: (lambda f=f, b=b: timed_phases(f, b, device)) for m, (f, b) in methods.items()}
+           for part, methods in kernels.items()},
         "train_step": {m: (lambda s=s: timed_phases(s.forward_loss, s.backward_step, device)) for m, s in steps.items()},
     }
     out = {}
@@ -91,12 +98,14 @@ def run_sweep(args, log=print) -> list[dict]:
         log(f"round {rnd + 1}: " + "; ".join(f"{n} threads: " + ", ".join(
             f"{part} {m} {v['ms']:.0f} ms" for part, ms in res[n].items() for m, v in ms.items()) for n in counts))
     rows = []
-    kernel_T = {"kernel": (args.scaling_seq_len, args.scaling_head_dim), "train_step": (args.scaling_train_seq_len, "")}
+    shapes = {"kernel": (args.scaling_seq_len, args.scaling_head_dim, f"{args.heads}/{args.heads}"),
+              "kernel_smollm2": (args.scaling_smollm2_seq_len, SMOLLM2["D"], f"{SMOLLM2['Hq']}/{SMOLLM2['Hkv']}"),
+              "train_step": (args.scaling_train_seq_len, "", "")}
     for n in counts:
-        for part, (T, D) in kernel_T.items():
+        for part, (T, D, heads) in shapes.items():
             for m in ("cat", "sdpa"):
                 got = [r[n][part][m] for r in rounds]
-                row = {"part": part, "T": T, "D": D, "threads": n, "method": m,
+                row = {"part": part, "T": T, "D": D, "heads": heads, "threads": n, "method": m,
                        "ms": statistics.median(g["ms"] for g in got),
                        "fwd_ms": statistics.median(g["fwd_ms"] for g in got),
                        "bwd_ms": statistics.median(g["bwd_ms"] for g in got),

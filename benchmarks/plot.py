@@ -89,7 +89,7 @@ def plot_threads(csv_path: str, out_dir: str) -> dict[str, str]:
             ys = [next((num(r, "speedup_vs_1") for r in rows if r["part"] == part and r["method"] == m
                         and int(r["threads"]) == n), 0.0) for n in counts]
             ax.bar([c + (i - (len(methods) - 1) / 2) * width for c in range(len(counts))], ys, width,
-                   label=KERNEL_LABELS.get(m, m) if part == "kernel" else STEP_LABELS.get(m, m))
+                   label=KERNEL_LABELS.get(m, m) if part.startswith("kernel") else STEP_LABELS.get(m, m))
         ax.plot(range(len(counts)), counts, "k--", lw=0.8, label="ideal")
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("threads")

@@ -64,22 +64,26 @@ def train_section(rows) -> list[str]:
                 "authors mem", "authors extra MiB"], lines) + [""] + skipped + ([""] if skipped else [])
 
 
+PART_NAMES = {"kernel": "kernel", "kernel_smollm2": "kernel SmolLM2 (GQA, D 64)", "train_step": "train step"}
+
+
 def threads_section(rows) -> list[str]:
     by = {(r["part"], int(r["threads"]), r["method"]): r for r in rows}
     lines = []
     for part, n in sorted({(r["part"], int(r["threads"])) for r in rows}):
         get = lambda m, k: num(by.get((part, n, m), {}), k)  # noqa: E731
         T = by[(part, n, "cat")]["T"] if (part, n, "cat") in by else "-"
-        lines.append([part.replace("_", " "), T, n, fmt(get("sdpa", "ms"), ".0f"), fmt(get("cat", "ms"), ".0f"),
+        heads = by.get((part, n, "cat"), {}).get("heads") or "-"
+        lines.append([PART_NAMES.get(part, part.replace("_", " ")), T, heads, n, fmt(get("sdpa", "ms"), ".0f"), fmt(get("cat", "ms"), ".0f"),
                       fmt(get("cat", "x_sdpa"), ".2f", "x"), fmt(get("cat", "speedup_vs_1"), ".2f", "x"),
                       fmt(get("sdpa", "speedup_vs_1"), ".2f", "x"),
                       " / ".join(fmt(get(m, k), ".2f", "x") for m in ("cat", "sdpa")
                                  for k in ("fwd_speedup_vs_1", "bwd_speedup_vs_1"))])
-    return ["## Thread scaling (kernel: fwd+bwd with mass, B=1, 8 heads; training step as above)", "",
+    return ["## Thread scaling (kernels: fwd+bwd with mass, B=1; training step as above)", "",
             "One fresh process per thread count and round, thread counts alternated over rounds, ours and SDPA "
             "interleaved inside each; medians over rounds; speed-up = time at 1 thread / time at n threads in the "
             "same round.", ""] + \
-        _table(["part", "T", "threads", "SDPA ms", "ours ms", "ours / SDPA", "ours speed-up", "SDPA speed-up",
+        _table(["part", "T", "heads q/kv", "threads", "SDPA ms", "ours ms", "ours / SDPA", "ours speed-up", "SDPA speed-up",
                 "speed-up fwd / bwd: ours, SDPA"], lines) + [""]
 
 
@@ -141,25 +145,30 @@ def thread_targets(rows) -> list[str]:
     step is <= 1.0x the SDPA step."""
     out = []
     top = max((int(r["threads"]) for r in rows), default=1)
-    for part, what in (("kernel", "attention fwd+bwd with mass"), ("train_step", "CAT training step")):
+    for part, what, limit in (("kernel", "attention fwd+bwd with mass", 1.0),
+                              ("kernel_smollm2", "SmolLM2 attention (9/3 heads) fwd+bwd with mass", 1.05),
+                              ("train_step", "CAT training step", 1.0)):
         r = next((r for r in rows if r["part"] == part and r["method"] == "cat" and int(r["threads"]) == top), None)
         if r is None or top == 1:
             continue
         x, up = num(r, "x_sdpa"), num(r, "speedup_vs_1")
-        line = f"- {what} at {top} threads, T={r['T']}: {fmt(x, '.2f', 'x')} SDPA (target <= 1.00x)"
+        line = f"- {what} at {top} threads, T={r['T']}: {fmt(x, '.2f', 'x')} SDPA (target <= {limit:.2f}x)"
+        met = x is not None and x <= limit
         if part == "kernel":  # issue 27: our 1 -> n thread speed-up at least SDPA's in the same rounds
             sdpa = next((num(s, "speedup_vs_1") for s in rows if s["part"] == part and s["method"] == "sdpa"
                          and int(s["threads"]) == top), None)
             line += f", {fmt(up, '.3f', 'x')} faster than 1 thread (target >= SDPA's {fmt(sdpa, '.3f', 'x')})"
-            met = x is not None and up is not None and sdpa is not None and x <= 1.0 and up >= sdpa
-        else:
-            met = x is not None and x <= 1.0
+            met = met and up is not None and sdpa is not None and up >= sdpa
+        elif part == "kernel_smollm2" and top == 2:  # issue 33: the backward on 2 threads >= 1.5x its 1-thread time
+            bwd = num(r, "bwd_speedup_vs_1")
+            line += f", backward {fmt(bwd, '.2f', 'x')} faster than 1 thread (target >= 1.50x)"
+            met = met and bwd is not None and bwd >= 1.5
         out.append(line + (": met" if met else ": MISSED"))
     return out
 
 
 def targets(train_rows, kernel_rows, thread_rows=(), packing_rows=()) -> list[str]:
-    out = ["## Targets (issues 8, 14 and 17)", ""] + thread_targets(thread_rows) + packing_targets(packing_rows)
+    out = ["## Targets (issues 8, 14, 17 and 33)", ""] + thread_targets(thread_rows) + packing_targets(packing_rows)
     for T in (1024, 2048):
         r = next((r for r in train_rows if r["method"] == "cat" and int(r["T"]) == T), None)
         if r is None:

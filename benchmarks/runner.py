@@ -43,7 +43,7 @@ OPT_IN = ("pretrained", "compiled")
 # --quick: the same code path on a small grid (<= 2 minutes on a loaded 2-core CPU)
 QUICK = dict(seq_lens=[256, 1024], head_dims=[64], gqa=[0, 1], memory_seq_lens=[1024], train_seq_lens=[256, 512],
              train_memory_seq_lens=[512], repeats=3, case_budget=15.0, train_case_budget=15.0, scaling_seq_len=1024,
-             scaling_train_seq_len=256, scaling_rounds=2, packing_batches=6, packing_memory_batches=2)
+             scaling_smollm2_seq_len=512, scaling_train_seq_len=256, scaling_rounds=2, packing_batches=6, packing_memory_batches=2)
 
 
 def add_arguments(p: argparse.ArgumentParser):

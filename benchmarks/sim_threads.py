@@ -1,4 +1,4 @@
-"""Simulated thread scaling of the C++ CPU kernel (issue 27): what a 2-core machine cannot measure.
+"""Simulated thread scaling of the C++ CPU kernel (issues 27, 33): what a 2-core machine cannot measure.
 
 Each task of the kernel's parallel passes is timed at one thread (``torch.ops.causal_attn_cpp.task_seconds``
 runs the real forward and backward with a clock around every task, in the order ``at::parallel_for`` hands
@@ -6,26 +6,21 @@ them out; the per-task minimum over ``--repeats`` runs filters out the moments a
 The makespan on p threads then follows ATen's OpenMP ``invoke_parallel`` (ATen/ParallelOpenMP.h): with grain
 size 1 it uses min(p, n) threads, and thread ``tid`` runs the contiguous range
 ``[tid * chunk, (tid + 1) * chunk)`` with ``chunk = ceil(n / threads)``; passes run one after the other.
-Predicted speed-up = serial time / makespan. Not modelled: memory bandwidth shared by the cores, caches,
+Predicted speed-up = baseline / makespan. Not modelled: memory bandwidth shared by the cores, caches,
 turbo, and the fork/join cost of a parallel region (microseconds per pass).
 
-The backward is timed twice, forced to each of the kernel's two decompositions (the op's ``backward``
-argument): "split" (delta, dK/dV and dQ passes) and "single" (one task per (batch, kv head)). Three backward
-structures are simulated from them:
+The backward is timed twice (the op's ``query_groups`` argument): "grouped", the kernel's own plan (query
+groups per (batch, kv head) chosen from the shape, then the pass that adds the groups' partial dK, dV), and
+"single", one query group: one task per (batch, kv head), the single pass the kernel ran on 8 or more such pairs
+before issue 33 (it is also what the plan picks from 32 pairs on). ``chosen`` marks the plan's structure.
 
-* "before": the kernel before issue 27: the single pass, or, when there were fewer (batch, kv head) tasks than
-  threads, one task per (batch, query head) with per-head partial dK, dV summed afterwards (not counted); each
-  such task is taken as 1/G of its group's measured single-pass task (the heads do equal work).
-* "single" and "split": the two paths of the kernel now; ``chosen`` marks the one ``plan`` picks for the shape
-  (the split below 8 (batch, kv head) pairs), i.e. what the kernel runs.
-
-Backward speed-ups are over the single pass at one thread (the cheapest backward, the old kernel's one-thread
-time), so the split's extra work (P and dS recomputed) shows in its curve; forward speed-ups are over the
-forward at one thread.
+Backward speed-ups are over the fastest one-thread backward of the two (the sum of its task times), so the
+grouped backward's extra work (the partial dK, dV and their sum) shows in its curve, at 1 thread too; forward
+speed-ups are over the forward at one thread.
 
     python benchmarks/sim_threads.py [--out benchmarks/results] [--repeats 3]
 
-writes ``sim_threads.csv`` (one row per case, phase and thread count) and ``sim_threads.png``.
+writes ``sim_threads.csv`` (one row per case, phase, structure and thread count) and ``sim_threads.png``.
 """
 from __future__ import annotations
 
@@ -40,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_csv  # noqa: E402
 
-THREADS = (2, 8, 16, 32, 64)
+THREADS = (1, 2, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -67,9 +62,10 @@ def static_makespan(times: list[float], threads: int) -> float:
     return max(sum(times[t * chunk:(t + 1) * chunk]) for t in range(used))
 
 
-def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[float]]:
-    """Per-task seconds at one thread (the minimum over ``repeats`` runs) of the forward, of the split backward's
-    delta, dK/dV and dQ passes and of the single-pass backward, with the mass gradient and ~6 % random adjacency."""
+def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[list[float]]]:
+    """Per-task seconds at one thread (the minimum over ``repeats`` runs), one list per pass: the forward, the
+    grouped backward (the plan's) and the single-pass backward, with the mass gradient and ~6 % random
+    adjacency."""
     from causal_attn import cpp_backend  # noqa: F401  (loads the operators)
 
     g = torch.Generator().manual_seed(seed)
@@ -82,49 +78,40 @@ def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[flo
     packed = (bits[0] & bits[1] & bits[2] & bits[3]).to(torch.int32)  # 1/16 of the bits; non-causal ones ignored
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    runs = {"split": [], "single": []}
+    runs = {"grouped": [], "single": []}
     try:
         for _ in range(repeats):
-            for path, timed in runs.items():
+            for structure, timed in runs.items():
                 timed.append(torch.ops.causal_attn_cpp.task_seconds(q, k, v, dout, dmass, packed, None, None,
-                                                                    case.D ** -0.5, path))
+                                                                    case.D ** -0.5, 0 if structure == "grouped" else 1))
     finally:
         torch.set_num_threads(previous)
 
     def fastest(tensors):
         return torch.stack(tensors).min(0).values.tolist()
 
-    tasks = {"forward": fastest([fwd for fwd, _ in runs["split"] + runs["single"]])}
-    for i, name in enumerate(("delta", "dkdv", "dq")):
-        tasks[name] = fastest([passes[i] for _, passes in runs["split"]])
-    tasks["single"] = fastest([passes[0] for _, passes in runs["single"]])
+    tasks = {"forward": [fastest([fwd for fwd, _ in runs["grouped"] + runs["single"]])]}
+    for structure, timed in runs.items():
+        tasks[structure] = [fastest([passes[i] for _, passes in timed]) for i in range(len(timed[0][1]))]
     return tasks
 
 
-def old_backward_tasks(case: Case, single: list[float], threads: int) -> list[float]:
-    """The pre-issue-27 backward's tasks on ``threads`` threads, from the single pass's (module doc)."""
-    G = case.Hq // case.Hkv
-    if G > 1 and case.B * case.Hkv < threads:
-        return [t / G for t in single for _ in range(G)]  # per (batch, query head); the partial sums not counted
-    return list(single)
-
-
-def simulate(case: Case, tasks: dict[str, list[float]], threads=THREADS) -> list[dict]:
-    chosen = torch.ops.causal_attn_cpp.plan(case.B, case.Hq, case.Hkv, case.T)[0]
-    baseline = {"forward": sum(tasks["forward"]), "backward": sum(tasks["single"])}
+def simulate(case: Case, tasks: dict[str, list[list[float]]], threads=THREADS) -> list[dict]:
+    groups = torch.ops.causal_attn_cpp.plan(case.B, case.Hq, case.Hkv, case.T)[0]
+    chosen = "grouped" if groups > 1 else "single"
+    serial = {name: sum(map(sum, passes)) for name, passes in tasks.items()}
+    baseline = {"forward": serial["forward"], "backward": min(serial["grouped"], serial["single"])}
     rows = []
     for p in threads:
-        structures = [("forward", "unchanged", [tasks["forward"]]),
-                      ("backward", "before", [old_backward_tasks(case, tasks["single"], p)]),
-                      ("backward", "single", [tasks["single"]]),
-                      ("backward", "split", [tasks["delta"], tasks["dkdv"], tasks["dq"]])]
-        for phase, structure, passes in structures:
+        for phase, structure, name in (("forward", "unchanged", "forward"), ("backward", "single", "single"),
+                                       ("backward", "grouped", "grouped")):
+            passes = tasks[name]
             span = sum(static_makespan(t, p) for t in passes)  # passes run one after the other
             speedup = baseline[phase] / span
             rows.append({"case": case.name, "Hq": case.Hq, "Hkv": case.Hkv, "T": case.T, "D": case.D, "B": case.B,
                          "phase": phase, "structure": structure, "chosen": structure in (chosen, "unchanged"),
                          "tasks": "+".join(str(len(t)) for t in passes), "threads": p,
-                         "serial_ms": sum(map(sum, passes)) * 1e3, "baseline_ms": baseline[phase] * 1e3,
+                         "serial_ms": serial[name] * 1e3, "baseline_ms": baseline[phase] * 1e3,
                          "makespan_ms": span * 1e3, "speedup": speedup, "efficiency": speedup / p})
     return rows
 
@@ -141,12 +128,12 @@ def plot(rows: list[dict], path: str) -> str:
         mine = [r for r in rows if (r["case"], r["T"]) == (name, T)]
         threads = sorted({r["threads"] for r in mine})
         ax.plot(threads, threads, color="grey", lw=0.8, ls=":", label="ideal")
-        for phase, structure, style in (("forward", "unchanged", "-o"), ("backward", "before", "--s"),
-                                        ("backward", "single", "-v"), ("backward", "split", "-^")):
+        for phase, structure, style in (("forward", "unchanged", "-o"), ("backward", "single", "-v"),
+                                        ("backward", "grouped", "-^")):
             picked = [r for r in mine if r["phase"] == phase and r["structure"] == structure]
             ys = [next(r["speedup"] for r in picked if r["threads"] == p) for p in threads]
             label = phase if structure == "unchanged" else f"{phase} {structure}"
-            chosen = phase == "backward" and structure != "before" and picked[0]["chosen"]
+            chosen = phase == "backward" and picked[0]["chosen"]
             ax.plot(threads, ys, style, lw=2.5 if chosen else 1.2, label=label + (" (chosen)" if chosen else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -155,7 +142,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax.set_xlabel("threads")
         ax.set_title(f"{name}, T={T}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("predicted speed-up over 1 thread\n(backward: over the single pass)")
+    axes[0][0].set_ylabel("predicted speed-up over 1 thread\n(backward: over the faster one)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -172,7 +159,8 @@ def run(cases=CASES, repeats: int = 3, out: str = "benchmarks/results", threads=
         top = max(threads)
         at_top = {f"{r['phase']} {r['structure']}" + (" (chosen)" if r["chosen"] and r["phase"] == "backward" else ""):
                   r["speedup"] for r in rows if (r["case"], r["T"], r["threads"]) == (case.name, case.T, top)}
-        log(f"{case.name} T={case.T}: tasks " + ", ".join(f"{k} {len(v)}" for k, v in tasks.items())
+        log(f"{case.name} T={case.T}: tasks " + ", ".join(f"{k} {'+'.join(str(len(p)) for p in v)}"
+                                                          for k, v in tasks.items())
             + f"; predicted speed-up at {top} threads: " + ", ".join(f"{k} {v:.1f}" for k, v in at_top.items()))
     write_csv(rows, os.path.join(out, "sim_threads.csv"))
     plot(rows, os.path.join(out, "sim_threads.png"))

@@ -12,20 +12,13 @@
 // squared segment lengths instead of T^2. Masked entries give P = 0, so the skipped rows and tiles would
 // have contributed nothing.
 //
-// Backward (issue 27): one of two decompositions, chosen from the shape alone (plan_backward), never from the
-// thread count, so the result is bitwise the same at any thread count (every task owns its output rows: no
-// atomics, no partial sums):
-//   single pass (B * Hkv >= kSplitBelow): one task per (batch, kv head); for each query head of the GQA group
-//           in order and each query block: delta, P, dS, then dV += P^T dO, dK += scale dS^T Q, dQ += scale dS K
-//           (five tile GEMMs).
-//   split (fewer (batch, kv head) pairs, e.g. a batch-1 sequence), three passes:
-//     delta:  delta_i = rowsum(dO_i * O_i) + g_i * mass_i, per row.
-//     dK/dV:  one task per (batch, kv head, block of `key_block` keys): for each query head of the GQA group
-//             and each chunk of QC query rows at or below the block, recompute P = exp(S - LSE),
-//             dS = P (dO V^T + g * A - delta), then dV += P^T dO, dK += scale dS^T Q.
-//     dQ:     one task per (batch, query head, block of BQ query rows): per key tile recompute P and dS,
-//             dQ += scale dS K. (P and dS twice: seven tile GEMMs, ~1.4x the single pass's work.)
-//   The key block is chosen from the shape alone too, so a batch-1 sequence still yields many tasks.
+// Backward (issue 33): the work of one (batch, kv head) is cut into units, one per (query head of the GQA group,
+// query block); a unit computes delta, then per key tile P, dS, dV += P^T dO, dK += scale dS^T Q and its own dQ
+// rows += scale dS K (five tile GEMMs, one exp pass). The units are dealt out to a number of query groups that
+// depends on the shape only (plan_backward: few (batch, kv head) pairs, more groups); one task per (batch, kv
+// head, query group) runs its units in a fixed order into the group's own dK, dV, and a second pass adds the
+// groups' dK, dV in group order. So the result is bitwise the same at any thread count (no atomics, no
+// per-thread sums), and the one-thread work is that of a single pass over the units plus that final sum.
 //
 // Inputs other than fp32 with unit last stride are converted to fp32 once; accumulation is fp32.
 #include <ATen/Parallel.h>
@@ -39,6 +32,7 @@
 #include <ctime>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -328,43 +322,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 }
 
 // ------------------------------------------------------------------------------------------ backward
-constexpr int64_t QC = 256;          // query rows per tile of the dK/dV pass
-constexpr int64_t kMinTasks = 256;   // dK/dV tasks the key block is chosen to reach (8 per thread at 32 threads)
-// (batch, kv head) pairs from which the single-pass backward is used. It is the cheapest per FLOP (five tile
-// GEMMs against the split's seven) but has only B * Hkv tasks; 8 keep a laptop or small workstation busy
-// (a batch of 4 with 2 kv heads, or SmolLM2's 3 kv heads from batch 3). Below it, e.g. a batch-1 SmolLM2
-// sequence (3 tasks), the split's many small tasks win from a few threads on. A function of the shape only:
-// choosing by thread count would make dK, dV depend on it.
-constexpr int64_t kSplitBelow = 8;
+// Backward tasks the plan aims for: a batch-1 sequence with 3 kv heads should still keep 32 cores busy.
+constexpr int64_t kBackwardTasks = 32;
+// Each query group past the first writes a partial dK, dV (2 T D floats per (batch, kv head)) that the final sum
+// reads back: memory traffic ~ T D against the group's ~ G T^2 D / groups flops, so an extra group costs ~ 1 / (G T)
+// of the one-thread time (measured for SmolLM2, 3 query heads per kv head, at one thread: 0.4-0.7 % per extra group
+// at T 2048, 1-1.5 % at T 1024). At most one extra group per this many query rows of the GQA group (G T) keeps the
+// total near 5 %.
+constexpr int64_t kRowsPerExtraGroup = 1024;
 
-// The backward's task decomposition, a function of the shape only (never of the thread count).
+// The backward's decomposition, a function of the shape only (never of the thread count). The work of one
+// (batch, kv head) is cut into units, one per (query head of the GQA group, BQ-row query block); the units are
+// dealt out to `groups` query groups, and each (batch, kv head, query group) is one task.
 struct BackwardPlan {
-  bool split;          // three-pass split; otherwise single pass, one task per (batch, kv head)
-  int64_t key_block;   // keys per dK/dV task: 128, 64 or 32, the largest giving kMinTasks tasks (else 32)
-  int64_t key_blocks;  // per (batch, kv head)
-  int64_t dkdv_tasks;  // B * Hkv * key_blocks
-  int64_t query_blocks;
-  int64_t dq_tasks;    // B * Hq * query_blocks (BQ rows each)
+  int64_t query_blocks;  // per head
+  int64_t units;         // per (batch, kv head): G * query_blocks
+  int64_t groups;        // query groups per (batch, kv head)
+  int64_t tasks;         // B * Hkv * groups
+  int64_t sum_tasks;     // tasks of the pass that adds the partial dK, dV (B * Hkv * query_blocks; 0 with one group)
 };
 
 BackwardPlan plan_backward(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
   BackwardPlan p{};
-  p.split = B * Hkv < kSplitBelow;
-  for (int64_t kb : {128, 64, 32}) {
-    p.key_block = kb;
-    if (B * Hkv * ((T + kb - 1) / kb) >= kMinTasks) break;
-  }
-  p.key_blocks = (T + p.key_block - 1) / p.key_block;
-  p.dkdv_tasks = B * Hkv * p.key_blocks;
   p.query_blocks = (T + BQ - 1) / BQ;
-  p.dq_tasks = B * Hq * p.query_blocks;
+  p.units = Hq / Hkv * p.query_blocks;
+  // Rounded down: a task count just above a thread count (33 on 32 threads) would idle most threads for a
+  // second round of tasks. At least two units per group, so that the long-short dealing below balances them.
+  const int64_t G = Hq / Hkv;
+  p.groups = std::max<int64_t>(1, std::min({kBackwardTasks / (B * Hkv), 1 + G * T / kRowsPerExtraGroup, p.units / 2}));
+  // An even number of tasks, so that two threads (a laptop, a small VM) get the same share.
+  if (p.groups > 1 && (B * Hkv * p.groups) % 2 == 1) --p.groups;
+  p.tasks = B * Hkv * p.groups;
+  p.sum_tasks = p.groups > 1 ? B * Hkv * p.query_blocks : 0;
   return p;
+}
+
+// Query group of unit s, the units numbered from the most causal work to the least (query blocks from the last,
+// the group's heads inner): dealt out boustrophedon (0, 1, .., g-1, g-1, .., 0, 0, 1, ..), so that every group
+// gets about the same work.
+int64_t unit_group(int64_t s, int64_t groups) {
+  const int64_t pos = s % groups;
+  return (s / groups) % 2 == 0 ? pos : groups - 1 - pos;
 }
 
 // One (batch, query head) of the backward's inputs.
 struct HeadGrad {
-  Rows Q, K, V, dO;
-  const float *lse, *delta, *gmass;  // (T,) each; gmass nullptr without the mass term
+  Rows Q, K, V, dO, O;
+  const float *lse, *mass, *gmass;  // (T,) each; mass and gmass nullptr without the mass term
+  float* delta;                     // (T,) scratch
 };
 
 // P and dS of query rows [a0, a1) against keys [j0, j0 + bk) into S and dS (row stride ld):
@@ -383,57 +388,20 @@ void probs_and_grad(const Problem& P, const HeadGrad& H, int64_t b, int64_t a0, 
   }
 }
 
-// End of the query rows that can see a key of [j0, j0 + bk): rows i >= j0 whose segment starts before the
-// block ends (seg_start is non-decreasing, so they form a range).
-int64_t last_query_row(const Problem& P, int64_t b, int64_t j0, int64_t bk) {
-  if (!P.seg) return P.T;
-  const int32_t* seg = P.seg + b * P.T;
-  return std::lower_bound(seg + j0, seg + P.T, static_cast<int32_t>(j0 + bk)) - seg;
-}
-
 struct GradBuffers {
   Scratch S, dS, rowmax;
-  GradBuffers(int64_t rows, int64_t cols) : S(rows * cols), dS(rows * cols), rowmax(rows) {}
+  GradBuffers() : S(BQ * BK), dS(BQ * BK), rowmax(BQ) {}
 };
 
-// dK, dV rows [j0, j0 + bk) of kv head hk: every query head of the group, every query row that sees them.
-void dkdv_task(const Problem& P, const BackwardPlan& plan, const std::vector<HeadGrad>& heads, int64_t b, int64_t hk,
-               int64_t j0, int64_t bk, float* dK, float* dV, GradBuffers& buf) {
-  const int64_t ld = plan.key_block, D = P.D;
-  std::fill(dK, dK + bk * D, 0.0f);
-  std::fill(dV, dV + bk * D, 0.0f);
-  const int64_t i_end = last_query_row(P, b, j0, bk);
-  for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
-    const HeadGrad& H = heads[b * P.Hq + h];
-    for (int64_t a0 = j0; a0 < i_end; a0 += QC) {
-      const int64_t n = std::min(QC, i_end - a0);
-      probs_and_grad(P, H, b, a0, a0 + n, j0, bk, buf.S.data(), buf.dS.data(), ld, buf.rowmax.data());
-      gemm_rm(true, false, bk, D, n, 1.0f, buf.S.data(), ld, H.dO.row(a0), H.dO.ld, 1.0f, dV, D);
-      gemm_rm(true, false, bk, D, n, P.scale, buf.dS.data(), ld, H.Q.row(a0), H.Q.ld, 1.0f, dK, D);
-    }
-  }
-}
-
-// dQ rows [i0, i1) of one query head: every key tile left of the diagonal.
-void dq_task(const Problem& P, const HeadGrad& H, int64_t b, int64_t i0, int64_t i1, float* dQ, GradBuffers& buf) {
-  std::fill(dQ, dQ + (i1 - i0) * P.D, 0.0f);
-  for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
-    const int64_t bk = std::min(BK, i1 - j0);
-    const auto [r0, r1] = tile_rows(P, b, i0, i1, j0, bk);  // the other rows have P = 0 on this tile
-    if (r0 >= r1) continue;
-    float *S = buf.S.data() + r0 * BK, *dS = buf.dS.data() + r0 * BK;
-    probs_and_grad(P, H, b, i0 + r0, i0 + r1, j0, bk, S, dS, BK, buf.rowmax.data() + r0);
-    gemm_rm(false, false, r1 - r0, P.D, bk, P.scale, dS, BK, H.K.row(j0), H.K.ld, 1.0f, dQ + r0 * P.D, P.D);
-  }
-}
-
-// Single-pass backward of one query block [i0, i1) of one query head: delta, then per key tile P, dS and
-// dQ rows (zeroed here), adding into the kv head's whole dK, dV (T x D).
-void single_pass_block(const Problem& P, const HeadGrad& H, const Rows& O, const float* mass, int64_t b, int64_t i0,
-                       int64_t i1, float* dQ, float* dK, float* dV, GradBuffers& buf, float* delta) {
+// One unit: the backward of query rows [i0, i1) of one query head. delta, then per key tile P, dS and the dQ
+// rows (which the unit owns: zeroed here), adding into dK, dV (T x D, the kv head's rows of the task's partial).
+// dK, dV rows below `zeroed` hold sums; the rows a tile reaches beyond it are zeroed just before the tile's
+// GEMMs add into them, while they are in cache (a memset of the whole partial up front costs a pass over memory).
+void backward_unit(const Problem& P, const HeadGrad& H, int64_t b, int64_t i0, int64_t i1, float* dQ, float* dK,
+                   float* dV, int64_t& zeroed, GradBuffers& buf) {
   const int64_t D = P.D;
   for (int64_t i = i0; i < i1; ++i) {
-    delta[i] = dot_row(H.dO.row(i), O.row(i), D) + (H.gmass ? H.gmass[i] * mass[i] : 0.0f);
+    H.delta[i] = dot_row(H.dO.row(i), H.O.row(i), D) + (H.gmass ? H.gmass[i] * H.mass[i] : 0.0f);
   }
   std::fill(dQ, dQ + (i1 - i0) * D, 0.0f);
   for (int64_t j0 = first_key(P, b, i0); j0 < i1; j0 += BK) {
@@ -443,18 +411,54 @@ void single_pass_block(const Problem& P, const HeadGrad& H, const Rows& O, const
     const int64_t n = r1 - r0, a0 = i0 + r0;
     float *S = buf.S.data() + r0 * BK, *dS = buf.dS.data() + r0 * BK;
     probs_and_grad(P, H, b, a0, i0 + r1, j0, bk, S, dS, BK, buf.rowmax.data() + r0);
+    if (j0 + bk > zeroed) {
+      std::fill(dK + zeroed * D, dK + (j0 + bk) * D, 0.0f);
+      std::fill(dV + zeroed * D, dV + (j0 + bk) * D, 0.0f);
+      zeroed = j0 + bk;
+    }
     gemm_rm(true, false, bk, D, n, 1.0f, S, BK, H.dO.row(a0), H.dO.ld, 1.0f, dV + j0 * D, D);
     gemm_rm(false, false, n, D, bk, P.scale, dS, BK, H.K.row(j0), H.K.ld, 1.0f, dQ + r0 * D, D);
     gemm_rm(true, false, bk, D, n, P.scale, dS, BK, H.Q.row(a0), H.Q.ld, 1.0f, dK + j0 * D, D);
   }
 }
 
-// Per-task seconds of the backward's passes (benchmarks/sim_threads.py); all nullptr in training.
-struct BackwardTimes {
-  double *delta = nullptr, *dkdv = nullptr, *dq = nullptr;  // split
-  double* single = nullptr;                                  // single pass
+// Memory for the partial dK, dV, kept between calls. A fresh buffer of this size (96 MB for 8 heads, D 128,
+// T 4096) is mmap'ed by glibc on every call and pays a page fault per 4 KiB on first touch: 24k faults and ~65 ms
+// of CPU time per call (10 % of that backward) on the 2-core development machine. Holds at most one buffer (the
+// largest returned); a caller that finds it taken or too small allocates its own. 64-byte aligned (at::empty), so
+// a slice's alignment follows from the shape.
+class Workspace {
+ public:
+  static Workspace& get() {
+    static Workspace w;
+    return w;
+  }
+  at::Tensor take(int64_t n) {
+    if (n == 0) return {};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_.defined() && free_.numel() >= n) return std::exchange(free_, at::Tensor());
+    }
+    return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  }
+  void give(at::Tensor t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (t.defined() && (!free_.defined() || t.numel() > free_.numel())) free_ = std::move(t);
+  }
+
+ private:
+  std::mutex mu_;
+  at::Tensor free_;
 };
 
+// Per-task seconds of the backward's passes (benchmarks/sim_threads.py); nullptr in training.
+struct BackwardTimes {
+  double *units = nullptr, *sum = nullptr;
+};
+
+// Pass 1, one task per (batch, kv head, query group): the group's units in a fixed order, into the group's own
+// dK, dV (group 0: the outputs; group r > 0: partial r - 1). Pass 2 (more than one group), one task per
+// (batch, kv head, BQ rows): dK = ((dK_0 + dK_1) + dK_2) + ..., the same order whatever ran where.
 void backward_passes(const Problem& P, const BackwardPlan& plan, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& o, const at::Tensor& dout, const float* lse,
                      const float* mass, const float* gmass, float* dq, float* dk, float* dv, BackwardTimes times) {
@@ -463,45 +467,41 @@ void backward_passes(const Problem& P, const BackwardPlan& plan, const at::Tenso
   for (int64_t bh = 0; bh < P.B * P.Hq; ++bh) {
     const int64_t b = bh / P.Hq, h = bh % P.Hq;
     heads.push_back({head_rows(q, b, h), head_rows(k, b, h / P.G), head_rows(v, b, h / P.G), head_rows(dout, b, h),
-                     lse + bh * P.T, delta.data() + bh * P.T, gmass ? gmass + bh * P.T : nullptr});
+                     head_rows(o, b, h), lse + bh * P.T, gmass ? mass + bh * P.T : nullptr,
+                     gmass ? gmass + bh * P.T : nullptr, delta.data() + bh * P.T});
   }
-  const int64_t nqb = plan.query_blocks;
-  if (!plan.split) {  // one task per (batch, kv head): the group's query heads in order, query blocks in order
-    run_tasks(P.B * P.Hkv, times.single, [] { return GradBuffers(BQ, BK); }, [&](int64_t t, GradBuffers& buf) {
-      const int64_t b = t / P.Hkv, hk = t % P.Hkv;
-      float *dK = dk + t * P.T * P.D, *dV = dv + t * P.T * P.D;
-      std::fill(dK, dK + P.T * P.D, 0.0f);
-      std::fill(dV, dV + P.T * P.D, 0.0f);
-      for (int64_t bh = b * P.Hq + hk * P.G; bh < b * P.Hq + (hk + 1) * P.G; ++bh) {
-        for (int64_t i0 = 0; i0 < P.T; i0 += BQ) {
-          single_pass_block(P, heads[bh], head_rows(o, b, bh % P.Hq), mass ? mass + bh * P.T : nullptr, b, i0,
-                            std::min(P.T, i0 + BQ), dq + (bh * P.T + i0) * P.D, dK, dV, buf, delta.data() + bh * P.T);
-        }
-      }
-    });
-    return;
-  }
-  // delta = rowsum(dO * O) + g * mass: one task per (batch, query head, query block)
-  run_tasks(P.B * P.Hq * nqb, times.delta, [] { return 0; }, [&](int64_t t, int) {
-    const int64_t bh = t / nqb, b = bh / P.Hq, h = bh % P.Hq;
-    const Rows O = head_rows(o, b, h), dO = heads[bh].dO;
-    for (int64_t i = (t % nqb) * BQ; i < std::min(P.T, (t % nqb + 1) * BQ); ++i) {
-      delta[bh * P.T + i] = dot_row(dO.row(i), O.row(i), P.D) + (gmass ? gmass[bh * P.T + i] * mass[bh * P.T + i] : 0.0f);
+  const int64_t groups = plan.groups, nqb = plan.query_blocks, TD = P.T * P.D, pairs = P.B * P.Hkv;
+  // dK and dV partials of groups 1 ..
+  at::Tensor partial = Workspace::get().take(2 * (groups - 1) * pairs * TD);
+  struct GiveBack {
+    at::Tensor& t;
+    ~GiveBack() { Workspace::get().give(std::move(t)); }
+  } give_back{partial};
+  auto grads = [&](int64_t r, int64_t bhk) -> std::pair<float*, float*> {
+    if (r == 0) return {dk + bhk * TD, dv + bhk * TD};
+    float* base = partial.data_ptr<float>() + 2 * ((r - 1) * pairs + bhk) * TD;
+    return {base, base + TD};
+  };
+  run_tasks(plan.tasks, times.units, [] { return GradBuffers(); }, [&](int64_t t, GradBuffers& buf) {
+    const int64_t bhk = t / groups, r = t % groups, b = bhk / P.Hkv, hk = bhk % P.Hkv;
+    const auto [dK, dV] = grads(r, bhk);
+    int64_t zeroed = 0;
+    for (int64_t s = 0; s < plan.units; ++s) {
+      if (unit_group(s, groups) != r) continue;
+      const int64_t bh = b * P.Hq + hk * P.G + s % P.G, i0 = (nqb - 1 - s / P.G) * BQ, i1 = std::min(P.T, i0 + BQ);
+      backward_unit(P, heads[bh], b, i0, i1, dq + (bh * P.T + i0) * P.D, dK, dV, zeroed, buf);
     }
+    std::fill(dK + zeroed * P.D, dK + TD, 0.0f);  // keys no query row of the group sees
+    std::fill(dV + zeroed * P.D, dV + TD, 0.0f);
   });
-  // dK, dV: consecutive tasks alternate short (late) and long (early) key blocks, as the forward does
-  const int64_t nkb = plan.key_blocks;
-  run_tasks(plan.dkdv_tasks, times.dkdv, [&] { return GradBuffers(QC, plan.key_block); },
-            [&](int64_t t, GradBuffers& buf) {
-              const int64_t bhk = t / nkb, b = bhk / P.Hkv, hk = bhk % P.Hkv;
-              const int64_t j0 = balanced_block(t % nkb, nkb) * plan.key_block, bk = std::min(plan.key_block, P.T - j0);
-              const int64_t row0 = bhk * P.T + j0;
-              dkdv_task(P, plan, heads, b, hk, j0, bk, dk + row0 * P.D, dv + row0 * P.D, buf);
-            });
-  run_tasks(plan.dq_tasks, times.dq, [] { return GradBuffers(BQ, BK); }, [&](int64_t t, GradBuffers& buf) {
-    const int64_t bh = t / nqb, b = bh / P.Hq;
-    const int64_t i0 = balanced_block(t % nqb, nqb) * BQ, i1 = std::min(P.T, i0 + BQ);
-    dq_task(P, heads[bh], b, i0, i1, dq + (bh * P.T + i0) * P.D, buf);
+  if (groups == 1) return;
+  run_tasks(plan.sum_tasks, times.sum, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t bhk = t / nqb, off = (t % nqb) * BQ * P.D, n = std::min(BQ * P.D, TD - off);
+    for (int64_t r = 1; r < groups; ++r) {
+      const auto [pk, pv] = grads(r, bhk);
+      add_row(dk + bhk * TD + off, pk + off, n);
+      add_row(dv + bhk * TD + off, pv + off, n);
+    }
   });
 }
 
@@ -521,63 +521,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     gmass = dmass_in->to(at::kFloat).contiguous();
   }
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);
-  at::Tensor dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32);  // every row is written by one task
+  at::Tensor dq = at::empty({P.B, P.Hq, P.T, P.D}, f32);  // every row is written by one task
+  at::Tensor dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32);
   at::Tensor dv = at::empty({P.B, P.Hkv, P.T, P.D}, f32);
-  backward_passes(P, plan_backward(P.B, P.Hq, P.Hkv, P.T), q, k, v, o, dout, lse.data_ptr<float>(), use_mass ? mass.data_ptr<float>() : nullptr,
-                  use_mass ? gmass.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
-                  dv.data_ptr<float>(), {});
+  backward_passes(P, plan_backward(P.B, P.Hq, P.Hkv, P.T), q, k, v, o, dout, lse.data_ptr<float>(),
+                  use_mass ? mass.data_ptr<float>() : nullptr, use_mass ? gmass.data_ptr<float>() : nullptr,
+                  dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), {});
   auto cast = [](const at::Tensor& x, const at::Tensor& like) {
     return like.scalar_type() == at::kFloat ? x : x.to(like.scalar_type());
   };
   return {cast(dq, q_in), cast(dk, k_in), cast(dv, v_in)};
 }
 
-// The backward chosen for a shape, the task counts of the kernel's parallel passes (forward, then the
-// backward's: split [delta, dK/dV, dQ], single pass [one per (batch, kv head)]) and the keys per dK/dV task
-// (T for the single pass, whose tasks cover every key).
-std::tuple<std::string, std::vector<int64_t>, int64_t> plan_tasks(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
+// The query groups per (batch, kv head) of a shape's backward and the task counts of the kernel's parallel
+// passes: forward, backward, and (more than one group) the sum of the partial dK, dV.
+std::tuple<int64_t, std::vector<int64_t>> plan_tasks(int64_t B, int64_t Hq, int64_t Hkv, int64_t T) {
   TORCH_CHECK(B > 0 && Hkv > 0 && Hq % Hkv == 0 && T > 0, "plan needs B, T > 0 and Hq a multiple of Hkv > 0");
   const BackwardPlan p = plan_backward(B, Hq, Hkv, T);
-  const int64_t fwd = B * Hq * ((T + BQ - 1) / BQ);
-  if (!p.split) return {"single", {fwd, B * Hkv}, T};
-  return {"split", {fwd, B * Hq * p.query_blocks, p.dkdv_tasks, p.dq_tasks}, p.key_block};
+  std::vector<int64_t> tasks{B * Hq * p.query_blocks, p.tasks};
+  if (p.sum_tasks > 0) tasks.push_back(p.sum_tasks);
+  return {p.groups, tasks};
 }
 
-// Forward then backward (the path plan_tasks chooses), serially timed per task, in the order at::parallel_for
-// hands the tasks out: forward seconds and one float64 tensor per backward pass, as plan_tasks counts them.
-// For benchmarks/sim_threads.py (run it at 1 thread). `backward` = "auto" (the shape's choice), "split" or
-// "single" forces one, so the simulation can compare both on any shape; the kernel itself never does.
+// Forward then backward, serially timed per task, in the order at::parallel_for hands the tasks out: forward
+// seconds and one float64 tensor per backward pass, as plan_tasks counts them. For benchmarks/sim_threads.py
+// (run it at 1 thread). `query_groups` > 0 replaces the plan's number of query groups (1: one task per (batch,
+// kv head), the backward before issue 33), so the simulation can compare; the kernel itself never does.
 std::tuple<at::Tensor, std::vector<at::Tensor>> task_seconds(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& dout_in,
     const std::optional<at::Tensor>& dmass_in, const std::optional<at::Tensor>& packed,
     const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& seg_start, double scale,
-    c10::string_view backward) {
+    int64_t query_groups) {
   const at::Tensor q = as_f32_rows(q_in), k = as_f32_rows(k_in), v = as_f32_rows(v_in), dout = as_f32_rows(dout_in);
   const Problem P = make_problem(q, k, packed, kpm, seg_start, scale);
   TORCH_CHECK(v.sizes() == k.sizes() && dout.sizes() == q.sizes(), "task_seconds: v must have k's shape ",
               k.sizes(), " and dout q's shape ", q.sizes(), "; got ", v.sizes(), " and ", dout.sizes());
   TORCH_CHECK(!dmass_in.has_value() || dmass_in->sizes() == at::IntArrayRef({P.B, P.Hq, P.T}),
               "task_seconds: dmass must have shape (B, Hq, T) = (", P.B, ", ", P.Hq, ", ", P.T, ")");
-  TORCH_CHECK(backward == "auto" || backward == "split" || backward == "single",
-              "task_seconds: backward must be \"auto\", \"split\" or \"single\", got \"", backward, "\"");
+  TORCH_CHECK(query_groups >= 0, "task_seconds: query_groups must be >= 0 (0: the plan's), got ", query_groups);
   BackwardPlan plan = plan_backward(P.B, P.Hq, P.Hkv, P.T);
-  if (backward != "auto") plan.split = backward == "split";
+  if (query_groups > 0) {
+    plan.groups = query_groups;
+    plan.tasks = P.B * P.Hkv * query_groups;
+    plan.sum_tasks = query_groups > 1 ? P.B * P.Hkv * plan.query_blocks : 0;
+  }
   auto f32 = q.options().dtype(at::kFloat), f64 = q.options().dtype(at::kDouble);
   at::Tensor out = at::empty({P.B, P.Hq, P.T, P.D}, f32), lse = at::empty({P.B, P.Hq, P.T}, f32);
   at::Tensor mass = at::empty({P.B, P.Hq, P.T}, f32);
   at::Tensor gmass = (P.packed && dmass_in.has_value()) ? dmass_in->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor fwd = at::empty({forward_tasks(P)}, f64);
-  std::vector<at::Tensor> passes;
-  BackwardTimes times;
-  if (plan.split) {
-    passes = {at::empty({P.B * P.Hq * plan.query_blocks}, f64), at::empty({plan.dkdv_tasks}, f64),
-              at::empty({plan.dq_tasks}, f64)};
-    times = {passes[0].data_ptr<double>(), passes[1].data_ptr<double>(), passes[2].data_ptr<double>(), nullptr};
-  } else {
-    passes = {at::empty({P.B * P.Hkv}, f64)};
-    times.single = passes[0].data_ptr<double>();
-  }
+  std::vector<at::Tensor> passes{at::empty({plan.tasks}, f64)};
+  if (plan.sum_tasks > 0) passes.push_back(at::empty({plan.sum_tasks}, f64));
+  const BackwardTimes times{passes[0].data_ptr<double>(), plan.sum_tasks > 0 ? passes[1].data_ptr<double>() : nullptr};
   forward_pass(P, q, k, v, out.data_ptr<float>(), lse.data_ptr<float>(), mass.data_ptr<float>(),
                fwd.data_ptr<double>());
   at::Tensor dq = at::empty_like(out), dk = at::empty({P.B, P.Hkv, P.T, P.D}, f32), dv = at::empty_like(dk);
@@ -586,7 +581,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> task_seconds(
                   dv.data_ptr<float>(), times);
   return {fwd, passes};
 }
-
 }  // namespace
 }  // namespace causal_attn_cpu
 
@@ -609,9 +603,9 @@ TORCH_LIBRARY(causal_attn_cpp, m) {
         "Tensor? dmass, Tensor? packed, Tensor? key_padding_mask, Tensor? seg_start, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("has_blas() -> bool", []() { return causal_attn_cpu::have_blas(); });
-  m.def("plan(int batch, int q_heads, int kv_heads, int seq_len) -> (str, int[], int)", &causal_attn_cpu::plan_tasks);
+  m.def("plan(int batch, int q_heads, int kv_heads, int seq_len) -> (int, int[])", &causal_attn_cpu::plan_tasks);
   m.def("task_seconds(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor? dmass, Tensor? packed, "
-        "Tensor? key_padding_mask, Tensor? seg_start, float scale, str backward=\"auto\") -> (Tensor, Tensor[])");
+        "Tensor? key_padding_mask, Tensor? seg_start, float scale, int query_groups=0) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(causal_attn_cpp, CPU, m) {

@@ -95,6 +95,12 @@ void scale_row(float* x, int64_t n, float a) {
   for (int64_t c = 0; c < n; ++c) x[c] *= a;
 }
 
+// x[c] += y[c] over n columns.
+CA_MULTIVERSION
+void add_row(float* x, const float* y, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] += y[c];
+}
+
 // sum over c < n of a[c] * b[c] (fp32 accumulation).
 CA_MULTIVERSION
 float dot_row(const float* a, const float* b, int64_t n) {

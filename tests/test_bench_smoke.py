@@ -94,7 +94,7 @@ def rows(path):
 
 def test_tiny_sweep_through_the_cli(tmp_path):
     rc = main(["bench", "--seq-lens", "128", "512", "--head-dims", "32", "--gqa", "0", "--memory-seq-lens", "512", "--memory-head-dims", "32",
-               "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-train-seq-len", "64",
+               "--train-seq-lens", "64", "--repeats", "1", "--scaling-seq-len", "128", "--scaling-smollm2-seq-len", "96", "--scaling-train-seq-len", "64",
                "--scaling-threads", "1", "2", "--scaling-rounds", "1", "--packing-data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)])
     assert rc == 0
     kernels = rows(tmp_path / "kernels.csv")
@@ -116,7 +116,9 @@ def test_tiny_sweep_through_the_cli(tmp_path):
         assert float(r["step_ms"]) > 0 and math.isfinite(float(r["peak_mib"]))
     scaling = rows(tmp_path / "threads.csv")
     assert {(r["part"], int(r["threads"]), r["method"]) for r in scaling} == {
-        (p, n, m) for p in ("kernel", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
+        (p, n, m) for p in ("kernel", "kernel_smollm2", "train_step") for n in (1, 2) for m in ("cat", "sdpa")}
+    assert {(r["part"], r["T"], r["heads"]) for r in scaling} == {("kernel", "128", "8/8"), ("kernel_smollm2", "96", "9/3"),
+                                                                  ("train_step", "64", "")}
     for r in scaling:
         assert float(r["ms"]) > 0 and float(r["speedup_vs_1"]) > 0, r
         assert 0 < float(r["fwd_ms"]) < float(r["ms"]) and 0 < float(r["bwd_ms"]) < float(r["ms"]), r
@@ -129,7 +131,8 @@ def test_tiny_sweep_through_the_cli(tmp_path):
                  "summary.md"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 2 |" in summary
+    assert "| 512 | 32 | off |" in summary and "| kernel | 128 | 8/8 | 2 |" in summary
+    assert "| kernel SmolLM2 (GQA, D 64) | 96 | 9/3 | 2 |" in summary and "SmolLM2 attention (9/3 heads)" in summary
 
 
 def test_packing_section_through_the_cli(tmp_path):
@@ -196,22 +199,23 @@ def test_static_makespan_follows_atens_openmp_chunks():
 def test_sim_threads_writes_csv_and_png_for_a_tiny_case(tmp_path):
     import sim_threads
 
-    case = sim_threads.Case("tiny", Hq=4, Hkv=2, T=256, D=16)
-    rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(2, 4), log=lambda *_: None)
-    path, (fwd, delta, dkdv, dq), _ = torch.ops.causal_attn_cpp.plan(1, 4, 2, 256)
+    case = sim_threads.Case("tiny", Hq=8, Hkv=2, T=512, D=16)
+    rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(1, 2, 4), log=lambda *_: None)
+    groups, (fwd, bwd, total) = torch.ops.causal_attn_cpp.plan(1, 8, 2, 512)
+    assert groups == 3 and bwd == 6 and total == 2 * 8
     with open(tmp_path / "sim_threads.csv") as f:
         written = list(csv.DictReader(f))
-    assert len(written) == len(rows) == 2 * 4 and (tmp_path / "sim_threads.png").stat().st_size > 0
+    assert len(written) == len(rows) == 3 * 3 and (tmp_path / "sim_threads.png").stat().st_size > 0
     by = {(r["phase"], r["structure"], int(r["threads"])): r for r in written}
     assert by[("forward", "unchanged", 2)]["tasks"] == str(fwd)
-    assert by[("backward", "split", 4)]["tasks"] == f"{delta}+{dkdv}+{dq}" and by[("backward", "single", 4)]["tasks"] == "2"
-    # 2 (batch, kv head) pairs: the old kernel went per query head from 3 threads on; the kernel now splits
-    assert by[("backward", "before", 2)]["tasks"] == "2" and by[("backward", "before", 4)]["tasks"] == "4"
-    assert path == "split" and {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "split"}
+    assert by[("backward", "grouped", 4)]["tasks"] == f"{bwd}+{total}" and by[("backward", "single", 4)]["tasks"] == "2"
+    assert {r["structure"] for r in written if r["chosen"] == "True"} == {"unchanged", "grouped"}
     for r in written:
-        assert float(r["serial_ms"]) > 0 and float(r["speedup"]) > 0
-        if r["structure"] != "split":  # the split's speed-up is over the single pass, so not bounded by the threads
-            assert float(r["speedup"]) <= int(r["threads"]) + 1e-9
+        assert float(r["serial_ms"]) > 0 and 0 < float(r["speedup"]) <= int(r["threads"]) + 1e-9
+        # backward speed-ups are over the faster one-thread backward of the two
+        assert float(r["baseline_ms"]) <= float(r["serial_ms"]) + 1e-9
+    # the single pass has 2 tasks: it stops at 2 threads
+    assert by[("backward", "single", 4)]["makespan_ms"] == by[("backward", "single", 2)]["makespan_ms"]
 
 
 def test_compiled_section_through_the_cli(tmp_path):

@@ -21,28 +21,28 @@ def _cpp(adj, kpm):
     return lambda q, k, v: causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="cpp")
 
 
-def _backward_path(B, Hq, Hkv, T):
+def _query_groups(B, Hq, Hkv, T):
     return torch.ops.causal_attn_cpp.plan(B, Hq, Hkv, T)[0]
 
 
 @needs_cpp
-@pytest.mark.parametrize("B,Hq,Hkv,path", [(2, 2, 1, "split"), (4, 6, 2, "single")])
-def test_several_key_blocks_match_fp64_oracle(B, Hq, Hkv, path):
+@pytest.mark.parametrize("B,Hq,Hkv,groups", [(2, 2, 2, 1), (4, 6, 2, 2), (1, 8, 1, 4)])
+def test_several_key_blocks_match_fp64_oracle(B, Hq, Hkv, groups):
     """T = 521: three 256-column key tiles (the last one ragged) and nine 64-row query tiles, so the online
-    softmax rescales O, l and the mass accumulator across tiles; GQA and left padding included, on both
-    backwards (B * Hkv = 2: the split, 8: the single pass). (Other dtypes are converted to fp32 before the
-    tiles; test_attention.py covers them.)"""
-    assert _backward_path(B, Hq, Hkv, 521) == path
+    softmax rescales O, l and the mass accumulator across tiles; GQA and left padding included, with one query
+    group per (batch, kv head) (dK, dV summed in one task) and with 2 and 4 (partial dK, dV added at the end).
+    (Other dtypes are converted to fp32 before the tiles; test_attention.py covers them.)"""
+    assert _query_groups(B, Hq, Hkv, 521) == groups
     q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 521, 32, torch.float32, padding="left", logit_scale=4.0)
     check_against_oracle(_cpp(adj, kpm), q, k, v, adj, kpm, seed)
 
 
-def _outputs_and_grads(q, k, v, adj, kpm, threads):
+def _outputs_and_grads(q, k, v, adj, kpm, threads, seg=None):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        out, mass = causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, backend="cpp")
+        out, mass = causal_attn.attention(q, k, v, adj, key_padding_mask=kpm, segment_ids=seg, backend="cpp")
         g = torch.Generator().manual_seed(0)
         (out * torch.randn(out.shape, generator=g)).sum().add((mass * torch.randn(mass.shape, generator=g)).sum()).backward()
         return [out.detach(), mass.detach(), q.grad, k.grad, v.grad]
@@ -50,58 +50,89 @@ def _outputs_and_grads(q, k, v, adj, kpm, threads):
         torch.set_num_threads(previous)
 
 
+def _packed_segments(B, T, seed):
+    """int64 (B, T) segment ids of random lengths (10 to T / 3) laid end to end."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        lengths = []
+        while sum(lengths) < T:
+            lengths.append(int(torch.randint(10, T // 3, (1,), generator=g)))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:T])
+    return torch.stack(rows)
+
+
 @needs_cpp
-@pytest.mark.parametrize("B,Hq,Hkv,padding,path", [(1, 6, 2, "left", "split"), (2, 4, 1, "right", "split"),
-                                                    (4, 6, 2, "left", "single")])
-def test_outputs_and_grads_are_bitwise_identical_at_1_2_4_and_7_threads(B, Hq, Hkv, padding, path):
-    """Every task owns its output rows and the decomposition (including which backward) depends on the shape
-    only, so the thread count changes nothing, not even the last bit (issue 27). T = 600: several dK/dV key
-    blocks, dQ query blocks and key tiles; GQA, padding and the mass gradient included, on both backwards.
-    torch.set_num_threads governs the kernel's at::parallel_for (one OpenMP runtime,
+@pytest.mark.parametrize("B,Hq,Hkv,T,padding,packed,groups", [
+    (1, 6, 2, 600, "left", False, 2), (2, 4, 1, 600, "right", False, 3), (4, 6, 2, 600, "left", False, 2),
+    (2, 2, 2, 300, "right", False, 1), (1, 8, 1, 1999, "left", False, 16), (2, 8, 2, 777, "none", True, 4)])
+def test_outputs_and_grads_are_bitwise_identical_at_1_2_4_and_7_threads(B, Hq, Hkv, T, padding, packed, groups):
+    """Every output row is written by one task, and the decomposition (query groups, the order of each task's
+    units, the order of the final dK, dV sum) depends on the shape only, so the thread count changes nothing, not
+    even the last bit (issues 27, 33). GQA, padding, packed segments, odd T and the mass gradient included, with
+    1 to 16 query groups. torch.set_num_threads governs the kernel's at::parallel_for (one OpenMP runtime,
     test_kernel_work_runs_on_every_torch_thread)."""
-    assert _backward_path(B, Hq, Hkv, 600) == path
-    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, 600, 32, torch.float32, padding=padding, logit_scale=3.0)
-    one = _outputs_and_grads(q, k, v, adj, kpm, 1)
+    assert _query_groups(B, Hq, Hkv, T) == groups
+    q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, 32, torch.float32, padding=padding, logit_scale=3.0)
+    seg = _packed_segments(B, T, seed) if packed else None
+    one = _outputs_and_grads(q, k, v, adj, kpm, 1, seg)
     for threads in (2, 4, 7):
-        other = _outputs_and_grads(q, k, v, adj, kpm, threads)
+        other = _outputs_and_grads(q, k, v, adj, kpm, threads, seg)
         for name, a, b in zip(["out", "mass", "dq", "dk", "dv"], one, other):
             assert torch.equal(a, b), (f"{name} at {threads} threads differs from 1 thread by "
                                        f"{(a - b).abs().max().item():.3g} (seed {seed})")
 
 
 @needs_cpp
-def test_a_batch_1_smollm2_sequence_gives_4_tasks_per_thread_at_32_threads():
-    """SmolLM2-135M's attention (9 query / 3 kv heads) on one sequence of T = 2048: 3 (batch, kv head) pairs, so
-    the split backward, and each of its passes (and the forward) has at least 4 x 32 tasks, counted by the
-    kernel's own planner; the timing op runs exactly that many."""
-    path, (fwd, delta, dkdv, dq), key_block = torch.ops.causal_attn_cpp.plan(1, 9, 3, 2048)
-    assert path == "split" and min(fwd, delta, dkdv, dq) >= 4 * 32, (path, fwd, delta, dkdv, dq)
-    assert dkdv == 3 * 2048 // key_block and dq == delta == 9 * 2048 // 64
-    q, k, v, adj, kpm, seed = make_case(1, 6, 2, 300, 16, torch.float32, padding="left")
-    _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed)
+def test_the_reused_partial_buffer_carries_nothing_between_calls():
+    """The partial dK, dV memory is kept between calls (Workspace in attention_cpu.cpp) and zeroed lazily, tile by
+    tile: a backward after one on other data (and another shape) gives the same bits as before it."""
+    q, k, v, adj, kpm, seed = make_case(1, 8, 1, 1000, 32, torch.float32, padding="left")
+    assert _query_groups(1, 8, 1, 1000) > 1
+    first = _outputs_and_grads(q, k, v, adj, kpm, 2)
+    other = make_case(1, 8, 1, 1200, 32, torch.float32, logit_scale=9.0)
+    _outputs_and_grads(*other[:5], 2)
+    again = _outputs_and_grads(q, k, v, adj, kpm, 2)
+    for name, a, b in zip(["out", "mass", "dq", "dk", "dv"], first, again):
+        assert torch.equal(a, b), f"{name} changed after a call on other data (seed {seed})"
 
 
 @needs_cpp
-def test_from_8_batch_kv_head_pairs_the_single_pass_backward_runs_one_task_per_pair():
-    """B * Hkv >= 8 (here 4 x 2): one task per (batch, kv head), whatever the length; one fewer pair: the split."""
-    for T in (1, 300, 4096):
-        assert torch.ops.causal_attn_cpp.plan(4, 6, 2, T) == ("single", [4 * 6 * -(-T // 64), 8], T)
-    assert torch.ops.causal_attn_cpp.plan(7, 7, 1, 300)[0] == "split"
-    q, k, v, adj, kpm, seed = make_case(4, 6, 2, 200, 16, torch.float32, padding="right")
-    _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed)
+def test_few_kv_heads_get_query_groups_for_32_threads_and_the_kernel_runs_the_plan():
+    """The query groups per (batch, kv head) come from the shape: about 32 tasks in all, an even number, at most
+    one extra group per 1024 query rows of the GQA group (each costs a partial dK, dV and its sum), one group from
+    32 (batch, kv head) pairs on. SmolLM2-135M (9 query / 3 kv heads) on one sequence: 6 groups at T = 2048 (18
+    tasks), 10 at T = 8192 (30); 8 heads at T = 4096: 4 (32). The timing op runs exactly the planned tasks."""
+    plan = torch.ops.causal_attn_cpp.plan
+    assert plan(1, 9, 3, 2048) == (6, [9 * 32, 18, 3 * 32])  # forward, backward, sum of the partials
+    assert plan(1, 9, 3, 8192) == (10, [9 * 128, 30, 3 * 128])
+    assert plan(1, 8, 8, 4096) == (4, [8 * 64, 32, 8 * 64])
+    assert plan(4, 32, 8, 4096) == (1, [4 * 32 * 64, 32])  # 32 pairs: one task each, nothing to sum
+    assert plan(1, 4, 4, 1000) == (1, [4 * 16, 4])  # short: an extra group would cost more than it gives
+    assert plan(1, 1, 1, 64) == (1, [1, 1])
+    for B, Hq, Hkv, T in [(1, 9, 3, 2048), (3, 4, 1, 5000), (1, 2, 1, 777), (5, 5, 1, 3000), (2, 16, 4, 9000)]:
+        groups, (fwd, bwd, *rest) = plan(B, Hq, Hkv, T)
+        assert bwd == B * Hkv * groups and (groups == 1 or bwd % 2 == 0) and bwd <= max(32, B * Hkv)
+        assert groups <= 1 + Hq // Hkv * T // 1024 and rest == ([B * Hkv * -(-T // 64)] if groups > 1 else [])
+    for B, Hq, Hkv, T in [(1, 6, 2, 700), (4, 6, 2, 200), (1, 3, 3, 100)]:
+        q, k, v, adj, kpm, seed = make_case(B, Hq, Hkv, T, 16, torch.float32, padding="right")
+        _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed)
 
 
 def _check_timed_tasks_follow_the_plan(q, k, v, adj, kpm, seed):
-    """The planner drives the kernel: task_seconds ("auto") times one entry per planned task of each pass."""
+    """The planner drives the kernel: task_seconds (the plan's query groups) times one entry per planned task of
+    each pass, and with query_groups = n it runs n groups."""
     B, Hq, T, _ = q.shape
     graph = causal_attn.CausalGraph.from_dense(adj)
-    fwd, passes = torch.ops.causal_attn_cpp.task_seconds(q, k, v, torch.randn_like(q), torch.randn(B, Hq, T),
-                                                         graph.packed, kpm, None, 0.25)
-    _, counts, _ = torch.ops.causal_attn_cpp.plan(B, Hq, k.shape[1], T)
+    args = (q, k, v, torch.randn_like(q), torch.randn(B, Hq, T), graph.packed, kpm, None, 0.25)
+    fwd, passes = torch.ops.causal_attn_cpp.task_seconds(*args)
+    _, counts = torch.ops.causal_attn_cpp.plan(B, Hq, k.shape[1], T)
     assert [t.numel() for t in [fwd, *passes]] == counts, f"seed {seed}"
     assert all(bool((t >= 0).all()) for t in [fwd, *passes])
-    with pytest.raises(RuntimeError, match='backward must be "auto", "split" or "single"'):
-        torch.ops.causal_attn_cpp.task_seconds(q, k, v, q, None, None, None, None, 0.25, "double")
+    _, forced = torch.ops.causal_attn_cpp.task_seconds(*args, 3)
+    assert [t.numel() for t in forced] == [B * k.shape[1] * 3, B * k.shape[1] * -(-T // 64)]
+    with pytest.raises(RuntimeError, match="query_groups must be >= 0"):
+        torch.ops.causal_attn_cpp.task_seconds(*args, -1)
 
 
 @needs_cpp

@@ -53,15 +53,15 @@ def test_small_blocks_skip_keys_exactly():
     torch.testing.assert_close(mass, ref_mass, rtol=0, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
 
 
-@pytest.mark.parametrize("Hq,Hkv,path", [(2, 1, "split"), (8, 4, "single")])
-def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch, Hq, Hkv, path):
+@pytest.mark.parametrize("Hq,Hkv,groups", [(2, 2, 1), (8, 1, 3)])
+def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch, Hq, Hkv, groups):
     """The C++ kernel (float32) on packed rows whose 64-row query tiles start reading keys after column 0, one of
-    them past a whole 256-column key tile: outputs and gradients vs the fp64 oracle, on both backwards (2 or 8
-    (batch, kv head) pairs: the split or the single pass)."""
+    them past a whole 256-column key tile: outputs and gradients vs the fp64 oracle, with one query group per
+    (batch, kv head) and with three (partial dK, dV that skip keys too, summed at the end)."""
     _require("cpp")
     cpp_kernel_only(monkeypatch)
     T = 300
-    assert torch.ops.causal_attn_cpp.plan(2, Hq, Hkv, T)[0] == path
+    assert torch.ops.causal_attn_cpp.plan(2, Hq, Hkv, T)[0] == groups
     q, k, v, adj, kpm, seed = make_case(2, Hq, Hkv, T, 16, torch.float32)
     seg = _segments([[40, 30, 70, 60, 100], [100, 156, 1, 43]])  # sample 1: a segment starts at row 256
     starts = causal_attn.graph.segment_starts(seg, 2, T, "cpu")
