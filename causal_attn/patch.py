@@ -58,7 +58,11 @@ def cat_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
     kwargs.pop("allow_is_causal_skip", None)
     mask4 = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                       allow_is_causal_skip=False, **kwargs)
-    if full and not torch.compiler.is_compiling():  # e.g. a sliding window at least as long as the sequence
+    if full and torch.compiler.is_compiling():  # no host read: a sliding window (`local_size`) covering the sequence
+        window = kwargs.get("local_size")
+        if window is not None and window >= kv_length:
+            return pad
+    elif full:  # e.g. a sliding window at least as long as the sequence
         plain = torch.ones(q_length, kv_length, dtype=torch.bool, device=mask4.device).tril()[None, None]
         if pad is not None:
             plain = plain & pad[:, None, None, :]
