@@ -152,7 +152,7 @@ def test_isolated_installs_get_the_fused_cpu_kernel_built_once_on_first_use(tmp_
     assert not any(line.startswith("kernels/") for line in names.splitlines()), names
     run([py, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(wheel)], cwd=tmp_path, env=env)
     from_wheel, err = _result(_check(py, outside, env, 4))
-    assert from_wheel["backend"] == "cpp" and from_wheel["diff"] < 1e-5 and "compiling" not in err, from_wheel
+    assert from_wheel["backend"] == "cpp" and from_wheel["diff"] < 1e-4 and "compiling" not in err, from_wheel
     assert inside(from_wheel["package"], venv), from_wheel
 
     # `causal-attn bench` runs from the installed package
