@@ -139,7 +139,7 @@ def test_isolated_installs_get_the_fused_cpu_kernel_built_once_on_first_use(tmp_
         assert inside(found["library"], tmp_path / "cache"), found
         assert inside(found["package"], venv) and inside(found["flash_mass"], venv), found
         assert not inside(found["kernels"], src / "kernels") and not inside(found["kernels"], ROOT / "kernels"), found
-        assert found["diff"] < 1e-5, found
+        assert found["diff"] < 1e-4, found  # which library ran, not its numerics (test_cpp_backend checks those)
     later, err = _result(_check(py, outside, env, 3))  # cached across processes: no second compile
     assert later["backend"] == "cpp" and later["library"] == first[0][0]["library"] and "compiling" not in err
 
