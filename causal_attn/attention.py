@@ -210,8 +210,8 @@ def attention(q, k, v, adjacency=None, *, key_padding_mask=None, segment_ids=Non
 def attend(q, k, v, graph: CausalGraph | None, key_padding_mask: Tensor | None, seg_start: Tensor | None, *,
            scale=None, backend="auto", attn_map=None, attn_map_weight=1.0):
     """:func:`attention` on a graph, padding mask (bool) and segment starts that were checked already, once per
-    forward (``patch_model``'s pre-hook): nothing here reads a tensor's values on the host."""
-    q, k, v = autocast_inputs(q, k, v)
+    forward (``patch_model``'s pre-hook), and q, k, v already in the autocast dtype (:func:`autocast_inputs`):
+    nothing here reads a tensor's values on the host."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     name = resolve_backend(backend, q.device)
     impl = BACKENDS[name]

@@ -269,15 +269,15 @@ class CATHandle:
             adjacency = adjacency.to(x.device)  # e.g. a collator's CPU graph for a CUDA model
         graph = as_graph(adjacency, x.shape[0], x.shape[1], x.device)  # type, B and T checks
         seg_start = None
-        ids_ = packed_segment_ids(kwargs, x, known=graph is not None and graph.segment_ids is not None) if full \
-            else None
-        if ids_ is not None:
+        known = graph is not None and graph.segment_ids is not None
+        segment_ids = packed_segment_ids(kwargs, x, known=known) if full else None
+        if segment_ids is not None:
             if kwargs.get("seq_idx") is not None:  # the caller's ids: check they do not decrease
-                require((ids_[:, 1:] >= ids_[:, :-1]).all(), "seq_idx decrease within row; packed samples must lie "
-                        "end to end with non-decreasing ids")
-            seg_start = starts_of(ids_)
+                require((segment_ids[:, 1:] >= segment_ids[:, :-1]).all(), "seq_idx decrease within row; packed "
+                        "samples must lie end to end with non-decreasing ids")
+            seg_start = starts_of(segment_ids)
             if graph is not None:
-                graph = graph.with_segments(ids_, seg_start)
+                graph = graph.with_segments(segment_ids, seg_start)
             if self._window is not None:
                 longest = (torch.arange(x.shape[1], device=x.device) - seg_start).max() + 1
                 require(longest <= self._window, f"the model uses a sliding window of {self._window} tokens but a "

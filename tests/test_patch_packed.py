@@ -6,17 +6,8 @@ import torch
 from causal_attn import CausalGraph, patch_model
 from causal_attn.trainer import CATCollator
 from numerics import fresh_seed
+from step_probes import step_records
 from tiny_models import PAD_ID, forward_backward, tiny_model
-
-
-def _records(lengths, seed, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        dense = (torch.rand(n, n, generator=g) < 0.3).tril()
-        out.append({"input_ids": torch.randint(3, vocab, (n,), generator=g).tolist(),
-                    "edges": [(int(i), int(j)) for i, j in dense.nonzero()]})
-    return out
 
 
 def _run(model, handle, batch, **kw):
@@ -36,7 +27,7 @@ def _per_sample(logits_padded, logits_packed, lengths):
 def test_packed_equals_padded(family, checkpointing):
     seed = fresh_seed()
     lengths = [11, 1, 26, 7, 19]
-    records = _records(lengths, seed)
+    records = step_records(lengths, 97, seed)
     padded = CATCollator(PAD_ID)(records)
     packed = CATCollator(PAD_ID, packing=True)(records)
     assert packed["adjacency"].segment_ids is not None and "attention_mask" not in packed
@@ -64,7 +55,7 @@ def test_packing_detected_with_and_without_cache(use_cache, kind):
     the patched model does not."""
     seed = fresh_seed()
     lengths = [9, 4, 13]
-    records = _records(lengths, seed)
+    records = step_records(lengths, 97, seed)
     padded = CATCollator(PAD_ID)(records)
     packed = CATCollator(PAD_ID, packing=True)(records)
     model = tiny_model("qwen2", seed=seed % 1000)
@@ -83,7 +74,7 @@ def test_packing_detected_with_and_without_cache(use_cache, kind):
 
 def test_packed_errors():
     seed = fresh_seed()
-    records = _records([6, 5], seed)
+    records = step_records([6, 5], 97, seed)
     packed = CATCollator(PAD_ID, packing=True)(records)
     model = tiny_model("llama", seed=seed % 1000)
     patch_model(model)
