@@ -34,7 +34,7 @@ demo-pretrained: setup
 	$(VENV)/bin/causal-attn demo pretrained --out demo_pretrained_out $(PRETRAINED_ARGS)
 
 test: setup
-	$(PY) -m causal_attn.versions
+	$(PY) -m causal_attn.utils.versions
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import causal_attn  # noqa: E402
-from causal_attn.attention import get_backend  # noqa: E402
+from causal_attn.ops.attention import get_backend  # noqa: E402
 from numerics import eager_low_precision, make_case, outputs_and_grads  # noqa: E402
 from oracle import oracle_attention  # noqa: E402
 

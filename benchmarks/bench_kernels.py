@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
-from causal_attn.attention import resolve_backend  # noqa: E402
+from causal_attn.ops.attention import resolve_backend  # noqa: E402
 from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
                     run_child, section_main, setup_threads, summarize, timed_phases)
 

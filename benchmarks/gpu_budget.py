@@ -6,7 +6,7 @@ Counted per section, in the dry run and on a GPU alike:
 - ``triton_launches``: distinct Triton launches (``flash_mass.launch_census``: kernel, dtype, head dim, flags,
   T % 16). On a GPU each is one binary per autotune config of its GPU generation and head-dim class
   (``triton_binaries``), and autotuning times every config once per length T (``autotune_runs``);
-- ``flex_graphs``: graphs dynamo compiled for ``causal_attn.flex``'s four entry points (``flex.compile_counts``).
+- ``flex_graphs``: graphs dynamo compiled for ``causal_attn.ops.flex``'s four entry points (``flex.compile_counts``).
   The dry run takes the same compiled path on CPU with dynamo's "eager" backend, so these are the graphs a GPU
   compiles with Inductor (which may add guards of its own: a GPU run's own counts show that);
 - ``model_graphs``: graphs ``torch.compile(model)`` handed to its backend (:func:`counting_backend`): the compiled
@@ -62,7 +62,7 @@ def counting_backend(backend: str):
 
 def snapshot() -> dict:
     """The counters now (Triton launch census, Flex graphs); :func:`section_counts` takes two of these."""
-    from causal_attn import flex
+    from causal_attn.ops import flex
     from causal_attn.kernels import flash_mass
 
     return {"triton": flash_mass.launch_census(), "flex": flex.compile_counts(), "model_graphs": _model_graphs}

@@ -443,7 +443,7 @@ def kernels(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]
 
 
 def _flex_available() -> str | None:
-    from causal_attn.backends import get_backend
+    from causal_attn.ops.backends import get_backend
 
     if get_backend("flex") is None:
         return f"torch {torch.__version__} has no usable FlexAttention"
@@ -502,7 +502,7 @@ MASS_METHODS = ("cat", "flex_cat")  # the methods whose work depends on the adja
 def _second_call_blocks(inp: dict, case: Case, plan: Plan) -> float:
     """Flex CAT's second call over its first, in the (query block, key block) pairs its block masks visit: the
     share of the full attention work the mass costs Flex (its block sparsity skips the rest)."""
-    from causal_attn import flex
+    from causal_attn.ops import flex
 
     mask_all, mask_s = flex.block_masks(inp["graph"], None, None, case.B, case.T, plan.device)
 
@@ -693,9 +693,9 @@ assert SHARES["tests"] == gpu_report.TESTS_WEIGHT
 
 
 def _use_compiled_flex_on_cpu():
-    """Dry run: causal_attn.flex's compiled path (the one CUDA takes) on CPU with dynamo's eager backend, so the
+    """Dry run: causal_attn.ops.flex's compiled path (the one CUDA takes) on CPU with dynamo's eager backend, so the
     dry run executes its dynamo part and counts the graphs a GPU will compile."""
-    from causal_attn import flex
+    from causal_attn.ops import flex
 
     flex.COMPILE_DEVICES = tuple(dict.fromkeys(flex.COMPILE_DEVICES + ("cpu",)))
     flex.COMPILE_BACKEND = "eager"

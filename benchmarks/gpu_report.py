@@ -208,7 +208,7 @@ def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 
     lines = ["## Time budget" + (" and the GPU run predicted from this dry run's counts" if plan.dry else ""), "",
              f"Budget {budget:.0f} s for the sections; each starts with its weight's share of the time left. "
              "Counts on the GPU plan: Triton binaries (launch variants x autotune configs for sm_90), autotune runs "
-             "(x lengths), Flex graphs (dynamo graphs of causal_attn.flex's compiled entry points), Inductor graphs "
+             "(x lengths), Flex graphs (dynamo graphs of causal_attn.ops.flex's compiled entry points), Inductor graphs "
              "(dynamo graphs of torch.compile(model) in the compiled training step), timed cases.", ""]
     lines += _table(["section", "wall s", "share s", "Triton launch variants", "Triton binaries", "autotune runs",
                      "Flex call / mask graphs", "Inductor graphs", "timed cases", "oracle cases", "predicted GPU s"],

@@ -66,7 +66,7 @@ def measure_tasks(case: Case, repeats: int, seed: int = 0) -> dict[str, list[lis
     """Per-task seconds at one thread (the minimum over ``repeats`` runs), one list per pass: the forward, the
     grouped backward (the plan's) and the single-pass backward, with the mass gradient and ~6 % random
     adjacency."""
-    from causal_attn import cpp_backend  # noqa: F401  (loads the operators)
+    from causal_attn.ops import cpp_backend  # noqa: F401  (loads the operators)
 
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(case.B, case.Hq, case.T, case.D, generator=g)

@@ -1,26 +1,30 @@
 """causal_attn: Causal Attention Tuning at the cost of flash attention."""
-from ._layout import attach_kernels
+from .utils.layout import attach_kernels
 
 attach_kernels()
 
-from .attention import attention, reference_attention  # noqa: E402
-from .backends import register_backend  # noqa: E402
-from .graph import CausalGraph  # noqa: E402
-from .loss import causal_ratio, re_attention_loss  # noqa: E402
+from .ops.attention import attention, reference_attention  # noqa: E402
+from .ops.backends import register_backend  # noqa: E402
+from .ops.graph import CausalGraph  # noqa: E402
+from .ops.loss import causal_ratio, re_attention_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "reference_attention", "CausalGraph", "re_attention_loss", "causal_ratio",
-           "patch_model", "register_backend"]
+           "patch_model", "register_backend", "CATTrainer", "pretrained"]
 
 
 def __getattr__(name):  # these pull in transformers: imported only when asked for
     if name == "patch_model":
-        from .patch import patch_model
+        from .hf.patch import patch_model
 
         return patch_model
+    if name == "pretrained":  # the GGUF checkpoint loader module (README: pretrained.load)
+        from .hf import pretrained
+
+        return pretrained
     if name == "CATTrainer":
-        from .trainer import CATTrainer
+        from .hf.trainer import CATTrainer
 
         return CATTrainer
     raise AttributeError(f"module 'causal_attn' has no attribute {name!r}")

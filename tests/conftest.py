@@ -15,7 +15,7 @@ RUN_SEED = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31
 
 
 def pytest_report_header(config):
-    from causal_attn.versions import describe
+    from causal_attn.utils.versions import describe
 
     return [f"causal_attn stack: {describe()}", f"random seed of this run: {SEED_ENV}={RUN_SEED}"]
 
@@ -54,7 +54,7 @@ def pytest_runtest_makereport(item, call):
 def pytest_configure(config):
     """A dependency that no longer imports (a new upstream release) stops the run with one message, before
     every test module fails to collect with its own traceback."""
-    from causal_attn.versions import check_stack
+    from causal_attn.utils.versions import check_stack
 
     problem = check_stack()
     if problem:

@@ -9,7 +9,7 @@ global batch (seeded), then
    ``LM mean over tokens + GAMMA * Re-Attention mean over rows``;
 2. takes one distributed SGD step in float32 on its half of the batch (DDP or FSDP2 with per-decoder-
    layer sharding), the LM term normalised as the HF Trainer does (``num_items_in_batch`` summed over
-   ranks, times the world size) and the Re-Attention term by :mod:`causal_attn.distributed`; ``_ga``
+   ranks, times the world size) and the Re-Attention term by :mod:`causal_attn.hf.distributed`; ``_ga``
    scenarios split the half into two accumulation micro-batches; ``trainer_*`` scenarios take the step
    with ``CATTrainer`` (2 per device, 2 accumulation steps) as a user's torchrun script would; ``_packed``
    scenarios feed each rank's samples as padding-free rows (``CATCollator(packing=True)``: one row per
@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from causal_attn import CausalGraph, patch_model
-from causal_attn.distributed import count_loss_rows, data_parallel_handle_loss
-from causal_attn.loss import loss_rows
+from causal_attn.hf.distributed import count_loss_rows, data_parallel_handle_loss
+from causal_attn.ops.loss import loss_rows
 from tiny_models import random_batch, random_edges, tiny_model
 
 T, GLOBAL_B = 12, 8
@@ -95,7 +95,7 @@ def as_records(batch):
 
 def packed_micro_batches(local, ga):
     """Each micro-batch of ``micro_batches`` as one padding-free row."""
-    from causal_attn.trainer import CATCollator
+    from causal_attn.hf.trainer import CATCollator
 
     return [CATCollator(0, packing=True)(as_records(m)) for m in micro_batches(local, ga)]
 
@@ -147,7 +147,7 @@ def trainer_params(batch, fsdp, checkpointing=False, packing=False):
 
     from transformers import TrainingArguments
 
-    from causal_attn.trainer import CATCollator, CATTrainer
+    from causal_attn.hf.trainer import CATCollator, CATTrainer
 
     records = as_records(batch)
     model = tiny_model("llama", seed=SEED % 1000, train=True)

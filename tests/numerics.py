@@ -27,7 +27,7 @@ def fresh_seed() -> int:
 def cpp_kernel_only(monkeypatch) -> None:
     """Make the PyTorch path that ``cpp_backend`` hands float64 (and nothing else) to fail when called, so a
     test of the ``cpp`` backend proves that the C++ kernel ran."""
-    from causal_attn import blocked
+    from causal_attn.ops import blocked
 
     def fail(*args, **kwargs):
         raise AssertionError("the cpp backend ran the PyTorch path (blocked), not the C++ kernel")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import causal_attn
-from causal_attn.attention import get_backend
+from causal_attn.ops.attention import get_backend
 from numerics import check_against_oracle, cpp_kernel_only, fresh_seed, make_case
 from oracle import oracle_attention
 
@@ -129,7 +129,7 @@ def test_attention_map_diagnostic_matches_oracle_average(backend, monkeypatch):
 
 
 def test_auto_backend_on_cpu_is_a_cpu_implementation():
-    from causal_attn.attention import resolve_backend
+    from causal_attn.ops.attention import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) in ("cpp", "torch")
     assert resolve_backend("cpu", torch.device("cpu")) in ("cpp", "torch")

@@ -18,8 +18,8 @@ import bench_train_step  # noqa: E402
 from common import fit_growth  # noqa: E402
 
 import causal_attn  # noqa: E402
-from causal_attn import bench as bench_cli  # noqa: E402
-from causal_attn.attention import get_backend  # noqa: E402
+from causal_attn.cli import bench as bench_cli  # noqa: E402
+from causal_attn.ops.attention import get_backend  # noqa: E402
 from causal_attn.cli import CliError, main  # noqa: E402
 
 

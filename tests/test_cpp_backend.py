@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import causal_attn
-from causal_attn import cpp_build
-from causal_attn.attention import get_backend
+from causal_attn.ops import cpp_build
+from causal_attn.ops.attention import get_backend
 from numerics import check_against_oracle, fresh_seed, make_case
 
 needs_cpp = pytest.mark.skipif(get_backend("cpp") is None, reason="C++ CPU extension not built here")
@@ -155,7 +155,7 @@ def test_fallback_warns_once_when_the_extension_is_missing_and_no_compiler_exist
         real_find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "causal_attn._cpp_attention" else real_find_spec(name, *a)
         import torch, causal_attn
-        from causal_attn.attention import resolve_backend
+        from causal_attn.ops.attention import resolve_backend
         torch.manual_seed({fresh_seed()})
         q = torch.randn(1, 2, 9, 8)
         with warnings.catch_warnings(record=True) as caught:
@@ -181,7 +181,7 @@ def test_torch_compile_sees_one_op_and_loads_the_backend_lazily():
     attention(backend="auto") to one causal_attn::attention_fwd call that runs the C++ kernel."""
     script = textwrap.dedent(f"""
         import torch, causal_attn
-        from causal_attn.attention import BACKENDS
+        from causal_attn.ops.attention import BACKENDS
         torch.manual_seed({fresh_seed()})
         q, k, v = (torch.randn(2, 4, 70, 16, requires_grad=True) for _ in range(3))
         graph = causal_attn.CausalGraph.from_dense((torch.rand(2, 70, 70) < 0.2).tril())
@@ -277,9 +277,9 @@ def test_a_prebuilt_library_of_another_torch_is_passed_over_for_the_first_use_bu
             return real_find_spec(name, *a)
         importlib.util.find_spec = find_spec
         import torch, causal_attn
-        from causal_attn.attention import resolve_backend
+        from causal_attn.ops.attention import resolve_backend
         assert resolve_backend("cpu", torch.device("cpu")) == "cpp"
-        from causal_attn import cpp_backend
+        from causal_attn.ops import cpp_backend
         assert "built against torch 1.0.0" in cpp_backend.PREBUILT_SKIPPED, cpp_backend.PREBUILT_SKIPPED
         assert cpp_backend.LIBRARY_PATH.name == "{cpp_build.JIT_NAME}.so", cpp_backend.LIBRARY_PATH
         q = torch.randn(1, 2, 40, 8)
@@ -299,7 +299,7 @@ def test_a_prebuilt_library_of_another_torch_is_passed_over_for_the_first_use_bu
 
 @needs_cpp
 def test_the_loaded_library_was_built_against_the_running_torch():
-    from causal_attn import cpp_backend
+    from causal_attn.ops import cpp_backend
 
     assert cpp_build.built_with_torch(cpp_backend.LIBRARY_PATH) == cpp_build.torch_release(torch.__version__)
     if os.path.exists("/proc/self/maps"):  # one OpenMP runtime, torch's: a second would ignore set_num_threads

@@ -62,7 +62,7 @@ def test_factor_masses_against_a_hand_built_map():
     recs = generate_stg_e(seed=random.randrange(10**6), n_iid=4, n_ood=3, n_test=0)["test_ood"]
     tok = build_word_tokenizer([r["input"] + r["target"] for r in recs])
     model = tiny_llama(tok, hidden=32, layers=2, heads=2, intermediate=64, seed=random.randrange(1000)).eval()
-    from causal_attn.patch import patch_model
+    from causal_attn.hf.patch import patch_model
 
     handle = patch_model(model)
     factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}

@@ -18,7 +18,7 @@ import torch
 
 from causal_attn import CausalGraph, re_attention_loss
 from causal_attn import patch_model
-from causal_attn.distributed import (count_loss_rows, data_parallel_handle_loss, data_parallel_re_attention_loss,
+from causal_attn.hf.distributed import (count_loss_rows, data_parallel_handle_loss, data_parallel_re_attention_loss,
                                      scale_for_data_parallel)
 from numerics import fresh_seed
 from tiny_models import random_batch, random_graph, tiny_model

@@ -11,7 +11,7 @@ import torch
 
 import causal_attn
 from causal_attn import CausalGraph, patch_model
-from causal_attn.attention import get_backend
+from causal_attn.ops.attention import get_backend
 from numerics import (SEGMENT_CASES, check_against_oracle, check_forward_against_oracle, fresh_seed,
                       lse_difference_slack, make_case, random_segments)
 
@@ -69,7 +69,7 @@ def test_rows_without_keys_or_adjacency_give_zero():
 
 
 def test_mass_from_lse_is_zero_with_a_finite_gradient_where_lse_s_is_minus_inf():
-    from causal_attn.flex import mass_from_lse
+    from causal_attn.ops.flex import mass_from_lse
 
     inf = math.inf
     lse_all = torch.tensor([1.5, 0.3, -inf, 2.0], requires_grad=True)
@@ -90,7 +90,7 @@ def test_refuses_cpu_backward_and_attention_maps_with_a_fix():
 
 
 def test_block_masks_are_reused_for_one_adjacency_and_rebuilt_after_an_edit():
-    from causal_attn import flex
+    from causal_attn.ops import flex
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 40, 16, torch.float32, padding="left")
     graph = CausalGraph.from_dense(adj)
@@ -107,7 +107,7 @@ def test_mask_cache_is_bounded_thread_safe_and_lets_adjacencies_go():
     import gc
     from concurrent.futures import ThreadPoolExecutor
 
-    from causal_attn import flex
+    from causal_attn.ops import flex
 
     cases = [make_case(2, 2, 1, T, 16, torch.float32, padding="left") for T in (24, 40, 57)]
     graphs = [CausalGraph.from_dense(c[3]) for c in cases]
@@ -138,7 +138,7 @@ def test_flex_compiles_a_bounded_number_of_times_over_a_range_of_lengths(monkeyp
     lengths within one Flex block (<= 128), one more for all longer ones, none per length. Run on CPU with dynamo's
     "eager" backend (FlexAttention's compiled CPU kernel returns no LSE): the guards, and so the recompiles, are
     dynamo's; Inductor on CUDA may add its own, which the GPU kit counts (docs/gpu.md)."""
-    from causal_attn import flex
+    from causal_attn.ops import flex
 
     monkeypatch.setattr(flex, "COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(flex, "COMPILE_BACKEND", "eager")
@@ -180,11 +180,11 @@ def test_patch_model_trains_nothing_but_matches_the_cpu_backend_forward():
 
 
 def test_backend_modules_do_not_import_the_dispatcher():
-    """The registry sits apart from attention(): no backend module imports causal_attn.attention, and the
+    """The registry sits apart from attention(): no backend module imports causal_attn.ops.attention, and the
     registry imports no backend at module level (it loads them on first use)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    backends = ["causal_attn/cpp_backend.py", "causal_attn/reference.py", "causal_attn/flex.py",
-                "causal_attn/blocked.py", "kernels/flash_mass.py", "causal_attn/backends.py"]
+    backends = ["causal_attn/ops/cpp_backend.py", "causal_attn/ops/reference.py", "causal_attn/ops/flex.py",
+                "causal_attn/ops/blocked.py", "kernels/flash_mass.py", "causal_attn/ops/backends.py"]
     for path in backends:
         tree = ast.parse(open(os.path.join(root, path)).read())
         imported = set()
@@ -194,8 +194,8 @@ def test_backend_modules_do_not_import_the_dispatcher():
                 imported |= {f"{module}.{a.name}".lstrip(".") for a in node.names} | {module}
             elif isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
-        assert not {m for m in imported if m in ("attention", "causal_attn.attention")}, (path, imported)
-    top = ast.parse(open(os.path.join(root, "causal_attn/backends.py")).read()).body
+        assert not {m for m in imported if m in ("attention", "causal_attn.ops.attention")}, (path, imported)
+    top = ast.parse(open(os.path.join(root, "causal_attn/ops/backends.py")).read()).body
     own = {a.name for n in top if isinstance(n, ast.ImportFrom) and n.level > 0 for a in n.names}
     assert own == {"blocked"}, own  # the "torch" backend; every other one is loaded by name on first use
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from causal_attn import CausalGraph
-from causal_attn.graph import pack_bits, popcount, unpack_bits
+from causal_attn.ops.graph import pack_bits, popcount, unpack_bits
 
 
 def random_dense(B, T, p=0.3, seed=0):

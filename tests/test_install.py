@@ -61,7 +61,7 @@ def test_a_broken_dependency_stops_the_run_with_one_readable_message(tmp_path):
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("# not Hugging Face's kernels\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    res = run([sys.executable, "-m", "causal_attn.versions"], cwd=tmp_path, env=env, check=False)
+    res = run([sys.executable, "-m", "causal_attn.utils.versions"], cwd=tmp_path, env=env, check=False)
     assert res.returncode == 1
     assert "import transformers.integrations.hub_kernels" in res.stderr and "CUDAProperties" in res.stderr, res.stderr
     assert "torch " in res.stdout and "transformers " in res.stdout  # the versions come first
@@ -75,9 +75,9 @@ CHECK = textwrap.dedent("""
     import importlib.util, json, sys, time
     t0 = time.perf_counter()
     import torch, causal_attn
-    from causal_attn.attention import resolve_backend
+    from causal_attn.ops.attention import resolve_backend
     name = resolve_backend("cpu", torch.device("cpu"))
-    from causal_attn import cpp_backend
+    from causal_attn.ops import cpp_backend
     import causal_attn.kernels.flash_mass as fm
     g = torch.Generator().manual_seed(int(sys.argv[1]))
     q, k, v = (torch.randn(2, 4 if i == 0 else 2, 77, 16, generator=g) for i in range(3))

@@ -83,8 +83,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_known_edges():
     """The parser finds module-level, relative, function-level and bare-name (benchmarks) imports."""
     g = import_graph()
-    assert "causal_attn.graph" in g["causal_attn.patch"]  # from .graph import ...
-    assert "causal_attn.trainer" in g["causal_attn.train"]  # function-level: from .trainer import CATTrainer
+    assert "causal_attn.ops.graph" in g["causal_attn.hf.patch"]  # from .graph import ...
+    assert "causal_attn.hf.trainer" in g["causal_attn.cli.train"]  # function-level: from .trainer import CATTrainer
     assert "bench_kernels" in g["runner"]  # import bench_kernels (folder on sys.path)
     assert "causal_attn.data.capt.intervention" in g["causal_attn.data.capt.estimation"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

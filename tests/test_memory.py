@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from causal_attn.attention import get_backend
+from causal_attn.ops.attention import get_backend
 
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 STACK_MIB = 8 * 2048 * 2048 * 4 / 2**20  # 128

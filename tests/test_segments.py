@@ -5,7 +5,7 @@ import torch
 
 import causal_attn
 from causal_attn import CausalGraph, re_attention_loss
-from causal_attn.attention import get_backend
+from causal_attn.ops.attention import get_backend
 from numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
                       random_segments)
 
@@ -40,11 +40,11 @@ def _segments(lengths):
 def test_small_blocks_skip_keys_exactly():
     """The PyTorch path (blocked) with 16-row blocks: segments start inside and at block edges (key ranges
     start at lo > 0); float64 against the reference with the same segments."""
-    from causal_attn import blocked, reference
+    from causal_attn.ops import blocked, reference
 
     q, k, v, adj, kpm, seed = make_case(2, 2, 1, 50, 16, torch.float64)
     seg = _segments([[7, 13, 1, 19, 10], [16, 16, 2, 15, 1]])  # starts inside and at block edges
-    starts = causal_attn.graph.segment_starts(seg, 2, 50, "cpu")
+    starts = causal_attn.ops.graph.segment_starts(seg, 2, 50, "cpu")
     assert any(lo > 0 for _, _, lo in blocked.key_ranges(50, 16, starts)), "layout never skips a key block"
     packed = CausalGraph.from_dense(adj).packed
     out, lse, mass = blocked.forward(q, k, v, packed, None, starts, 0.25, block=16)
@@ -64,7 +64,7 @@ def test_cpp_tiles_skip_keys_and_match_fp64_oracle(monkeypatch, Hq, Hkv, groups)
     assert torch.ops.causal_attn_cpp.plan(2, Hq, Hkv, T)[0] == groups
     q, k, v, adj, kpm, seed = make_case(2, Hq, Hkv, T, 16, torch.float32)
     seg = _segments([[40, 30, 70, 60, 100], [100, 156, 1, 43]])  # sample 1: a segment starts at row 256
-    starts = causal_attn.graph.segment_starts(seg, 2, T, "cpu")
+    starts = causal_attn.ops.graph.segment_starts(seg, 2, T, "cpu")
     first_keys = [int(starts[b, i0]) & ~31 for b in range(2) for i0 in range(0, T, 64)]
     assert max(first_keys) >= 256, "layout never skips a whole key tile"
 
@@ -111,7 +111,7 @@ def test_cross_segment_edges_are_ignored_and_uncounted():
     seg = torch.tensor([[0] * 4 + [1] * 6])
     adj = torch.ones(1, T, T, dtype=torch.bool).tril()
     graph = CausalGraph.from_dense(adj)
-    c, n = graph.counts(seg_start=causal_attn.graph.segment_starts(seg, 1, T, "cpu"))
+    c, n = graph.counts(seg_start=causal_attn.ops.graph.segment_starts(seg, 1, T, "cpu"))
     assert c.tolist() == n.tolist() == [[1, 2, 3, 4, 1, 2, 3, 4, 5, 6]]
     q = torch.randn(1, 2, T, 8)
     _, mass = causal_attn.attention(q, q, q, graph, segment_ids=seg, backend="torch")

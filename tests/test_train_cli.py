@@ -9,7 +9,7 @@ import torch
 
 from causal_attn.cli import main
 from causal_attn.data.stg import generate_stg_e
-from causal_attn.demo.decode import greedy_decode
+from causal_attn.hf.decode import greedy_decode
 from causal_attn.demo.model import build_word_tokenizer, tiny_llama
 
 
@@ -64,7 +64,7 @@ def test_train_resume_eval(workspace, tmp_path, method, monkeypatch):
     """A run stopped right after its step-4 checkpoint, as a crash would, then resumed, ends with the weights of
     an uninterrupted run. The resumed run starts from a perturbed initial model and runs only the 2 remaining
     steps, so a restart from scratch (or from the initial weights) would not end there."""
-    from causal_attn.trainer import CATTrainer
+    from causal_attn.hf.trainer import CATTrainer
 
     common = ["--method", method, "--alpha", "2", "--epochs", "2", "--save-steps", "2"]  # 3 steps per epoch
     straight = _train(workspace, tmp_path / "straight", *common)
@@ -176,7 +176,7 @@ def test_cli_errors(workspace, tmp_path, capsys):
 def test_train_packing(workspace, tmp_path, monkeypatch):
     """`--packing` end to end (batches are packed rows), recorded in the summary; its first logged losses (step 1,
     before any update) equal those of the padded run on the same batches; with `--compile` every step's do."""
-    from causal_attn.trainer import CATCollator
+    from causal_attn.hf.trainer import CATCollator
 
     packed_rows = []
     original = CATCollator._packed

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from causal_attn import CATTrainer
-from causal_attn.trainer import CATCollator, make_gamma
+from causal_attn.hf.trainer import CATCollator, make_gamma
 from numerics import fresh_seed
 from tiny_models import tiny_model
 

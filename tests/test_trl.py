@@ -1,4 +1,4 @@
-"""CATSFTTrainer (causal_attn.trl): one optimizer step through TRL's SFTTrainer equals one CATTrainer step on
+"""CATSFTTrainer (causal_attn.hf.trl): one optimizer step through TRL's SFTTrainer equals one CATTrainer step on
 the same records (both loss terms, the logged values and the SGD update); what it refuses and why; the edges
 cut with the tokens when TRL truncates. Skipped only where TRL is not installed."""
 import pytest
@@ -8,8 +8,8 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from causal_attn.trainer import CATCollator  # noqa: E402
-from causal_attn.trl import CATSFTTrainer, truncate_record  # noqa: E402
+from causal_attn.hf.trainer import CATCollator  # noqa: E402
+from causal_attn.hf.trl import CATSFTTrainer, truncate_record  # noqa: E402
 from numerics import fresh_seed  # noqa: E402
 from test_trainer import _sgd_step, records  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402

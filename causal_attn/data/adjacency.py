@@ -259,7 +259,7 @@ class AdjacencyResult:
 
     def graph(self, seq_len: int | None = None):
         """This sample as a one-row :class:`~causal_attn.CausalGraph`."""
-        from ..graph import CausalGraph
+        from ..ops.graph import CausalGraph
 
         return CausalGraph.from_edges([self.edges], seq_len or len(self.input_ids))
 
@@ -394,7 +394,7 @@ def collate(features: list[dict], pad_token_id: int = 0, *, pad_to_multiple_of: 
     ``attention_mask`` (B, T) tensors and ``adjacency``, a :class:`~causal_attn.CausalGraph`."""
     import torch
 
-    from ..graph import CausalGraph
+    from ..ops.graph import CausalGraph
 
     if not features:
         raise ValueError("collate needs at least one record")

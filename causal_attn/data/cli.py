@@ -54,7 +54,7 @@ def run_stg(args) -> int:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    from ..cli import CliError
+    from ..cli.errors import CliError
 
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
@@ -74,7 +74,7 @@ def run_annotate(args) -> int:
 
 
 def run_annotation(args) -> int:
-    from ..cli import CliError
+    from ..cli.errors import CliError
     from .annotate import annotate_records
     from .llm import ChatClient, JsonlCache
 

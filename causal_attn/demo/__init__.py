@@ -40,7 +40,7 @@ def add_parser(subparsers):
     p.add_argument("--capt-copies", type=int, default=None,
                    help=f"CAPT part: replicas of the training set with fresh letters (default {capt.COPIES})")
     p.add_argument("--model", default=pretrained.MODEL,
-                   help=f"pretrained part: checkpoint for causal_attn.pretrained.load (default {pretrained.MODEL})")
+                   help=f"pretrained part: checkpoint for causal_attn.hf.pretrained.load (default {pretrained.MODEL})")
     p.add_argument("--lr", type=float, default=None, help=f"pretrained part: learning rate (default {pretrained.DEFAULT.lr:g})")
     p.add_argument("--lora-r", type=int, default=None,
                    help=f"pretrained part: LoRA rank on q/k/v/o, 0 = full fine-tuning (default {pretrained.DEFAULT.lora_r})")
@@ -53,7 +53,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..cli import CliError
+    from ..cli.errors import CliError
     from . import capt, pretrained, stg
     from .runner import run_plans
 

@@ -93,7 +93,7 @@ def _init_worker(quick: bool, copies: int):
 def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
     """Train one model on the method's records and score it per test variant."""
     from ..data.capt import accuracy_by_variant
-    from .decode import greedy_decode
+    from ..hf.decode import greedy_decode
     from .fit import train_run
 
     s = setup or _SETUP
@@ -114,7 +114,7 @@ def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) 
 def plan(args):
     """The CAPT part's runs, three methods x seeds (:class:`~causal_attn.demo.runner.Plan`); its
     ``finish(out_dir)`` draws the figure and returns ``(results, table)``."""
-    from ..cli import CliError
+    from ..cli.errors import CliError
     from .runner import Plan
 
     recipe = QUICK if args.quick else DEFAULT

@@ -23,7 +23,7 @@ import torch
 
 from ..data.adjacency import collate, encode_example
 from ..data.scoring import score_stg_e
-from .decode import greedy_decode
+from ..hf.decode import greedy_decode
 from .model import tiny_llama
 
 
@@ -74,7 +74,7 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
 
 def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Recipe, *, progress: bool = False):
     """Train one model; returns ``(model, handle, curve)`` with ``curve`` a list of logged points."""
-    from ..patch import patch_model
+    from ..hf.patch import patch_model
 
     check_method(method)
     model = tiny_llama(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,

@@ -64,7 +64,7 @@ class Setup:
     """The checkpoint, tokenizer, encoded training records, scoring prompts and probe every run shares."""
 
     def __init__(self, model_name: str = MODEL, quick: bool = False, split: str = "test"):
-        from .. import pretrained
+        from ..hf import pretrained
         from ..data.adjacency import encode_example
         from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
         from .fit import encode_records
@@ -153,7 +153,7 @@ def build_model(method: str, seed: int, recipe: PretrainedRecipe, base):
 def one_run(method: str, seed: int, recipe: PretrainedRecipe, setup: Setup | None = None) -> dict:
     """Train (``vanilla`` / ``cat``; ``zero_shot`` = no training), score and probe one model: a JSON-able record
     (plus the first probe's attention map)."""
-    from ..patch import patch_model
+    from ..hf.patch import patch_model
     from .fit import check_method, factor_masses, train_steps
 
     s = setup or _SETUP
@@ -187,7 +187,7 @@ def one_run(method: str, seed: int, recipe: PretrainedRecipe, setup: Setup | Non
 def plan(args):
     """The pretrained part's runs (:class:`~causal_attn.demo.runner.Plan`, run in this process): the untuned
     checkpoint once, then vanilla and CAT per seed."""
-    from ..cli import CliError
+    from ..cli.errors import CliError
     from .runner import Plan
 
     recipe = QUICK if args.quick else DEFAULT

@@ -117,7 +117,7 @@ def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) 
 def plan(args):
     """The STG part's runs (:class:`~causal_attn.demo.runner.Plan`); its ``finish(out_dir)`` draws the
     figures and returns ``(results, table)``."""
-    from ..cli import CliError
+    from ..cli.errors import CliError
     from .runner import Plan
 
     recipe = QUICK if args.quick else DEFAULT

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from ...cli import CliError
+from ...cli.errors import CliError
 
 
 def add_parser(subparsers) -> None:

@@ -1,9 +1,9 @@
-"""The registry of attention backends, apart from :mod:`causal_attn.attention`, which dispatches to them.
+"""The registry of attention backends, apart from :mod:`causal_attn.ops.attention`, which dispatches to them.
 
 Two kinds of backend:
 
 - :class:`Backend`, a forward/backward pair of plain functions that ``attention()`` calls through the
-  ``causal_attn::attention_fwd`` / ``attention_bwd`` custom ops (see :mod:`causal_attn.attention` for the
+  ``causal_attn::attention_fwd`` / ``attention_bwd`` custom ops (see :mod:`causal_attn.ops.attention` for the
   contract). "torch", "cpp" and "triton" are of this kind.
 - :class:`DifferentiableBackend`, one function differentiated by plain autograd, called directly (no custom
   op): "reference" (eager maps) and "flex" (FlexAttention, which differentiates through its own LSE)::
@@ -67,7 +67,7 @@ def warn_once(key: str, msg: str):
 
 def _triton_loader():
     try:
-        from .kernels import flash_mass
+        from ..kernels import flash_mass
     except Exception as e:  # triton missing or incompatible
         warn_once("triton", f"Triton backend unavailable ({type(e).__name__}: {e})")
         return None

@@ -10,7 +10,7 @@ A GGUF file is read by transformers' own loader (``from_pretrained(..., gguf_fil
 but leaves a GGUF ``quantization_config`` on the model: ``save_pretrained`` then refuses to write it and
 ``transformers.Trainer`` refuses to train it. So the dequantised weights and the tokenizer are written once, as a
 plain model directory (safetensors, no ``quantization_config``), into the user cache
-(:func:`causal_attn.cache.cache_root`, ``models/<file stem>-<content hash>``); every load, the first one included,
+(:func:`causal_attn.utils.cache.cache_root`, ``models/<file stem>-<content hash>``); every load, the first one included,
 then reads that directory. Writers hold a lock and publish the directory with one ``rename``, so a process
 loading at the same time never reads a half-written cache.
 """
@@ -84,14 +84,14 @@ def _file_hash(path: Path) -> str:
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
-    from .cache import cache_root
+    from ..utils.cache import cache_root
 
     return cache_root() / "models" / f"{gguf.stem}-{_file_hash(gguf)}"
 
 
 def dequantised_dir(gguf: Path, *, progress: bool = True) -> Path:
     """The cached plain model directory of ``gguf``, written first if no process has done so yet."""
-    from .cache import FileLock
+    from ..utils.cache import FileLock
 
     final = gguf_cache_dir(gguf)
     if (final / "config.json").is_file():

@@ -17,7 +17,7 @@ so a backend may skip key blocks that end before the first row's ``seg_start`` o
 ``mass`` is an empty tensor when ``packed`` is None; ``dmass`` may be None.
 
 Backends "reference" and "flex" are differentiable functions instead (plain autograd, no custom op); the
-registry and both kinds are described in :mod:`causal_attn.backends`.
+registry and both kinds are described in :mod:`causal_attn.ops.backends`.
 """
 from __future__ import annotations
 

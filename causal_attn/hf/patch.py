@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .attention import attend, autocast_inputs, check_inputs
-from .graph import CausalGraph, as_graph, require, starts_of
-from .loss import loss_rows, re_attention_loss
+from ..ops.attention import attend, autocast_inputs, check_inputs
+from ..ops.graph import CausalGraph, as_graph, require, starts_of
+from ..ops.loss import loss_rows, re_attention_loss
 
 ATTN_NAME = "causal_attn"  # must not contain "flash", "sdpa" or "flex" (transformers treats those specially)
 _HANDLE_ATTR = "_causal_attn_handle"
@@ -210,7 +210,7 @@ class _Forward:
     grad_enabled: bool
     graph: CausalGraph | None
     key_padding_mask: torch.Tensor | None = None
-    loss_rows: tuple | None = None  # (rows, c, n) of causal_attn.loss.loss_rows
+    loss_rows: tuple | None = None  # (rows, c, n) of causal_attn.ops.loss.loss_rows
     masses: dict = field(default_factory=dict)  # layer index -> mass (B, Hq, T) fp32
     attn_map: torch.Tensor | None = None
 
@@ -258,7 +258,7 @@ class CATHandle:
     def _start_forward(self, module, args, kwargs):
         """Prepares the forward once for every layer and the loss: the graph on the inputs' device with the
         forward's segments, the segment starts, the padding mask and the loss rows. Checks that need tensor
-        values go through :func:`causal_attn.graph.require` (device-side under torch.compile)."""
+        values go through :func:`causal_attn.ops.graph.require` (device-side under torch.compile)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         # the KV cache's keyword is `past_key_values`, `cache` in transformers 5.24's Llama / Qwen3

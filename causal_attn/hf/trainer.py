@@ -2,7 +2,7 @@
 
 Loss per micro-batch: ``LM + gamma * share``. Within ``train()`` the Re-Attention term of an optimiser
 step is the mean over the eligible rows of all its micro-batches on all ranks, as one process would
-compute it on the whole global batch (:mod:`causal_attn.distributed`): ``get_batch_samples`` counts the
+compute it on the whole global batch (:mod:`causal_attn.hf.distributed`): ``get_batch_samples`` counts the
 rows, and each micro-batch contributes ``world_size * its row sum / that count`` (times the
 accumulation steps when the Trainer divides the loss by them, i.e. when the LM loss is not normalised
 by ``num_items_in_batch``). A ``training_step`` called on its own (no count) uses the mean of the
@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .distributed import count_loss_rows, data_parallel_share
-from .graph import CausalGraph
+from ..ops.graph import CausalGraph
 from .patch import CATHandle, patch_model
 
 GAMMA_SCHEDULES = {
@@ -153,7 +153,7 @@ def default_collator(model, processing_class, packing: bool = False) -> CATColla
 
 class CATLossMixin:
     """The Re-Attention term of CAT for a ``transformers.Trainer`` subclass (:class:`CATTrainer`, and
-    :class:`causal_attn.trl.CATSFTTrainer` over TRL's ``SFTTrainer``): ``compute_loss`` adds ``gamma * L_attn``
+    :class:`causal_attn.hf.trl.CATSFTTrainer` over TRL's ``SFTTrainer``): ``compute_loss`` adds ``gamma * L_attn``
     to the parent's loss, with the gradient-accumulation and data-parallel scaling of the module docstring.
 
     A subclass calls :meth:`_init_cat` after ``super().__init__`` and says where the per-micro-batch values
@@ -201,7 +201,7 @@ class CATLossMixin:
             attn, st = self.cat.loss(return_stats=True)
             gamma = self.current_gamma()
             if training and self._cat_rows is not None:
-                # mean over the rows of the whole step on all ranks (causal_attn.distributed); training_step
+                # mean over the rows of the whole step on all ranks (causal_attn.hf.distributed); training_step
                 # divides an unscaled loss by the accumulation steps, so this term is multiplied back
                 share = data_parallel_share(attn, st.rows.sum(), reduction=self.cat.reduction,
                                             global_rows=self._cat_rows)

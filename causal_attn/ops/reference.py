@@ -44,7 +44,7 @@ def reference_forward(q, k, v, graph: CausalGraph | None, key_padding_mask, scal
 
 def reference_backend(q, k, v, graph: CausalGraph | None, key_padding_mask, seg_start, scale: float, attn_map=None,
                       attn_map_weight=1.0):
-    """Backend "reference" (a :class:`causal_attn.backends.DifferentiableBackend`): ``(out, mass)``; adds
+    """Backend "reference" (a :class:`causal_attn.ops.backends.DifferentiableBackend`): ``(out, mass)``; adds
     ``attn_map_weight`` times the head-summed map to ``attn_map`` when given."""
     out, mass, p = reference_forward(q, k, v, graph, key_padding_mask, scale, seg_start)
     if attn_map is not None:

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from ._layout import folder
-from .cli import CliError
+from ..utils.layout import folder
+from .errors import CliError
 
 ENV = "CAUSAL_ATTN_BENCHMARKS"
 

@@ -2,13 +2,13 @@
 
 train: records (``input``, ``target``, ``important`` for CAT, ``capt`` for CAPT) are tokenised with the
 model's tokenizer (prompt tokens masked from the LM loss, EOS appended, adjacency from ``important``
-through :func:`causal_attn.data.encode_example`), then trained with :class:`causal_attn.trainer.CATTrainer`
+through :func:`causal_attn.data.encode_example`), then trained with :class:`causal_attn.hf.trainer.CATTrainer`
 (LM + gamma * Re-Attention for ``cat``; LM only for ``vanilla``), full or LoRA (PEFT), AdamW, warm-up 0.1,
 cosine, checkpoints every epoch, ``--resume`` from the last one. CAPT symbolises the events of every
 record with fresh random letters (``--capt-copies`` copies). The final model (LoRA merged) and tokenizer
 go to ``--out``.
 
-eval: batched greedy decoding with left padding (:func:`causal_attn.demo.decode.greedy_decode`) and
+eval: batched greedy decoding with left padding (:func:`causal_attn.hf.decode.greedy_decode`) and
 the task scorer; writes ``predictions.jsonl`` and ``metrics.json``.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def add_parser(subparsers):
 # ----------------------------------------------------------------------------------------------- data
 def read_records(path: str, need: tuple[str, ...]) -> list[dict]:
     """JSONL records with the fields ``need``; any problem is a :class:`CliError` naming file and line."""
-    from .cli import CliError
+    from .errors import CliError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -95,12 +95,12 @@ def read_records(path: str, need: tuple[str, ...]) -> list[dict]:
 
 
 def training_records(data: str, method: str) -> list[dict]:
-    from .cli import CliError
+    from .errors import CliError
 
     need = ("input", "target") + (("important",) if "cat" in method.split("+") else ()) + \
         (("capt",) if "capt" in method else ())
     if data in STG_TRAIN:
-        from .data.stg import generate_stg_e, generate_stg_h
+        from ..data.stg import generate_stg_e, generate_stg_h
 
         name, split = STG_TRAIN[data]
         records = (generate_stg_e if name == "stg_e" else generate_stg_h)(seed=42)[split]
@@ -115,16 +115,16 @@ def training_records(data: str, method: str) -> list[dict]:
 def test_splits(data: str) -> tuple[dict, str]:
     """``({split: records}, scorer)`` for ``eval --data``."""
     if data in ("stg_s", "stg_m", "stg_l"):
-        from .data.stg import generate_stg_e
+        from ..data.stg import generate_stg_e
 
         g = generate_stg_e(seed=42)
         return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_e"
     if data == "stg_h":
-        from .data.stg import generate_stg_h
+        from ..data.stg import generate_stg_h
 
         g = generate_stg_h(seed=42)
         return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_h"
-    from .cli import CliError
+    from .errors import CliError
 
     if not data.endswith(".jsonl") and not os.path.exists(data):
         raise CliError(f"--data must be stg_s, stg_m, stg_l, stg_h or a .jsonl file; got {data!r}")
@@ -132,7 +132,7 @@ def test_splits(data: str) -> tuple[dict, str]:
 
 
 def score(task: str, predictions, targets) -> dict:
-    from .data import scoring
+    from ..data import scoring
 
     if task == "stg_h":
         return scoring.score_stg_h(predictions, targets)
@@ -145,11 +145,11 @@ def score(task: str, predictions, targets) -> dict:
 
 # ---------------------------------------------------------------------------------------------- model
 def load_model(name: str):
-    """(model, tokenizer) through :func:`causal_attn.pretrained.load`, as a one-line CliError when that fails."""
+    """(model, tokenizer) through :func:`causal_attn.hf.pretrained.load`, as a one-line CliError when that fails."""
     import torch
 
-    from .cli import CliError
-    from .pretrained import PretrainedError, load
+    from .errors import CliError
+    from ..hf.pretrained import PretrainedError, load
 
     try:
         model, tokenizer = load(name)
@@ -161,8 +161,8 @@ def load_model(name: str):
 
 
 def gamma_option(text: str):
-    from .cli import CliError
-    from .trainer import GAMMA_SCHEDULES
+    from .errors import CliError
+    from ..hf.trainer import GAMMA_SCHEDULES
 
     if text in GAMMA_SCHEDULES:
         return text
@@ -178,11 +178,11 @@ def run_train(args) -> int:
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .cli import CliError
-    from .data import capt as capt_mod
-    from .data.adjacency import encode_example
-    from .patch import patch_model
-    from .trainer import CATTrainer
+    from .errors import CliError
+    from ..data import capt as capt_mod
+    from ..data.adjacency import encode_example
+    from ..hf.patch import patch_model
+    from ..hf.trainer import CATTrainer
 
     if args.alpha < 0 or args.epochs <= 0 or args.batch_size < 1 or args.grad_accum < 1 or args.capt_copies < 1:
         raise CliError("--alpha must be >= 0; --epochs, --batch-size, --grad-accum, --capt-copies must be positive")
@@ -253,8 +253,8 @@ def run_train(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- eval
 def run_eval(args) -> int:
-    from .cli import CliError
-    from .demo.decode import greedy_decode
+    from .errors import CliError
+    from ..hf.decode import greedy_decode
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
         raise CliError("--batch-size and --max-new-tokens must be positive, --limit >= 0")

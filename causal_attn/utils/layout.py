@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # causal_attn/
 
 
 def folder(name: str) -> Path | None:

@@ -24,8 +24,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from .graph import CausalGraph
-from .loss import loss_rows, re_attention_loss
+from ..ops.graph import CausalGraph
+from ..ops.loss import loss_rows, re_attention_loss
 
 
 def is_distributed() -> bool:

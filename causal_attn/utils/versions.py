@@ -1,4 +1,4 @@
-"""The versions of the stack causal_attn runs on: ``python -m causal_attn.versions`` prints them (CI does, first).
+"""The versions of the stack causal_attn runs on: ``python -m causal_attn.utils.versions`` prints them (CI does, first).
 
 :func:`check_stack` imports the pieces the package relies on and turns the first failure into one readable
 message naming the package and its version, so a new upstream release that breaks us fails with that message
@@ -21,8 +21,8 @@ STACK = (
     ("transformers.integrations.hub_kernels", "imported by transformers' attention (needs the PyPI `kernels`)"),
     ("transformers.modeling_utils", "AttentionInterface / AttentionMaskInterface"),
     ("peft", "LoRA"),
-    ("causal_attn.patch", "patch_model"),
-    ("causal_attn.trainer", "CATTrainer"),
+    ("causal_attn.hf.patch", "patch_model"),
+    ("causal_attn.hf.trainer", "CATTrainer"),
 )
 
 

@@ -4,7 +4,7 @@ An allowed row of P sums to 1, so the causal mass is ``mass_i = exp(LSE_S(i) - L
 row's log-sum-exp over its allowed keys (causal, real, same packed segment), ``LSE_S`` the same over the
 allowed keys the adjacency marks. Two FlexAttention calls give both (the second call's output is unused), and
 FlexAttention differentiates through its LSE (PyTorch PR 133159), so the backend is plain autograd: a
-:class:`causal_attn.backends.DifferentiableBackend`, not a forward/backward pair behind the custom op.
+:class:`causal_attn.ops.backends.DifferentiableBackend`, not a forward/backward pair behind the custom op.
 
 - FlexAttention returns the LSE in natural log (it rescales its base-2 statistics), as the formula needs.
 - Rows without an adjacent allowed key have ``LSE_S = -inf``: their mass is 0 through a double ``where``, so
@@ -52,7 +52,7 @@ _plain: list = []  # most recent last
 
 
 def flex_backend(q, k, v, graph, key_padding_mask, seg_start, scale, attn_map=None, attn_map_weight=1.0):
-    """``(out, mass)`` per :mod:`causal_attn.backends`; mass None without a graph."""
+    """``(out, mass)`` per :mod:`causal_attn.ops.backends`; mass None without a graph."""
     if attn_map is not None:
         raise ValueError("backend='flex' cannot collect the attention map (FlexAttention never forms it); "
                          "use backend='auto' with collect_attention_map / attn_map")

@@ -9,13 +9,15 @@ import argparse
 import importlib
 import sys
 
+from .errors import CliError
+
 # command name -> module (relative to causal_attn) providing add_parser(subparsers) and run(args)
 COMMANDS = {
     "demo": "demo",
-    "train": "train",
-    "eval": "train",
-    "bench": "bench",
-    "gpu-check": "bench",  # bench.py registers both
+    "train": "cli.train",
+    "eval": "cli.train",
+    "bench": "cli.bench",
+    "gpu-check": "cli.bench",  # bench.py registers both
     "stg": "data.cli",
     "annotate": "data.cli",
     "capt": "data.capt.cli",
@@ -55,10 +57,6 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"causal-attn {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-class CliError(Exception):
-    """Raised by commands for a user error: printed as one line, exit code 2."""
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CAT with TRL: :class:`CATSFTTrainer`, TRL's ``SFTTrainer`` with the Re-Attention loss (docs/trl.md).
 
 Needs the optional extra (``pip install causal_attn[trl]``); ``import causal_attn`` never imports TRL.
-It is :class:`causal_attn.trainer.CATLossMixin` over ``SFTTrainer``: the same loss, scaling and schedule as
+It is :class:`causal_attn.hf.trainer.CATLossMixin` over ``SFTTrainer``: the same loss, scaling and schedule as
 :class:`causal_attn.CATTrainer`, with the two loss terms (and ``gamma``, ``ratio_mean``, ``ratio_ge_alpha``)
 logged through TRL's own metrics (``self._metrics``) beside its ``entropy`` and ``mean_token_accuracy``.
 """
@@ -12,7 +12,7 @@ import math
 try:
     from trl import SFTConfig, SFTTrainer
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("causal_attn.trl needs TRL: pip install 'causal_attn[trl]' (or pip install trl)") from e
+    raise ImportError("causal_attn.hf.trl needs TRL: pip install 'causal_attn[trl]' (or pip install trl)") from e
 
 from .patch import CATHandle
 from .trainer import CATLossMixin, cat_handle_for, default_collator

@@ -1,10 +1,10 @@
 """Backend "cpp": the fused C++ CPU kernel of csrc/ (flash-style attention with causal mass).
 
 The compiled library registers the operators ``torch.ops.causal_attn_cpp.forward`` / ``backward`` through
-``TORCH_LIBRARY``; this module loads it, and the registry (:mod:`causal_attn.backends`) wraps its
+``TORCH_LIBRARY``; this module loads it, and the registry (:mod:`causal_attn.ops.backends`) wraps its
 :func:`forward` / :func:`backward` as backend "cpp" on first use. The library is the one setup.py prebuilt
 (``causal_attn._cpp_attention``) when that exists and was built against the running torch, otherwise the
-first-use build of :mod:`causal_attn.cpp_build` (compiled once into the user's cache). When neither works (no
+first-use build of :mod:`causal_attn.ops.cpp_build` (compiled once into the user's cache). When neither works (no
 compiler) importing this module raises ImportError and ``attention()`` falls back to the PyTorch CPU path
 with a one-time warning.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import blocked, cpp_build
-from ._layout import folder
+from ..utils.layout import folder
 
 LIBRARY = "causal_attn._cpp_attention"
 
@@ -63,7 +63,7 @@ def _check_cpu(*tensors):
 
 def forward(q, k, v, packed=None, key_padding_mask=None, seg_start=None, scale=None, attn_map=None,
             attn_map_weight=1.0):
-    """``(out, lse, mass)`` per the backend contract of :mod:`causal_attn.attention`."""
+    """``(out, lse, mass)`` per the backend contract of :mod:`causal_attn.ops.attention`."""
     _check_cpu(q, k, v, packed, key_padding_mask, seg_start, attn_map)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.dtype == torch.float64:

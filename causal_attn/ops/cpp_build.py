@@ -31,9 +31,9 @@ SOURCES_MARKER = b"; sources "  # + sources_hash + ";" right after it
 
 
 def default_source_dir() -> Path | None:
-    """csrc/ as causal_attn._layout.folder finds it (installed copy inside the package, else the checkout's),
+    """csrc/ as causal_attn.utils.layout.folder finds it (installed copy inside the package, else the checkout's),
     located from this file alone: setup.py runs this module before the package is importable."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # causal_attn/
     for candidate in (here / "csrc", here.parent / "csrc"):
         if (candidate / SOURCES[0]).is_file():
             return candidate
@@ -105,7 +105,7 @@ def torch_release(version: str) -> str:
 
 def build_folder(source_dir: Path, torch_version: str) -> Path:
     """One folder per (sources, flags, torch, Python): a changed input never reuses an old library."""
-    from .cache import cache_root
+    from ..utils.cache import cache_root
 
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
@@ -128,7 +128,7 @@ def build_and_load(source_dir: Path) -> Path:
     import torch
     from torch.utils import cpp_extension
 
-    from .cache import FileLock
+    from ..utils.cache import FileLock
 
     folder = build_folder(source_dir, torch.__version__)
     library = folder / f"{JIT_NAME}.so"
