@@ -18,9 +18,9 @@ COMMANDS = {
     "eval": "cli.train",
     "bench": "cli.bench",
     "gpu-check": "cli.bench",  # bench.py registers both
-    "stg": "data.cli",
-    "annotate": "data.cli",
-    "capt": "data.capt.cli",
+    "stg": "cli.data",
+    "annotate": "cli.data",  # data.py registers both
+    "capt": "cli.capt",
 }
 
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 
+from ..data.scoring import SCORERS, score
+from .records import read_records
+
 STG_TRAIN = {"stg_s": ("stg_e", "train_S"), "stg_m": ("stg_e", "train_M"), "stg_l": ("stg_e", "train_L"),
              "stg_h": ("stg_h", "train")}
 METHODS = ("vanilla", "cat", "capt", "cat+capt")
@@ -55,7 +58,7 @@ def add_parser(subparsers):
                               description="Batched greedy decoding (left padding) and task scoring.")
     e.add_argument("--model", required=True, help=MODEL_HELP + " (e.g. a `causal-attn train` --out)")
     e.add_argument("--data", required=True, help="stg_s/stg_m/stg_l (STG_E IID + OOD tests), stg_h, or a JSONL file")
-    e.add_argument("--task", choices=("auto", "stg_e", "stg_h", "gsm8k", "numeric", "exact"), default="auto",
+    e.add_argument("--task", choices=("auto",) + tuple(SCORERS), default="auto",
                    help="scorer (auto: from --data; exact match for files)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=16)
@@ -66,34 +69,6 @@ def add_parser(subparsers):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def read_records(path: str, need: tuple[str, ...]) -> list[dict]:
-    """JSONL records with the fields ``need``; any problem is a :class:`CliError` naming file and line."""
-    from .errors import CliError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CliError(f"cannot read {path}: {e}") from e
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CliError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(rec, dict):
-            raise CliError(f"{path}:{n}: a record must be a JSON object")
-        missing = [k for k in need if rec.get(k) in (None, "", [])]
-        if missing:
-            raise CliError(f"{path}:{n}: record has no {', '.join(repr(k) for k in missing)} field")
-        records.append(rec)
-    if not records:
-        raise CliError(f"{path}: no records")
-    return records
-
-
 def training_records(data: str, method: str) -> list[dict]:
     from .errors import CliError
 
@@ -129,18 +104,6 @@ def test_splits(data: str) -> tuple[dict, str]:
     if not data.endswith(".jsonl") and not os.path.exists(data):
         raise CliError(f"--data must be stg_s, stg_m, stg_l, stg_h or a .jsonl file; got {data!r}")
     return {os.path.splitext(os.path.basename(data))[0]: read_records(data, ("input", "target"))}, "exact"
-
-
-def score(task: str, predictions, targets) -> dict:
-    from ..data import scoring
-
-    if task == "stg_h":
-        return scoring.score_stg_h(predictions, targets)
-    if task == "gsm8k":
-        return scoring.score_gsm8k(predictions, targets)
-    if task == "numeric":
-        return scoring.score_numeric(predictions, targets)
-    return scoring.score_stg_e(predictions, targets)  # exact match of the stripped text
 
 
 # ---------------------------------------------------------------------------------------------- model

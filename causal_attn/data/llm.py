@@ -70,6 +70,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterable
 
+from .jsonl import numbered_jsonl
+
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -217,19 +219,14 @@ class JsonlCache:
             self._load()
 
     def _load(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        self._needs_newline = bool(data) and not data.endswith(b"\n")
-        for line in data.split(b"\n"):
-            if not line.strip():
+        read = numbered_jsonl(self.path, skip_bad=True)  # a torn write from a killed process is skipped
+        self._needs_newline = not read.ends_with_newline
+        self.corrupt_lines = read.skipped
+        for _, rec in read.records:
+            if "key" not in rec or isinstance(rec["key"], (list, dict)):  # a JSON key must be hashable
+                self.corrupt_lines += 1
                 continue
-            try:
-                rec = json.loads(line)
-                key = rec["key"]
-            except (ValueError, KeyError, TypeError):
-                self.corrupt_lines += 1  # a torn write from a killed process
-                continue
-            self._records[key] = rec  # later records win (e.g. a retried failure that now succeeded)
+            self._records[rec["key"]] = rec  # later records win (e.g. a retried failure that now succeeded)
 
     def __contains__(self, key: str) -> bool:
         return key in self._records

@@ -1,10 +1,11 @@
-"""Scorers for generated answers: STG_E, STG_H, GSM8K, ARC, SVAMP / MAWPS.
+"""Scorers for generated answers: STG_E, STG_H, GSM8K, ARC, SVAMP / MAWPS, and ``score(task, ...)``.
 
 Every ``score_*(predictions, targets)`` returns a dict with ``n``, the metric(s) as fractions and
 ``unparsed`` (predictions from which no answer could be read; they count as wrong, never silently
-dropped). Per-item parsers are exposed for reuse.
+dropped). Per-item parsers are exposed for reuse. ``score`` dispatches on the task names of
+:data:`SCORERS` (``exact, stg_e, stg_h, gsm8k, arc_e, svamp, mawps``), which ``causal-attn eval --task`` offers.
 
-- STG_E: exact match of the stripped prediction against the target.
+- STG_E (and ``exact``, for any file): exact match of the stripped prediction against the target.
 - STG_H: the first integer in the prediction vs the integer AQI; ``exact``, ``mae`` (over parsed
   predictions; ``mae_all`` charges an unparsed prediction the worst error 100) and ``within5``.
 - GSM8K: the number after the last ``####`` (else the last number, counted in ``fallback``),
@@ -168,12 +169,13 @@ def score_arc(predictions: Sequence[str], targets: Sequence[str]) -> dict:
     return {"n": len(targets), "accuracy": _frac(hits, len(targets)), "unparsed": unparsed}
 
 
-SCORERS = {"stg_e": score_stg_e, "stg_h": score_stg_h, "gsm8k": score_gsm8k, "arc": score_arc, "arc_e": score_arc,
+# one name per task, as `causal-attn annotate --task` spells them; "exact" for any file of input / target pairs
+SCORERS = {"exact": score_stg_e, "stg_e": score_stg_e, "stg_h": score_stg_h, "gsm8k": score_gsm8k, "arc_e": score_arc,
            "svamp": score_numeric, "mawps": score_numeric}
 
 
 def score(task: str, predictions: Sequence, targets: Sequence, **kw) -> dict:
-    """Dispatch by task name (``stg_e, stg_h, gsm8k, arc, arc_e, svamp, mawps``)."""
+    """Dispatch by task name (the keys of :data:`SCORERS`)."""
     if task not in SCORERS:
-        raise ValueError(f"no scorer for task {task!r}; known: {sorted(SCORERS)}")
+        raise ValueError(f"no scorer for task {task!r}; known: {', '.join(SCORERS)}")
     return SCORERS[task](predictions, targets, **kw)

@@ -28,6 +28,8 @@ import os
 import random
 from typing import Iterable
 
+from .jsonl import read_jsonl, write_jsonl  # noqa: F401  (stg.read_jsonl: the benchmarks' name)
+
 STG_E_PREFIX = "Here is the statistical data for a person. Please predict the probability of cancer. "
 STG_E_CAUSAL = ("Smoking", "Weight", "Exercise")
 STG_E_SPURIOUS = ("Yellow fingers", "Clothing size", "Hormones")
@@ -141,21 +143,6 @@ def generate_stg_h(seed: int | None = 42, sizes: dict | None = None) -> dict[str
 
 # ----------------------------------------------------------------------------- I/O
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
-    """One ``json.dumps`` record per line (the release's format); returns the count."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-            n += 1
-    return n
-
-
 def as_dataset(records: list[dict]):
     """``datasets.Dataset`` of records; ``important`` stored as a JSON string, ``target`` as given."""
     import datasets
@@ -185,7 +172,6 @@ def write_all(out_dir: str | os.PathLike, *, seed_e: int = 42, seed_h: int = 42)
     """Write ``stg_e/<split>.jsonl`` and ``stg_h/<split>.jsonl`` under ``out_dir``; returns counts."""
     counts = {}
     for name, splits in (("stg_e", generate_stg_e(seed=seed_e)), ("stg_h", generate_stg_h(seed=seed_h))):
-        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
         for split, recs in splits.items():
             counts[f"{name}/{split}"] = write_jsonl(recs, os.path.join(out_dir, name, f"{split}.jsonl"))
     return counts

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from ..ops.graph import CausalGraph
+from ..ops.graph import as_graph
 from ..ops.loss import loss_rows, re_attention_loss
 
 
@@ -45,14 +45,6 @@ def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
     return value
 
 
-def _as_graph(adjacency) -> CausalGraph:
-    if isinstance(adjacency, CausalGraph):
-        return adjacency
-    if isinstance(adjacency, torch.Tensor) and adjacency.dim() == 3:
-        return CausalGraph.from_dense(adjacency.bool())
-    raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
-
-
 def count_loss_rows(batches: Iterable[Mapping], *, adjacency_key: str = "adjacency",
                     mask_key: str = "attention_mask", group=None, across_ranks: bool = True) -> torch.Tensor | None:
     """Eligible Re-Attention rows over micro-batches (one optimizer step), summed over ranks.
@@ -67,7 +59,7 @@ def count_loss_rows(batches: Iterable[Mapping], *, adjacency_key: str = "adjacen
         if adjacency is None:
             continue
         seen = True
-        graph = _as_graph(adjacency)
+        graph = as_graph(adjacency)
         mask = batch.get(mask_key)
         if mask is not None:
             mask = mask.to(graph.device).bool()

@@ -396,18 +396,19 @@ def check_key_padding_mask(mask: torch.Tensor, B: int, T: int, device) -> torch.
     return mask
 
 
-def as_graph(adjacency, B: int, T: int, device) -> CausalGraph | None:
-    """Accept a CausalGraph or a dense bool (B, T, T) tensor; check B, T and device."""
+def as_graph(adjacency, B: int | None = None, T: int | None = None, device=None) -> CausalGraph | None:
+    """Accept a CausalGraph or a dense bool (B, T, T) tensor (None stays None); check B and T (given
+    together) and the device where given."""
     if adjacency is None:
         return None
     if isinstance(adjacency, torch.Tensor):
         adjacency = CausalGraph.from_dense(adjacency)
     if not isinstance(adjacency, CausalGraph):
         raise TypeError(f"adjacency must be a CausalGraph or a bool tensor (B, T, T); got {type(adjacency).__name__}")
-    if adjacency.packed.shape[0] != B or adjacency.packed.shape[1] != T:
+    if B is not None and (adjacency.packed.shape[0] != B or adjacency.packed.shape[1] != T):
         raise ValueError(f"adjacency is for B={adjacency.batch_size}, T={adjacency.seq_len} but the inputs have "
                          f"B={B}, T={T}; build it for this batch (CausalGraph.pad_to pads a shorter one)")
-    if adjacency.device != torch.device(device):
+    if device is not None and adjacency.device != torch.device(device):
         raise ValueError(f"adjacency is on {adjacency.device} but the inputs are on {device}; use graph.to(device)")
     return adjacency
 

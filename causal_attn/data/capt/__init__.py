@@ -24,8 +24,9 @@ drawn uniformly within each length and shuffled over the placeholders. ``order``
 ``Z, AA, AB, ...`` (bijective base 26).
 """
 
-# One module per concern (estimation, intervention, datasets; deduction is the demo's generated task, cli the
-# `causal-attn capt` command); every public name (and the private ones the tests use) is re-exported here.
+# One module per concern (estimation, intervention, datasets; deduction is the demo's generated task; the
+# `causal-attn capt` command is causal_attn/cli/capt.py); every public name (and the private ones the tests use)
+# is re-exported here.
 from .datasets import *  # noqa: F401,F403
 from .datasets import _TAG, _read_rows, _variant_from_path  # noqa: F401
 from .estimation import *  # noqa: F401,F403

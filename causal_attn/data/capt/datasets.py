@@ -12,6 +12,7 @@ import os
 import re
 from typing import Sequence
 
+from ..jsonl import numbered_jsonl
 from .intervention import FIELDS
 
 VARIANTS = ("commonsense", "anticommonsense", "nonsense")
@@ -61,9 +62,9 @@ def _read_rows(path: str):
     if path.endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             return list(enumerate(csv.DictReader(f)))
+    if path.endswith(".jsonl"):
+        return [(n - 1, row) for n, row in numbered_jsonl(path).records]  # ids count lines from 0
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [(i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
         data = json.load(f)
     return list(data.items()) if isinstance(data, dict) else list(enumerate(data))
 

@@ -2,10 +2,13 @@
 or ``--coverage``: how many annotated spans the adjacency builder locates)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from ..data.jsonl import write_jsonl
+from .errors import CliError
+from .records import read_records
 
 
 def add_parser(subparsers) -> None:
@@ -45,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_stg(args) -> int:
-    from .stg import write_all
+    from ..data.stg import write_all
 
     counts = write_all(args.out, seed_e=args.seed_e, seed_h=args.seed_h)
     for name, n in counts.items():
@@ -53,36 +56,19 @@ def run_stg(args) -> int:
     return 0
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    from ..cli.errors import CliError
-
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise CliError(f"{path}:{n}: not JSON ({e})") from None
-    return records
-
-
 def run_annotate(args) -> int:
     return run_coverage(args) if args.coverage else run_annotation(args)
 
 
 def run_annotation(args) -> int:
-    from ..cli.errors import CliError
-    from .annotate import annotate_records
-    from .llm import ChatClient, JsonlCache
+    from ..data.annotate import annotate_records
+    from ..data.llm import ChatClient, JsonlCache
 
     if not args.task or not args.out:
         raise CliError("--task and --out are required (or use --coverage)")
     if len(args.input) != 1:
         raise CliError("annotate takes one input file")
-    records = _read_jsonl(args.input[0])[: args.limit]
+    records = read_records(args.input[0])[: args.limit]
     try:
         client = ChatClient(args.base_url, args.model, api_key_env=args.api_key_env,
                             max_concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
@@ -97,18 +83,14 @@ def run_annotation(args) -> int:
                                        progress=not args.no_progress)
     except ValueError as e:
         raise CliError(str(e)) from None
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in out:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)  # the output appears whole or not at all; the cache holds the progress
+    write_jsonl(out, args.out)  # the output appears whole or not at all; the cache holds the progress
     print(json.dumps({"out": args.out, "records": len(out), **report.as_dict()}), file=sys.stderr)
     return 0 if report.errors == 0 else 1
 
 
 def run_coverage(args) -> int:
-    from .adjacency import MATCH_KINDS, measure_coverage
-    from .tokenizers import TokenizerUnavailable, load_tokenizer
+    from ..data.adjacency import MATCH_KINDS, measure_coverage
+    from ..data.tokenizers import TokenizerUnavailable, load_tokenizer
 
     names = args.tokenizer or ["qwen2", "llama3"]
     print("| dataset | tokenizer | spans | exact | case | fuzzy | missing | located |")
@@ -120,7 +102,7 @@ def run_coverage(args) -> int:
             print(f"skipping {name}: {e}", file=sys.stderr)
             continue
         for path in args.input:
-            c = measure_coverage(_read_jsonl(path), tok, prompt_field=args.input_field,
+            c = measure_coverage(read_records(path), tok, prompt_field=args.input_field,
                                  target_field=args.target_field)
             kinds = " | ".join(str(c[k]) for k in MATCH_KINDS)
             print(f"| {os.path.basename(path)} | {name} | {c['spans']} | {kinds} | {c['missing']} | "

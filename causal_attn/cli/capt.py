@@ -14,7 +14,9 @@ import json
 import os
 import sys
 
-from ...cli.errors import CliError
+from ..data.jsonl import JsonlError, write_jsonl
+from .errors import CliError
+from .records import read_records
 
 
 def add_parser(subparsers) -> None:
@@ -57,7 +59,7 @@ def _data_args(p) -> None:
 
 
 def _load(args) -> list[dict]:
-    from .datasets import load_records
+    from ..data.capt.datasets import load_records
 
     records = []
     for path in args.data:
@@ -65,7 +67,9 @@ def _load(args) -> list[dict]:
             raise CliError(f"no such file: {path}")
         try:
             loaded = load_records(path, args.kind, args.variant)
-        except (ValueError, json.JSONDecodeError) as e:
+        except JsonlError as e:  # names file and line already
+            raise CliError(str(e)) from None
+        except ValueError as e:  # json.JSONDecodeError is one
             raise CliError(f"{path}: {e}") from None
         if loaded.skipped:
             print(f"{path}: skipped {len(loaded.skipped)} record(s), e.g. {loaded.skipped[0]}", file=sys.stderr)
@@ -75,18 +79,9 @@ def _load(args) -> list[dict]:
     return records
 
 
-def _write_jsonl(path: str, rows) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def run_estimate(args) -> int:
-    from .estimation import estimate_events
-    from ..llm import ChatClient, JsonlCache
+    from ..data.capt.estimation import estimate_events
+    from ..data.llm import ChatClient, JsonlCache
 
     records = _load(args)[: args.limit]
     try:
@@ -98,35 +93,29 @@ def run_estimate(args) -> int:
     binary = {"auto": None, "yes": True, "no": False}[args.binary]
     estimated, report = estimate_events(records, client, cache, binary=binary,
                                         max_attempts=args.max_attempts, progress=sys.stderr.isatty())
-    _write_jsonl(args.out, estimated)
+    write_jsonl(estimated, args.out)
     print(report.summary())
     print(json.dumps({k: v for k, v in vars(report).items()}, sort_keys=True))
     return 0 if report.accepted else 1
 
 
 def run_symbolize(args) -> int:
-    from .intervention import replicate
+    from ..data.capt.intervention import replicate
 
     records = _load(args)
     try:
         out = replicate(records, args.copies, seed=args.seed, mode=args.mode)
     except (ValueError, KeyError) as e:
         raise CliError(f"cannot symbolise: {e}") from None
-    _write_jsonl(args.out, out)
+    write_jsonl(out, args.out)
     print(f"wrote {len(out)} records ({len(records)} samples x {args.copies} copies, mode {args.mode}) to {args.out}")
     return 0
 
 
 def run_score(args) -> int:
-    from .datasets import accuracy_by_variant
+    from ..data.capt.datasets import accuracy_by_variant
 
-    if not os.path.exists(args.data):
-        raise CliError(f"no such file: {args.data}")
-    with open(args.data, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    bad = [i for i, r in enumerate(rows) if "answer" not in r or args.field not in r]
-    if bad:
-        raise CliError(f"{len(bad)} record(s) lack 'answer' or {args.field!r} (first: line {bad[0] + 1})")
+    rows = read_records(args.data, ("answer", args.field))
     table = accuracy_by_variant(rows, [r[args.field] for r in rows])
     for variant, row in sorted(table.items()):
         print(f"{variant:16s} n={row['n']:5d} accuracy={row['accuracy']:.4f} unparsed={row['unparsed']}")
