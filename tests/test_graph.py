@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from causal_attn import CausalGraph
-from causal_attn.ops.graph import pack_bits, popcount, unpack_bits
+from causal_attn.ops.graph import as_graph, pack_bits, popcount, unpack_bits
 
 
 def random_dense(B, T, p=0.3, seed=0):
@@ -94,3 +94,18 @@ def test_pad_cat_index_and_device():
         gb.pad_to(5)
     with pytest.raises(ValueError, match="side"):
         ga.pad_to(40, side="middle")
+
+
+def test_as_graph_coerces_and_checks_only_what_it_is_given():
+    dense = random_dense(2, 5, seed=3)
+    g = as_graph(dense)
+    assert torch.equal(g.to_dense(), dense) and as_graph(g) is g and as_graph(None) is None
+    assert as_graph(dense, 2, 5, "cpu").num_edges == g.num_edges
+    with pytest.raises(ValueError, match="B=2, T=5 but the inputs have B=2, T=6"):
+        as_graph(g, 2, 6)
+    with pytest.raises(ValueError, match="is on cpu"):
+        as_graph(g, 2, 5, "meta")
+    with pytest.raises(TypeError, match="adj.bool"):  # 0/1 integers: the hint, not a silent cast
+        as_graph(dense.long())
+    with pytest.raises(TypeError, match="CausalGraph or a bool tensor"):
+        as_graph([[(1, 0)]])

@@ -79,7 +79,15 @@ def test_numeric_svamp_mawps_forms():
                       ["80.0", "12.5", "Answer: 3.0", "1"])
     assert r == {"n": 4, "accuracy": 0.75, "unparsed": 1}
     assert scoring.score("mawps", ["Answer: 84.0"], [84.0])["accuracy"] == 1.0
-    with pytest.raises(ValueError, match="no scorer"):
-        scoring.score("nope", [], [])
+    for old_name in ("nope", "arc", "numeric"):  # "arc" / "numeric": the two dispatchers' names before one
+        with pytest.raises(ValueError, match="no scorer .* known: exact, stg_e"):
+            scoring.score(old_name, [], [])
     with pytest.raises(ValueError, match="predictions"):
         scoring.score_arc(["A"], [])
+
+
+def test_one_task_name_per_scorer_kind():
+    assert scoring.score("exact", [" a\n", "b"], ["a", "c"])["exact"] == 0.5
+    assert scoring.score("arc_e", ["Answer: B"], ["B"])["accuracy"] == 1.0
+    assert scoring.score("stg_h", ["AQI 40"], [42])["within5"] == 1.0
+    assert scoring.score("gsm8k", ["#### 7"], ["#### 7"])["accuracy"] == 1.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 _INT = re.compile(r"-?\d+")
@@ -49,6 +49,17 @@ def _check(predictions: Sequence, targets: Sequence) -> None:
 
 def _frac(k: int, n: int) -> float:
     return k / n if n else float("nan")
+
+
+def _accuracy(answers: Sequence, targets: Sequence, gold_of: Callable, same: Callable) -> dict:
+    """``n``, ``accuracy`` and ``unparsed`` of answers read from the predictions (None: none could be read,
+    counted wrong) against ``gold_of(target)`` (which raises on a gold it cannot read)."""
+    _check(answers, targets)
+    hits = 0
+    for v, t in zip(answers, targets):
+        gold = gold_of(t)
+        hits += v is not None and bool(same(v, gold))
+    return {"n": len(targets), "accuracy": _frac(hits, len(targets)), "unparsed": sum(v is None for v in answers)}
 
 
 # ----------------------------------------------------------------------------- STG
@@ -93,20 +104,17 @@ def _close(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
+def _gsm8k_gold(target: str) -> float:
+    gold, _ = parse_gsm8k(target)
+    if gold is None:
+        raise ValueError(f"gold answer without a number: {str(target)[-80:]!r}")
+    return gold
+
+
 def score_gsm8k(predictions: Sequence[str], targets: Sequence[str], tol: float = 1e-6) -> dict:
-    _check(predictions, targets)
-    hits = unparsed = fallback = 0
-    for p, t in zip(predictions, targets):
-        gold, _ = parse_gsm8k(t)
-        if gold is None:
-            raise ValueError(f"gold answer without a number: {str(t)[-80:]!r}")
-        v, fb = parse_gsm8k(p)
-        if v is None:
-            unparsed += 1
-            continue
-        fallback += fb
-        hits += _close(v, gold, tol)
-    return {"n": len(targets), "accuracy": _frac(hits, len(targets)), "unparsed": unparsed, "fallback": fallback}
+    parsed = [parse_gsm8k(p) for p in predictions]
+    out = _accuracy([v for v, _ in parsed], targets, _gsm8k_gold, lambda v, gold: _close(v, gold, tol))
+    return {**out, "fallback": sum(fb for v, fb in parsed if v is not None)}
 
 
 def parse_numeric_answer(text: str) -> float | None:
@@ -121,20 +129,17 @@ def parse_numeric_answer(text: str) -> float | None:
     return nums[-1] if nums else None
 
 
+def _numeric_gold(target: Any) -> float:
+    gold = target if isinstance(target, (int, float)) else parse_numeric_answer(target)
+    if gold is None:
+        raise ValueError(f"gold answer without a number: {target!r}")
+    return float(gold)
+
+
 def score_numeric(predictions: Sequence[str], targets: Sequence[Any], tol: float = 1e-4) -> dict:
     """SVAMP / MAWPS: relative-or-absolute tolerance ``tol`` (``|p - t| <= tol * max(1, |t|)``)."""
-    _check(predictions, targets)
-    hits = unparsed = 0
-    for p, t in zip(predictions, targets):
-        gold = t if isinstance(t, (int, float)) else parse_numeric_answer(t)
-        if gold is None:
-            raise ValueError(f"gold answer without a number: {t!r}")
-        v = parse_numeric_answer(p)
-        if v is None:
-            unparsed += 1
-            continue
-        hits += _close(v, float(gold), tol)
-    return {"n": len(targets), "accuracy": _frac(hits, len(targets)), "unparsed": unparsed}
+    return _accuracy([parse_numeric_answer(p) for p in predictions], targets, _numeric_gold,
+                     lambda v, gold: _close(v, gold, tol))
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -157,16 +162,8 @@ def parse_arc(text: str) -> str | None:
 
 
 def score_arc(predictions: Sequence[str], targets: Sequence[str]) -> dict:
-    _check(predictions, targets)
-    hits = unparsed = 0
-    for p, t in zip(predictions, targets):
-        gold = parse_arc(t) or str(t).strip().upper()
-        v = parse_arc(p)
-        if v is None:
-            unparsed += 1
-            continue
-        hits += v == gold
-    return {"n": len(targets), "accuracy": _frac(hits, len(targets)), "unparsed": unparsed}
+    return _accuracy([parse_arc(p) for p in predictions], targets, lambda t: parse_arc(t) or str(t).strip().upper(),
+                     lambda v, gold: v == gold)
 
 
 # one name per task, as `causal-attn annotate --task` spells them; "exact" for any file of input / target pairs

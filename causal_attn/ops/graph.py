@@ -357,14 +357,9 @@ def segment_starts(segment_ids: torch.Tensor, B: int, T: int, device) -> torch.T
 
     ``segment_ids`` (B, T) integer, non-decreasing along each row (samples laid end to end, as transformers'
     ``DataCollatorWithFlattening`` makes them); equal ids = one sample."""
-    if not isinstance(segment_ids, torch.Tensor):
-        raise TypeError(f"segment_ids must be an integer tensor (B, T), got {type(segment_ids).__name__}")
-    if segment_ids.shape != (B, T):
-        raise ValueError(f"segment_ids must have shape (B, T) = ({B}, {T}); got {tuple(segment_ids.shape)}")
+    _check_b_t(segment_ids, "segment_ids", "an integer tensor", B, T, device)
     if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
         raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
-    if segment_ids.device != torch.device(device):
-        raise ValueError(f"segment_ids is on {segment_ids.device} but the inputs are on {device}")
     step = segment_ids[:, 1:] - segment_ids[:, :-1]
     if bool((step < 0).any()):
         b, i = (int(x) for x in (step < 0).nonzero()[0])
@@ -383,17 +378,22 @@ def starts_of(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def check_key_padding_mask(mask: torch.Tensor, B: int, T: int, device) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a bool tensor (B, T), got {type(mask).__name__}")
-    if mask.shape != (B, T):
-        raise ValueError(f"key_padding_mask must have shape (B, T) = ({B}, {T}); got {tuple(mask.shape)}")
+    _check_b_t(mask, "key_padding_mask", "a bool tensor", B, T, device)
     if mask.dtype != torch.bool:
         if mask.dtype.is_floating_point:
             raise TypeError(f"key_padding_mask must be bool (True = real token), got {mask.dtype}")
         mask = mask.bool()
-    if mask.device != torch.device(device):
-        raise ValueError(f"key_padding_mask is on {mask.device} but the inputs are on {device}")
     return mask
+
+
+def _check_b_t(x, name: str, kind: str, B: int, T: int, device) -> None:
+    """``x`` is a (B, T) tensor on ``device`` (its dtype is the caller's to check)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be {kind} (B, T), got {type(x).__name__}")
+    if x.shape != (B, T):
+        raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}); got {tuple(x.shape)}")
+    if x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
 
 
 def as_graph(adjacency, B: int | None = None, T: int | None = None, device=None) -> CausalGraph | None:
