@@ -157,6 +157,11 @@ def test_cli_errors(workspace, tmp_path, capsys):
     assert "'important'" in _error(capsys, base + ["--data", str(bad), "--method", "cat"])
     bad.write_text('{"input": "a", \n')
     assert "not valid JSON" in _error(capsys, base + ["--data", str(bad)])
+    bad.write_text('{"input": "a", "target": "b"}\n{"input": "a", "tar')
+    assert "bad.jsonl:2: the last line is cut off" in _error(capsys, base + ["--data", str(bad), "--method", "vanilla"])
+    assert "--task gsm8k: gold answer without a number" in _error(capsys, [
+        "eval", "--model", init, "--data", data, "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "1",
+        "--out", str(tmp_path / "ev")])
     assert "--gamma" in _error(capsys, base + ["--data", data, "--gamma", "sometimes"])
     assert "no checkpoint" in _error(capsys, base + ["--data", data, "--resume"])
     assert "cannot load model" in _error(capsys, ["train", "--model", str(tmp_path / "nomodel"), "--data", data,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..data.jsonl import write_jsonl
 from ..data.scoring import SCORERS, score
 from .records import read_records
 
@@ -227,16 +228,20 @@ def run_eval(args) -> int:
     out_dir = args.out or os.path.join(args.model, "eval")
     os.makedirs(out_dir, exist_ok=True)
     metrics = {"model": args.model, "data": args.data, "task": task}
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        for split, recs in splits.items():
-            recs = recs[:args.limit] if args.limit else recs
-            preds = greedy_decode(model, tokenizer, [r["input"] for r in recs], batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens, progress=True)
+    rows = []
+    for split, recs in splits.items():
+        recs = recs[:args.limit] if args.limit else recs
+        preds = greedy_decode(model, tokenizer, [r["input"] for r in recs], batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, progress=True)
+        try:
             metrics[split] = score(task, preds, [r["target"] for r in recs])
-            for r, p in zip(recs, preds):
-                f.write(json.dumps({"split": split, "input": r["input"], "target": r["target"], "prediction": p}) + "\n")
-            print(f"eval {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in metrics[split].items()))
+        except ValueError as e:  # e.g. --task gsm8k on targets without "#### answer"
+            raise CliError(f"--task {task}: {e}") from None
+        rows += [{"split": split, "input": r["input"], "target": r["target"], "prediction": p}
+                 for r, p in zip(recs, preds)]
+        print(f"eval {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in metrics[split].items()))
+    write_jsonl(rows, os.path.join(out_dir, "predictions.jsonl"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print(f"eval: wrote {out_dir}/predictions.jsonl and metrics.json")
