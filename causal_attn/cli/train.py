@@ -18,6 +18,7 @@ import os
 
 from ..data.jsonl import write_jsonl
 from ..data.scoring import SCORERS, score
+from .errors import CliError
 from .records import read_records
 
 STG_TRAIN = {"stg_s": ("stg_e", "train_S"), "stg_m": ("stg_e", "train_M"), "stg_l": ("stg_e", "train_L"),
@@ -70,41 +71,41 @@ def add_parser(subparsers):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def training_records(data: str, method: str) -> list[dict]:
-    from .errors import CliError
+def _generated_stg(data: str) -> tuple[dict, str] | None:
+    """``({split: records}, scorer)`` of a generated STG set (seed 42; the generator's name is the scorer's);
+    None when ``data`` names none."""
+    if data not in STG_TRAIN:
+        return None
+    from ..data.stg import generate_stg_e, generate_stg_h
 
-    need = ("input", "target") + (("important",) if "cat" in method.split("+") else ()) + \
-        (("capt",) if "capt" in method else ())
-    if data in STG_TRAIN:
-        from ..data.stg import generate_stg_e, generate_stg_h
+    name = STG_TRAIN[data][0]
+    return (generate_stg_e if name == "stg_e" else generate_stg_h)(seed=42), name
 
-        name, split = STG_TRAIN[data]
-        records = (generate_stg_e if name == "stg_e" else generate_stg_h)(seed=42)[split]
-        if "capt" in method:
-            raise CliError(f"{data} has no CAPT event estimation; run `causal-attn capt` on a JSONL file first")
-        return records
+
+def _data_file(data: str) -> str:
     if not data.endswith(".jsonl") and not os.path.exists(data):
         raise CliError(f"--data must be one of {', '.join(STG_TRAIN)} or a .jsonl file; got {data!r}")
-    return read_records(data, need)
+    return data
+
+
+def training_records(data: str, method: str) -> list[dict]:
+    if data in STG_TRAIN and "capt" in method:
+        raise CliError(f"{data} has no CAPT event estimation; run `causal-attn capt` on a JSONL file first")
+    generated = _generated_stg(data)
+    if generated:
+        return generated[0][STG_TRAIN[data][1]]
+    need = ("input", "target") + (("important",) if "cat" in method.split("+") else ()) + \
+        (("capt",) if "capt" in method else ())
+    return read_records(_data_file(data), need)
 
 
 def test_splits(data: str) -> tuple[dict, str]:
-    """``({split: records}, scorer)`` for ``eval --data``."""
-    if data in ("stg_s", "stg_m", "stg_l"):
-        from ..data.stg import generate_stg_e
-
-        g = generate_stg_e(seed=42)
-        return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_e"
-    if data == "stg_h":
-        from ..data.stg import generate_stg_h
-
-        g = generate_stg_h(seed=42)
-        return {"test_iid": g["test_iid"], "test_ood": g["test_ood"]}, "stg_h"
-    from .errors import CliError
-
-    if not data.endswith(".jsonl") and not os.path.exists(data):
-        raise CliError(f"--data must be stg_s, stg_m, stg_l, stg_h or a .jsonl file; got {data!r}")
-    return {os.path.splitext(os.path.basename(data))[0]: read_records(data, ("input", "target"))}, "exact"
+    """``({split: records}, scorer)`` for ``eval --data``: the IID and OOD tests of an STG set, or the file."""
+    generated = _generated_stg(data)
+    if generated:
+        splits, scorer = generated
+        return {"test_iid": splits["test_iid"], "test_ood": splits["test_ood"]}, scorer
+    return {os.path.splitext(os.path.basename(data))[0]: read_records(_data_file(data), ("input", "target"))}, "exact"
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -112,7 +113,6 @@ def load_model(name: str):
     """(model, tokenizer) through :func:`causal_attn.hf.pretrained.load`, as a one-line CliError when that fails."""
     import torch
 
-    from .errors import CliError
     from ..hf.pretrained import PretrainedError, load
 
     try:
@@ -125,7 +125,6 @@ def load_model(name: str):
 
 
 def gamma_option(text: str):
-    from .errors import CliError
     from ..hf.trainer import GAMMA_SCHEDULES
 
     if text in GAMMA_SCHEDULES:
@@ -142,7 +141,6 @@ def run_train(args) -> int:
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .errors import CliError
     from ..data import capt as capt_mod
     from ..data.adjacency import encode_example
     from ..hf.patch import patch_model
@@ -217,7 +215,6 @@ def run_train(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- eval
 def run_eval(args) -> int:
-    from .errors import CliError
     from ..hf.decode import greedy_decode
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
