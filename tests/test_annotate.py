@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from causal_attn.data.annotate import TASKS, annotate_records, build_messages, validate_annotation
+from causal_attn.data.jsonl import read_jsonl
 from causal_attn.data.llm import ChatClient, ChatError, JsonlCache, cache_key, extract_json, run_jobs
 from fake_openai import FakeOpenAI, Reply
 
@@ -185,7 +186,7 @@ def test_sigkill_mid_run_then_restart_loses_nothing_and_repeats_no_finished_samp
     assert not (set(second) & done_ids), "a finished sample was requested again"
     assert report["cached"] == len(done_ids) and report["ok"] == n and report["errors"] == 0
     assert set(second) == set(range(n)) - done_ids
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = read_jsonl(out)
     assert [r["idx"] for r in records] == list(range(n))
     assert all(r["important"][0] == {r["target"]: ["Alice has", "Bob has 2"]} for r in records)
     final = JsonlCache(cache_path)

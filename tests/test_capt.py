@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from causal_attn.data import capt
+from causal_attn.data.jsonl import read_jsonl
 from fake_openai import FakeOpenAI, Reply
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "capt")
@@ -489,7 +490,7 @@ def test_cli_estimate_symbolize_score(tmp_path, capsys):
     rc = main(["capt", "symbolize", "--data", str(tmp_path / "est.jsonl"), "--out", str(tmp_path / "train.jsonl"),
                "--copies", "4", "--seed", "5"])
     assert rc == 0
-    rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    rows = read_jsonl(tmp_path / "train.jsonl")
     assert len(rows) == 12 and all("{symbol_" not in r["input"] for r in rows)
     assert "smok" not in " ".join(r["input"] for r in rows).lower()
     scored = [{**r, "generation": r["target"]} for r in rows]

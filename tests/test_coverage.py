@@ -8,7 +8,6 @@ those would need fuzzy matches a reader would call wrong, so they are reported m
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -16,6 +15,7 @@ import re
 import pytest
 
 from causal_attn.data.adjacency import MATCH_KINDS, measure_coverage
+from causal_attn.data.jsonl import read_jsonl
 from causal_attn.data.tokenizers import TokenizerUnavailable, llama3_tokenizer, qwen2_tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cat")
@@ -29,8 +29,7 @@ def _load(rel, step):
     path = os.path.join(DATA, rel)
     if not os.path.exists(path):
         pytest.skip(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f][::step]
+    return read_jsonl(path)[::step]
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama3"])
