@@ -6,7 +6,7 @@ import torch
 import causal_attn
 from causal_attn import CausalGraph, re_attention_loss
 from causal_attn.ops.attention import get_backend
-from numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
+from causal_attn.testing.numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
                       random_segments)
 
 CPU_BACKENDS = ["reference", "torch", "cpp"]
