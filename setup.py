@@ -18,8 +18,8 @@ HERE = Path(__file__).resolve().parent
 cpp_build = runpy.run_path(str(HERE / "causal_attn" / "ops" / "cpp_build.py"))
 
 packages = ["causal_attn", "causal_attn.ops", "causal_attn.hf", "causal_attn.cli", "causal_attn.utils", "causal_attn.data",
-            "causal_attn.data.capt", "causal_attn.demo", "causal_attn.testing", "causal_attn.kernels", "causal_attn.csrc",
-            "causal_attn.benchmarks"]
+            "causal_attn.data.capt", "causal_attn.demo", "causal_attn.testing", "causal_attn.kernels",
+            "causal_attn.csrc", "causal_attn.benchmarks"]
 package_dir = {"causal_attn": "causal_attn", "causal_attn.kernels": "kernels", "causal_attn.csrc": "csrc",
                "causal_attn.benchmarks": "benchmarks"}
 package_data = {"causal_attn.csrc": ["*.cpp", "*.h", "README.md"]}

@@ -27,8 +27,8 @@ import torch
 
 from . import bench_pretrained
 from .bench_train_step import WARM_T, StepBench
-from .common import (fmt, interleaved_times, machine_fields, measure_peak, num, section_main, setup_threads,
-                    summarize, timed_phases)
+from .common import (fmt, interleaved_times, machine_fields, measure_peak, num, section_main, setup_threads, summarize,
+                     timed_phases)
 
 METHODS = ("sdpa", "cat", "sdpa_compiled", "cat_compiled")
 CASES = ("T512", "T1024", "T2048", "smollm2")  # T<n>: the tiny Llama at T = n; smollm2: the real checkpoint

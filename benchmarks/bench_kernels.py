@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import causal_attn
 from causal_attn.ops.attention import resolve_backend
 
-from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,
-                    run_child, section_main, setup_threads, summarize, timed_phases)
+from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda, run_child,
+                     section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("cat", "cat_nomass", "sdpa", "eager")
 LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "sdpa": "torch SDPA (no statistics)",

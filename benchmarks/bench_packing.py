@@ -37,8 +37,8 @@ import causal_attn
 from causal_attn.hf.trainer import CATCollator
 
 from .bench_train_step import GAMMA, MODEL, StepBench
-from .common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child,
-                    section_main, setup_threads, timed_phases)
+from .common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child, section_main,
+                     setup_threads, timed_phases)
 
 METHODS = ("sdpa_padded", "cat_padded", "cat_packed")
 LABELS = {"sdpa_padded": "plain SDPA, padded", "cat_padded": "CAT, padded", "cat_packed": "CAT, packed"}

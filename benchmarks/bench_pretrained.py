@@ -28,9 +28,9 @@ import causal_attn
 from causal_attn import pretrained
 
 from .bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,
-                              stg_like_graph)
-from .common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child,
-                    section_main, summarize, timed_phases)
+                               stg_like_graph)
+from .common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child, section_main,
+                     summarize, timed_phases)
 
 MODEL_NAME = "smollm2-135m"
 CASES = {"stg": (None, 8), "T512": (512, 4), "T2048": (2048, 1)}  # name -> (T or None for STG records, B)

@@ -22,8 +22,8 @@ import torch
 
 import causal_attn
 
-from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,
-                    run_child, section_main, setup_threads, summarize, timed_phases)
+from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda, run_child,
+                     section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "authors")
 LABELS = {"sdpa": "plain SDPA step (no CAT)", "cat": "CAT via patch_model", "authors": "authors' way (eager maps)"}

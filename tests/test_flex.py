@@ -13,7 +13,7 @@ import causal_attn
 from causal_attn import CausalGraph, patch_model
 from causal_attn.ops.attention import get_backend
 from causal_attn.testing.numerics import (SEGMENT_CASES, check_against_oracle, check_forward_against_oracle, fresh_seed,
-                      lse_difference_slack, make_case, random_segments)
+                                          lse_difference_slack, make_case, random_segments)
 
 pytestmark = pytest.mark.skipif(get_backend("flex") is None, reason="this torch has no FlexAttention")
 

@@ -232,8 +232,8 @@ FAKE = {
                                     "def build():\n    for m in COMMANDS.values():\n"
                                     "        importlib.import_module(f'causal_attn.{m}')\n"),
     "causal_attn/cli/train.py": "__import__('causal_attn.ops.core')\n",
-    "causal_attn/data/__init__.py": ("import importlib\n_EXPORTS = {'g': 'graph'}\n"
-                                     "def __getattr__(n):\n    return importlib.import_module(f'.{_EXPORTS[n]}', __name__)\n"),
+    "causal_attn/data/__init__.py": ("import importlib\n_EXPORTS = {'g': 'graph'}\ndef __getattr__(n):\n"
+                                     "    return importlib.import_module(f'.{_EXPORTS[n]}', __name__)\n"),
     "causal_attn/data/graph.py": "from importlib import import_module\nimport_module(NAME)\n",
     "kernels/flash_mass.py": "import triton\n",
     "benchmarks/__init__.py": "",
@@ -362,8 +362,8 @@ def sys_path_edits(source: str, filename: str = "<string>") -> list[int]:
 
 
 def test_sys_path_edit_finder_sees_each_form():
-    edits = ["import sys\nsys.path.insert(0, 'x')", "import sys\nsys.path.append('x')", "import sys\nsys.path[:0] = ['x']",
-             "import sys\nsys.path = ['x']", "import sys\nsys.path += ['x']", "import sys\ndel sys.path[0]",
+    edits = ["import sys\nsys.path.insert(0, 'x')", "import sys\nsys.path.append('x')",
+             "import sys\nsys.path[:0] = ['x']", "import sys\nsys.path = ['x']", "import sys\nsys.path += ['x']", "import sys\ndel sys.path[0]",
              "import sys as s\ns.path.extend(['x'])", "from sys import path\npath.insert(0, 'x')",
              "import sys\np = sys.path\np.append('x')", "import site\nsite.addsitedir('x')"]
     for source in edits:
