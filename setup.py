@@ -3,7 +3,7 @@
     kernels/     -> causal_attn.kernels     (Triton kernels; never a top-level `kernels`, a name another PyPI
                                               project owns, and no __init__.py: see causal_attn/utils/layout.py)
     csrc/        -> causal_attn/csrc        (C++ sources, for the first-use build when nothing was prebuilt)
-    benchmarks/  -> causal_attn/benchmarks  (so `causal-attn bench` runs from an installed package)
+    benchmarks/  -> causal_attn.benchmarks  (a package: `causal-attn bench` runs from an installed package)
 
 The fused C++ CPU kernel is prebuilt as `causal_attn._cpp_attention` when torch is importable here (a build
 without isolation, as the Makefile does). Otherwise, or when the build fails, the package installs without it
@@ -18,7 +18,8 @@ HERE = Path(__file__).resolve().parent
 cpp_build = runpy.run_path(str(HERE / "causal_attn" / "ops" / "cpp_build.py"))
 
 packages = ["causal_attn", "causal_attn.ops", "causal_attn.hf", "causal_attn.cli", "causal_attn.utils", "causal_attn.data",
-            "causal_attn.data.capt", "causal_attn.demo", "causal_attn.kernels", "causal_attn.csrc", "causal_attn.benchmarks"]
+            "causal_attn.data.capt", "causal_attn.demo", "causal_attn.testing", "causal_attn.kernels",
+            "causal_attn.csrc", "causal_attn.benchmarks"]
 package_dir = {"causal_attn": "causal_attn", "causal_attn.kernels": "kernels", "causal_attn.csrc": "csrc",
                "causal_attn.benchmarks": "benchmarks"}
 package_data = {"causal_attn.csrc": ["*.cpp", "*.h", "README.md"]}

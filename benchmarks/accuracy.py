@@ -1,6 +1,6 @@
 """Accuracy table: max error vs float64 per backend and dtype, next to PyTorch eager's own error.
 
-    python benchmarks/accuracy.py [--backends torch cpp] [--out benchmarks/results/accuracy.csv]
+    python -m benchmarks.accuracy [--backends torch cpp] [--out benchmarks/results/accuracy.csv]
 
 Uses the independent fp64 oracle of the test suite (tests/oracle.py) on fresh random inputs with GQA, left
 padding and an x30 logit case. Errors are relative: max |x - x64| / max |x64|.
@@ -8,15 +8,13 @@ padding and an x30 logit case. Errors are relative: max |x - x64| / max |x64|.
 import argparse
 import csv
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import causal_attn  # noqa: E402
-from causal_attn.ops.attention import get_backend  # noqa: E402
-from numerics import eager_low_precision, make_case, outputs_and_grads  # noqa: E402
-from oracle import oracle_attention  # noqa: E402
+import causal_attn
+from causal_attn.ops.attention import get_backend
+from causal_attn.testing.numerics import eager_low_precision, make_case, outputs_and_grads
+from causal_attn.testing.oracle import oracle_attention
 
 CASES = [(2, 8, 2, 257, 64, "left", 1.0), (2, 4, 4, 128, 128, "right", 30.0), (1, 4, 1, 77, 16, "none", 1.0)]
 NAMES = ["out", "mass", "dq", "dk", "dv"]

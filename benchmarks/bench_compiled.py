@@ -25,11 +25,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_pretrained  # noqa: E402
-from bench_train_step import WARM_T, StepBench  # noqa: E402
-from common import (fmt, interleaved_times, machine_fields, measure_peak, num, section_main, setup_threads,  # noqa: E402
-                    summarize, timed_phases)
+from . import bench_pretrained
+from .bench_train_step import WARM_T, StepBench
+from .common import (fmt, interleaved_times, machine_fields, measure_peak, num, section_main, setup_threads, summarize,
+                     timed_phases)
 
 METHODS = ("sdpa", "cat", "sdpa_compiled", "cat_compiled")
 CASES = ("T512", "T1024", "T2048", "smollm2")  # T<n>: the tiny Llama at T = n; smollm2: the real checkpoint
@@ -149,7 +148,7 @@ def headline(rows) -> str:
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     """Bars per case: CAT / plain SDPA step time and peak memory, eager and compiled."""
-    from common import ratio_bars, read_csv
+    from .common import ratio_bars, read_csv
 
     path = ratio_bars(read_csv(csv_path), {"cat": "eager: CAT / plain SDPA", "cat_compiled": "compiled: CAT / plain SDPA"},
                       keys=("step_x_plain", "peak_x_plain"), ylabel="x the plain SDPA step (same mode)",

@@ -12,23 +12,22 @@ medians and ratios to SDPA; peak memory of forward+backward comes from a fresh c
 case (methods measured one after another, high-water mark reset between them; see ``common``). On CUDA: do_bench medians, TFLOP/s with causal FLOPs 2*B*Hq*T^2*D forward and 2.5x
 that backward, and max_memory_allocated.
 
-    python benchmarks/runner.py --only kernels [--quick] [--out benchmarks/results]
+    python -m benchmarks.runner --only kernels [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import causal_attn  # noqa: E402
-from causal_attn.ops.attention import resolve_backend  # noqa: E402
-from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
-                    run_child, section_main, setup_threads, summarize, timed_phases)
+import causal_attn
+from causal_attn.ops.attention import resolve_backend
+
+from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda, run_child,
+                     section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("cat", "cat_nomass", "sdpa", "eager")
 LABELS = {"cat": "ours, with mass", "cat_nomass": "ours, no mass", "sdpa": "torch SDPA (no statistics)",
@@ -156,8 +155,8 @@ def child_main(argv):
 
 def memory_cpu(case: Case, methods, args) -> dict:
     """{method: peak MiB} from one fresh child process, or {"error": ...}."""
-    return run_child(os.path.abspath(__file__), [case.T, case.D, case.Hq, case.Hkv, case.B, args.backend,
-                                                 args.dtype, args.threads, *methods], timeout=args.child_timeout)
+    return run_child(__spec__.name, [case.T, case.D, case.Hq, case.Hkv, case.B, args.backend,
+                                     args.dtype, args.threads, *methods], timeout=args.child_timeout)
 
 
 def memory_cuda(case: Case, methods, args, device) -> dict:

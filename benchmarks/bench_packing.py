@@ -20,7 +20,7 @@ method the RSS high-water growth of the steps on the first ``--packing-memory-ba
 warm-up step (``common.measure_peak``). The CAT losses of the two CAT methods are compared step by step
 (same initial weights, same samples, same updates: equal up to float32 rounding).
 
-    python benchmarks/runner.py --only packing [--quick] [--out benchmarks/results]
+    python -m benchmarks.runner --only packing [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import causal_attn  # noqa: E402
-from bench_train_step import GAMMA, MODEL, StepBench  # noqa: E402
-from causal_attn.hf.trainer import CATCollator  # noqa: E402
-from common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child,  # noqa: E402
-                    section_main, setup_threads, timed_phases)
+import causal_attn
+from causal_attn.hf.trainer import CATCollator
+
+from .bench_train_step import GAMMA, MODEL, StepBench
+from .common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child, section_main,
+                     setup_threads, timed_phases)
 
 METHODS = ("sdpa_padded", "cat_padded", "cat_packed")
 LABELS = {"sdpa_padded": "plain SDPA, padded", "cat_padded": "CAT, padded", "cat_packed": "CAT, packed"}
@@ -190,7 +190,7 @@ def run_dataset(path: str, args, log=print) -> list[dict]:
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                 json.dump(batches[:args.packing_memory_batches], f)
             try:
-                mem = run_child(os.path.abspath(__file__), [f.name, args.threads, args.packing_memory_batches, *times],
+                mem = run_child(__spec__.name, [f.name, args.threads, args.packing_memory_batches, *times],
                                 timeout=args.child_timeout)
             finally:
                 os.unlink(f.name)

@@ -24,13 +24,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import causal_attn  # noqa: E402
-from causal_attn import pretrained  # noqa: E402
-from bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,  # noqa: E402
-                              stg_like_graph)
-from common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child,  # noqa: E402
-                    section_main, summarize, timed_phases)
+import causal_attn
+from causal_attn import pretrained
+
+from .bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,
+                               stg_like_graph)
+from .common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child, section_main,
+                     summarize, timed_phases)
 
 MODEL_NAME = "smollm2-135m"
 CASES = {"stg": (None, 8), "T512": (512, 4), "T2048": (2048, 1)}  # name -> (T or None for STG records, B)
@@ -144,7 +144,7 @@ def child_main(argv):
 
 def measure_memory(case: str, methods, args, device) -> dict:
     if device.type == "cuda":
-        from common import measure_peak_cuda
+        from .common import measure_peak_cuda
 
         base, tok = pretrained.load(MODEL_NAME, progress=False, device=device)
         batch = make_batch(case, tok, base.config.vocab_size, device, args.pretrained_stg_batch)
@@ -154,7 +154,7 @@ def measure_memory(case: str, methods, args, device) -> dict:
             bench.step()
             out[m] = measure_peak_cuda(bench.step)
         return out
-    return run_child(os.path.abspath(__file__), [case, args.pretrained_stg_batch, torch.get_num_threads(), *methods],
+    return run_child(__spec__.name, [case, args.pretrained_stg_batch, torch.get_num_threads(), *methods],
                      timeout=args.child_timeout)
 
 
@@ -244,7 +244,7 @@ def summary_section(rows) -> list[str]:
 
 def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     """Bars: step time and peak memory of CAT and the authors' way relative to plain SDPA, per case."""
-    from common import ratio_bars, read_csv
+    from .common import ratio_bars, read_csv
 
     def missing(row):
         return f"not run:\nprojected\n{num(row, 'projected_peak_gib'):.0f} GiB" if row.get("projected_peak_gib") \

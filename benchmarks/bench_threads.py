@@ -10,22 +10,19 @@ count goes first, so slow phases of a shared machine hit every count alike (issu
 from 1.44x to 2.23x). Reported per thread count: the median over rounds of the time, of the ratio to SDPA, and
 of the speed-up over 1 thread within the same round.
 
-    python benchmarks/runner.py --only threads [--quick] [--out benchmarks/results]
+    python -m benchmarks.runner --only threads [--quick] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kernels  # noqa: E402
-import bench_train_step  # noqa: E402
-from common import interleaved_times, run_child, section_main, summarize, timed_phases  # noqa: E402
+from . import bench_kernels, bench_train_step
+from .common import interleaved_times, run_child, section_main, summarize, timed_phases
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at import, before a sweep pins --threads
 # the sweep options a measuring child needs
@@ -90,7 +87,7 @@ def run_sweep(args, log=print) -> list[dict]:
     rounds = []  # per round {threads: child result}
     for rnd in range(args.scaling_rounds):
         order = counts[rnd % len(counts):] + counts[:rnd % len(counts)]
-        res = {n: run_child(os.path.abspath(__file__), [opts, n], args.child_timeout) for n in order}
+        res = {n: run_child(__spec__.name, [opts, n], args.child_timeout) for n in order}
         for n in order:
             if "error" in res[n]:
                 raise RuntimeError(f"thread-scaling child at {n} threads failed: {res[n]['error']}")

@@ -16,15 +16,14 @@ the model, optimizer and inputs and a warm-up step at T=32 (so optimizer state a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import causal_attn  # noqa: E402
-from common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda,  # noqa: E402
-                    run_child, section_main, setup_threads, summarize, timed_phases)
+import causal_attn
+
+from .common import (child_report, do_bench_phases, interleaved_times, measure_peak, measure_peak_cuda, run_child,
+                     section_main, setup_threads, summarize, timed_phases)
 
 METHODS = ("sdpa", "cat", "authors")
 LABELS = {"sdpa": "plain SDPA step (no CAT)", "cat": "CAT via patch_model", "authors": "authors' way (eager maps)"}
@@ -171,7 +170,7 @@ def run_sweep(args, log=print) -> list[dict]:
         mem = {}
         if T in args.train_memory_seq_lens:
             mem = memory_cuda({m: benches[m] for m in times}) if device.type == "cuda" else run_child(
-                os.path.abspath(__file__), [T, args.train_batch, args.threads, *times], timeout=args.child_timeout)
+                __spec__.name, [T, args.train_batch, args.threads, *times], timeout=args.child_timeout)
         case_rows = []
         for m in benches:
             row = {"T": T, "B": args.train_batch, "method": m, "device": device.type}

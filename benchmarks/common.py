@@ -4,7 +4,7 @@ Time (CPU): every round runs each method once, in a rotated order, so background
 machine hits all methods alike; times are medians over rounds after warm-up rounds, ratios to SDPA are
 medians of the per-round ratios. Time (CUDA): ``triton.testing.do_bench`` medians.
 
-Memory (CPU): each case runs in a fresh ``python <script> --child ...`` process (a cold interpreter
+Memory (CPU): each case runs in a fresh ``python -m <module> --child ...`` process (a cold interpreter
 costs ~5-10 s on the loaded machine, so the methods of one case share it). Per method the child frees
 everything, returns free heap pages to the OS (``malloc_trim``), resets the kernel's RSS high-water mark
 (``/proc/self/clear_refs``), then reports the mark after the work minus the mark before it (after imports,
@@ -146,12 +146,19 @@ def measure_peak_cuda(work: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
-def run_child(script: str, args: Sequence[str], timeout: float, attempts: int = 2) -> dict:
-    """Run ``python script --child args...`` in a fresh process; return its last stdout line as JSON.
+def module_command(module: str, *args) -> list[str]:
+    """``python -m module args...``. ``module`` is the full name a benchmark module has here (its
+    ``__spec__.name``: ``causal_attn.benchmarks.x``, or ``benchmarks.x`` run from a checkout's root), so the child
+    imports the same package as this process, from a checkout or an install alike."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run_child(module: str, args: Sequence[str], timeout: float, attempts: int = 2) -> dict:
+    """Run ``python -m module --child args...`` in a fresh process; return its last stdout line as JSON.
 
     A crashed child is retried once (e.g. a C++ extension rebuilt under its feet); a failed or timed-out
     child gives ``{"error": ...}`` so the sweep records it instead of dying."""
-    cmd = [sys.executable, script, "--child", *map(str, args)]
+    cmd = module_command(module, "--child", *args)
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
     error = "not run"
     for _ in range(attempts):
@@ -167,14 +174,13 @@ def run_child(script: str, args: Sequence[str], timeout: float, attempts: int = 
 
 
 def section_main(section: str, child_main: Callable[[list[str]], None] | None = None) -> int:
-    """``python <section script> --child ...``: one memory child (:func:`run_child`). A whole sweep runs through
-    the runner, which owns the list of sections (a section never imports it back)."""
+    """``python -m <package>.<section module> --child ...``: one memory child (:func:`run_child`). A whole sweep
+    runs through the runner, which owns the list of sections (a section never imports it back)."""
     if child_main is not None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(sys.argv[2:])
         return 0
-    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
-    print(f"run this sweep through the runner: python {runner} --only {section} [--quick] [--out DIR] "
-          f"(or: causal-attn bench --only {section})", file=sys.stderr)
+    print(f"run this sweep through the runner: python -m {__package__}.runner --only {section} [--quick] "
+          f"[--out DIR] (or: causal-attn bench --only {section})", file=sys.stderr)
     return 2
 
 

@@ -137,12 +137,12 @@ def measure_triton_compile_s() -> float | None:
     with tempfile.TemporaryDirectory() as cache:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = cache
-        code = ("import time, kernel_resources as kr; from causal_attn.kernels import flash_mass as fm; "
+        code = (f"import time; from {__package__} import kernel_resources as kr; "
+                "from causal_attn.kernels import flash_mass as fm; "
                 "t = time.perf_counter(); kr.compile_one(fm.KERNELS['dq'], 'sm_90', fm.GPU_CONFIGS[90][128]['dq'][0], "
                 "128, True); print(time.perf_counter() - t)")
         try:
-            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
             return float(res.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None

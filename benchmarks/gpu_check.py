@@ -61,19 +61,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+import causal_attn
+
+from . import gpu_budget, gpu_report
+from .bench_kernels import ADJACENCY_KINDS, Case, causal_flops, make_inputs, make_method
+from .bench_train_step import StepBench, projected_authors_gib
+from .common import do_bench_phases, measure_peak_cuda, module_command, read_csv, timed_phases, write_csv
+from .gpu_report import fmt, plots, summary
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-import torch  # noqa: E402
-
-import causal_attn  # noqa: E402
-import gpu_budget  # noqa: E402
-import gpu_report  # noqa: E402
-from bench_kernels import ADJACENCY_KINDS, Case, causal_flops, make_inputs, make_method  # noqa: E402
-from bench_train_step import StepBench, projected_authors_gib  # noqa: E402
-from common import do_bench_phases, measure_peak_cuda, read_csv, timed_phases, write_csv  # noqa: E402
-from gpu_report import fmt, plots, summary  # noqa: E402
 
 DEFAULT_BUDGET_S = 510.0  # (gpu_report.budget_section says the same) 8.5 minutes: one 10-minute call with margin for start-up and the report
 DRY_BUDGET_S = 1800.0  # the dry run checks that the code runs: nothing of it is cut on a loaded machine
@@ -257,26 +255,21 @@ def _collect_cuda_tests(root: str, env: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ correctness
 def tests_folder() -> str | None:
+    """The checkout's tests/ (beside benchmarks/), or None in an install."""
     path = os.path.join(os.path.dirname(HERE), "tests")
-    return path if os.path.isfile(os.path.join(path, "numerics.py")) else None
+    return path if os.path.isfile(os.path.join(path, "conftest.py")) else None
 
 
 def correctness(plan: Plan, sec: Section, log, save) -> tuple[list[dict], list[str]]:
-    tests = tests_folder()
-    if tests is None:
-        return [], ["correctness: skipped, the checkout's tests/ folder (numerics.py, oracle.py) is not here; "
-                    "run from a source checkout"]
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
     rows, notes = [], []
     from causal_attn.kernels import flash_mass
 
     with flash_mass.pin_first_config():  # one binary per launch variant; the CUDA tests take the autotuned path
-        _correctness(plan, sec, log, save, rows, notes, tests)
+        _correctness(plan, sec, log, save, rows, notes)
     return rows, notes
 
 
-def _correctness(plan: Plan, sec: Section, log, save, rows: list, notes: list, tests: str):
+def _correctness(plan: Plan, sec: Section, log, save, rows: list, notes: list):
     for case in plan.cases:
         for dtype in plan.dtypes:
             _oracle_case(plan, sec, log, rows, "attention", plan.backend, case, dtype, grads=True)
@@ -293,7 +286,7 @@ def _correctness(plan: Plan, sec: Section, log, save, rows: list, notes: list, t
                 save(rows)
     for family in plan.patch_families:
         if sec.admit(f"patch_model {family}"):
-            rows.append(_patch_equivalence(plan, family, tests))
+            rows.append(_patch_equivalence(plan, family))
             sec.done()
             save(rows)
             log(f"correctness patch_model {family}: {rows[-1]['status']}")
@@ -301,7 +294,8 @@ def _correctness(plan: Plan, sec: Section, log, save, rows: list, notes: list, t
 
 def _oracle_case(plan: Plan, sec: Section, log, rows: list, part: str, backend: str, case, dtype, grads: bool):
     """One case of ``backend`` against the fp64 oracle (FlashAttention's rule); appends its row."""
-    from numerics import check_against_oracle, check_forward_against_oracle, lse_difference_slack, make_case
+    from causal_attn.testing.numerics import (check_against_oracle, check_forward_against_oracle, lse_difference_slack,
+                                              make_case)
 
     B, Hq, Hkv, T, D, padding, adjacency, logit_scale = case
     label = f"{part} T={T} D={D} {_dtype_name(dtype)}"
@@ -336,10 +330,10 @@ def _free(plan: Plan):
         torch.cuda.empty_cache()
 
 
-def _patch_equivalence(plan: Plan, family: str, tests: str) -> dict:
+def _patch_equivalence(plan: Plan, family: str) -> dict:
     """patch_model in plan.low against HF eager in plan.low, both against the fp64 model (FlashAttention rule)."""
-    from numerics import fa_rule_violation, fresh_seed
-    from tiny_models import forward_backward, random_batch, random_graph, tiny_model
+    from causal_attn.testing.models import forward_backward, random_batch, random_graph, tiny_model
+    from causal_attn.testing.numerics import fa_rule_violation, fresh_seed
 
     seed = fresh_seed()
     row = dict(part="patch_model", family=family, dtype=_dtype_name(plan.low), seed=seed, T=40, B=2)
@@ -831,8 +825,7 @@ def main(args) -> int:
         # the interpreter is chosen when triton is imported: run the same options in a process that has it
         argv = ["--dry-run", "--budget-s", str(args.budget_s), "--sections", *args.sections]
         argv += ["--out", args.out] if args.out else []
-        return subprocess.call([sys.executable, os.path.abspath(__file__), *argv],
-                               env=dict(os.environ, TRITON_INTERPRET="1"))
+        return subprocess.call(module_command(__spec__.name, *argv), env=dict(os.environ, TRITON_INTERPRET="1"))
     run(args)
     return 0
 

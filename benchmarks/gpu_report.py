@@ -200,7 +200,7 @@ def budget_section(plan, rows: list[dict], budget: float, gpu_budget_s: float = 
     the GPU seconds predicted from those counts (benchmarks/gpu_budget.py), against the GPU run's budget."""
     if not rows:
         return []
-    from gpu_budget import UNIT_S
+    from .gpu_budget import UNIT_S
 
     predicted = [float(r["predicted_gpu_s"]) for r in rows if r.get("predicted_gpu_s") not in (None, "")]
     tests_cap = (TESTS_WEIGHT * gpu_budget_s if plan.dry else

@@ -13,7 +13,7 @@ same number as ptxas -v's "bytes stack frame"), ``shared`` bytes per block (Trit
 Arguments are specialised the way the runtime does for realistic shapes (T a multiple of 512, head
 dims 64/128): pointers and strides divisible by 16, unit head-dim strides as constants, key padding on.
 
-    python benchmarks/kernel_resources.py --out kernel_resources.csv
+    python -m benchmarks.kernel_resources --out kernel_resources.csv
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench_kernels import LABELS as KERNEL_LABELS  # noqa: E402
-from bench_packing import LABELS as PACKING_LABELS  # noqa: E402
-from bench_train_step import LABELS as STEP_LABELS  # noqa: E402
-from common import num, read_csv  # noqa: E402
+from .bench_kernels import LABELS as KERNEL_LABELS
+from .bench_packing import LABELS as PACKING_LABELS
+from .bench_train_step import LABELS as STEP_LABELS
+from .common import num, read_csv
 
 
 def _series(rows, key, **match):
@@ -127,8 +127,7 @@ def plot_packing(csv_path: str, out_dir: str) -> dict[str, str]:
 
 
 def plot_all(out_dir: str) -> dict[str, str]:
-    import bench_compiled
-    import bench_pretrained
+    from . import bench_compiled, bench_pretrained
 
     paths = {}
     for csv_name, plot in (("kernels.csv", plot_kernels), ("train_step.csv", plot_train),

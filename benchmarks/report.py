@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from common import fit_growth, fmt, num, read_csv
+from .common import fit_growth, fmt, num, read_csv
 
 TARGETS = {"step_time": 1.10, "step_memory": 1.05, "kernel_fwdbwd": 1.25, "packed_speedup": 1.30}
 PACKING_TARGET_DATA = "gsm8k_val"  # issue 17: CAT packed >= 1.3x CAT padded samples/s on GSM8K lengths at batch 16
@@ -206,11 +206,11 @@ def write_summary(out_dir: str, command: str | None = None, note: str | None = N
         lines += [note, ""]
     lines += targets(trows, krows, hrows, prows) + growth_fits(trows, krows)
     if crows:
-        import bench_compiled
+        from . import bench_compiled
 
         lines += bench_compiled.summary_section(crows)
     if rrows:
-        import bench_pretrained
+        from . import bench_pretrained
 
         lines += bench_pretrained.summary_section(rrows)
     if prows:

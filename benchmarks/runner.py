@@ -4,7 +4,7 @@ Runs the kernel, training-step, thread-scaling and/or packing sweeps, writes ``k
 ``train_step.csv`` / ``threads.csv`` / ``packing.csv``, the PNG plots and ``summary.md`` (ratio tables,
 memory-growth fits, targets) into ``--out``.
 
-    python benchmarks/runner.py [--quick] [--only kernels|train|threads|packing|pretrained] [--out DIR]
+    python -m benchmarks.runner [--quick] [--only kernels|train|threads|packing|pretrained] [--out DIR]
 """
 from __future__ import annotations
 
@@ -17,15 +17,10 @@ import time
 
 import torch
 
+from . import bench_compiled, bench_kernels, bench_packing, bench_pretrained, bench_threads, bench_train_step
+from .common import setup_threads, write_csv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import bench_compiled  # noqa: E402
-import bench_kernels  # noqa: E402
-import bench_packing  # noqa: E402
-import bench_pretrained  # noqa: E402
-import bench_threads  # noqa: E402
-import bench_train_step  # noqa: E402
-from common import setup_threads, write_csv  # noqa: E402
 
 # A checkout writes into benchmarks/results; an installed copy (causal_attn/benchmarks) into the working folder. A
 # checkout is known by the marker file results/README.md (installs prune results/), not by any folder's name.
@@ -114,8 +109,7 @@ def p_default(name):
 
 def run(args, log=print) -> dict[str, str]:
     """Run the selected sweeps; returns {artifact name: path}."""
-    import plot
-    import report
+    from . import plot, report
 
     args = finalize_args(args)
     if args.device == "cpu":

@@ -18,7 +18,7 @@ Backward speed-ups are over the fastest one-thread backward of the two (the sum 
 grouped backward's extra work (the partial dK, dV and their sum) shows in its curve, at 1 thread too; forward
 speed-ups are over the forward at one thread.
 
-    python benchmarks/sim_threads.py [--out benchmarks/results] [--repeats 3]
+    python -m benchmarks.sim_threads [--out benchmarks/results] [--repeats 3]
 
 writes ``sim_threads.csv`` (one row per case, phase, structure and thread count) and ``sim_threads.png``.
 """
@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_csv  # noqa: E402
+from .common import write_csv
 
 THREADS = (1, 2, 8, 16, 32, 64)
 

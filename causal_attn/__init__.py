@@ -1,7 +1,7 @@
 """causal_attn: Causal Attention Tuning at the cost of flash attention."""
-from .utils.layout import attach_kernels
+from .utils.layout import attach_folders
 
-attach_kernels()
+attach_folders()
 
 from .ops.attention import attention, reference_attention  # noqa: E402
 from .ops.backends import register_backend  # noqa: E402

@@ -12,6 +12,7 @@ put ``cog.out(gen.name())`` between markers in a page and run ``make docs``.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import statistics
 import sys
@@ -65,10 +66,7 @@ def _table(header, rows) -> list[str]:
 
 def _benchmark_module(name: str):
     """benchmarks/report.py and friends format the tables of summary.md: the docs reuse them, not copies."""
-    bench = str(ROOT / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    return __import__(name)
+    return importlib.import_module(f"causal_attn.benchmarks.{name}")
 
 
 def _demoted(lines: list[str], level: int = 3) -> list[str]:

@@ -1,11 +1,8 @@
 import os
 import random
-import sys
 import zlib
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # shared test helpers (oracle, numerics, tiny_models)
 
 # Tests draw fresh random inputs. Those with their own seed (numerics.fresh_seed) put it in their assertion
 # messages; everything else draws from the global RNGs (random, torch, numpy), which each test gets seeded

@@ -2,7 +2,7 @@
 OUT_DIR SCENARIO...`` (gloo, CPU; scenarios ``ddp``, ``ddp_ga``, ``ddp_packed_ga``, ``fsdp``, ``trainer_ddp``,
 ``trainer_ddp_packed``, ``trainer_fsdp``, ``cli_train``).
 
-Every rank builds the same tiny Llama (tests/tiny_models.py) patched with ``patch_model`` and the same
+Every rank builds the same tiny Llama (causal_attn/testing/models.py) patched with ``patch_model`` and the same
 global batch (seeded), then
 1. computes, alone and without collectives, one SGD step on the WHOLE batch in float64 (the reference)
    and in float32 (to measure float32's own rounding error against the reference), with the loss
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from causal_attn import CausalGraph, patch_model
 from causal_attn.hf.distributed import count_loss_rows, data_parallel_handle_loss
 from causal_attn.ops.loss import loss_rows
-from tiny_models import random_batch, random_edges, tiny_model
+from causal_attn.testing.models import random_batch, random_edges, tiny_model
 
 T, GLOBAL_B = 12, 8
 SEED = int(os.environ.get("CAT_TEST_SEED", "0"))  # the same on every rank: model and batch

@@ -2,15 +2,12 @@
 
 usage: python memory_probe.py BACKEND T H D   (BACKEND: a causal_attn backend name, or "eager" for the
 authors' way: explicit maps via the reference backend)."""
-import os
 import sys
 
 import torch
 
 import causal_attn
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from common import measure_peak  # noqa: E402  (resettable VmHWM: the set-up's own peak does not hide ours)
+from causal_attn.benchmarks.common import measure_peak  # resettable VmHWM: the set-up's own peak does not hide ours
 
 
 def main(backend, T, H, D):

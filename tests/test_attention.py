@@ -6,8 +6,8 @@ import torch
 
 import causal_attn
 from causal_attn.ops.attention import get_backend
-from numerics import check_against_oracle, cpp_kernel_only, fresh_seed, make_case
-from oracle import oracle_attention
+from causal_attn.testing.numerics import check_against_oracle, cpp_kernel_only, fresh_seed, make_case
+from causal_attn.testing.oracle import oracle_attention
 
 CPU_BACKENDS = ["reference", "torch", "cpp"]
 

@@ -1,6 +1,7 @@
 """Benchmarks: the methods compute the same thing, the helpers are right, and a tiny sweep runs end to end
 through ``causal-attn bench`` (the same code path as the full sweep; numbers are never asserted on time)."""
 import csv
+import importlib.util
 import math
 import os
 import random
@@ -9,18 +10,12 @@ import sys
 import pytest
 import torch
 
-from oracle import oracle_attention
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import bench_kernels  # noqa: E402
-import bench_packing  # noqa: E402
-import bench_train_step  # noqa: E402
-from common import fit_growth  # noqa: E402
-
-import causal_attn  # noqa: E402
-from causal_attn.cli import bench as bench_cli  # noqa: E402
-from causal_attn.ops.attention import get_backend  # noqa: E402
-from causal_attn.cli import CliError, main  # noqa: E402
+import causal_attn
+from causal_attn.benchmarks import bench_kernels, bench_packing, bench_train_step
+from causal_attn.benchmarks.common import fit_growth
+from causal_attn.cli import main
+from causal_attn.ops.attention import get_backend
+from causal_attn.testing.oracle import oracle_attention
 
 
 def err(x, ref):
@@ -74,10 +69,22 @@ def test_fit_growth_recovers_linear_and_quadratic():
     assert fit_growth(ts, [2e-5 * t * t for t in ts])["exponent"] == pytest.approx(2.0)
 
 
-def test_bench_without_benchmarks_folder_is_a_clear_cli_error(monkeypatch):
-    monkeypatch.setattr(bench_cli, "benchmarks_dir", lambda: None)
-    with pytest.raises(CliError, match="not part of this install"):
-        bench_cli.load_runner()
+def test_bench_without_benchmarks_package_is_a_clear_cli_error(monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith("causal_attn.benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "causal_attn.benchmarks", None)  # what an install without it imports
+    assert main(["bench"]) == 2
+    assert "causal_attn.benchmarks is not part of this install" in capsys.readouterr().err
+
+
+def test_bench_leaves_no_benchmark_module_importable_by_bare_name(capsys):
+    """The benchmarks are a package: after the CLI imported its runner (and every section), `import runner`,
+    `import common` ... still fail as before, instead of shadowing a user's own modules of those names."""
+    assert main(["bench", "--seq-lens", "0"]) == 2  # builds the parser from the runner, then a one-line error
+    assert "must be positive" in capsys.readouterr().err
+    assert "causal_attn.benchmarks.runner" in sys.modules and "causal_attn.benchmarks.common" in sys.modules
+    bare = {name: importlib.util.find_spec(name) for name in ("runner", "common", "plot", "report", "bench_kernels")}
+    assert all(spec is None for spec in bare.values()), bare
 
 
 @pytest.mark.parametrize("argv, message", [(["--heads", "8", "--gqa-group", "3"], "not a multiple"),
@@ -187,7 +194,7 @@ def test_packing_batches_keep_the_samples_and_collate_alike():
 
 def test_static_makespan_follows_atens_openmp_chunks():
     """ATen's invoke_parallel: min(p, n) threads, contiguous chunks of ceil(n / threads) tasks each."""
-    import sim_threads
+    from causal_attn.benchmarks import sim_threads
 
     assert sim_threads.static_makespan([1.0] * 10, 4) == 3.0  # chunks 3, 3, 3, 1
     assert sim_threads.static_makespan([1.0] * 10, 64) == 1.0  # 10 threads, one task each
@@ -197,7 +204,7 @@ def test_static_makespan_follows_atens_openmp_chunks():
 
 @pytest.mark.skipif(get_backend("cpp") is None, reason="C++ CPU extension not built here")
 def test_sim_threads_writes_csv_and_png_for_a_tiny_case(tmp_path):
-    import sim_threads
+    from causal_attn.benchmarks import sim_threads
 
     case = sim_threads.Case("tiny", Hq=8, Hkv=2, T=512, D=16)
     rows = sim_threads.run([case], repeats=1, out=str(tmp_path), threads=(1, 2, 4), log=lambda *_: None)

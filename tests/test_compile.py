@@ -5,9 +5,9 @@ import torch
 
 import causal_attn
 from causal_attn import patch_model
-from numerics import fresh_seed, make_case, max_err
+from causal_attn.testing.numerics import fresh_seed, make_case, max_err
 from step_probes import graph_breaks, host_syncs, plain_batch, step_batch, step_loss
-from tiny_models import tiny_model
+from causal_attn.testing.models import tiny_model
 
 
 def _layer(q, k, v, adj, kpm):

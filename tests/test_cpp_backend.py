@@ -12,7 +12,7 @@ import torch
 import causal_attn
 from causal_attn.ops import cpp_build
 from causal_attn.ops.attention import get_backend
-from numerics import check_against_oracle, fresh_seed, make_case
+from causal_attn.testing.numerics import check_against_oracle, fresh_seed, make_case
 
 needs_cpp = pytest.mark.skipif(get_backend("cpp") is None, reason="C++ CPU extension not built here")
 

@@ -20,8 +20,8 @@ from causal_attn import CausalGraph, re_attention_loss
 from causal_attn import patch_model
 from causal_attn.hf.distributed import (count_loss_rows, data_parallel_handle_loss, data_parallel_re_attention_loss,
                                      scale_for_data_parallel)
-from numerics import fresh_seed
-from tiny_models import random_batch, random_graph, tiny_model
+from causal_attn.testing.numerics import fresh_seed
+from causal_attn.testing.models import random_batch, random_graph, tiny_model
 
 HERE = os.path.dirname(__file__)
 TINY = 1e-7

@@ -12,8 +12,8 @@ import torch
 import causal_attn
 from causal_attn import CausalGraph, patch_model
 from causal_attn.ops.attention import get_backend
-from numerics import (SEGMENT_CASES, check_against_oracle, check_forward_against_oracle, fresh_seed,
-                      lse_difference_slack, make_case, random_segments)
+from causal_attn.testing.numerics import (SEGMENT_CASES, check_against_oracle, check_forward_against_oracle, fresh_seed,
+                                          lse_difference_slack, make_case, random_segments)
 
 pytestmark = pytest.mark.skipif(get_backend("flex") is None, reason="this torch has no FlexAttention")
 
@@ -163,7 +163,7 @@ def test_flex_compiles_a_bounded_number_of_times_over_a_range_of_lengths(monkeyp
 
 def test_patch_model_trains_nothing_but_matches_the_cpu_backend_forward():
     """patch_model(backend="flex") forward (no grad: CPU) gives the CPU kernels' logits and Re-Attention loss."""
-    from tiny_models import random_batch, random_graph, tiny_model
+    from causal_attn.testing.models import random_batch, random_graph, tiny_model
 
     seed = fresh_seed()
     models = [tiny_model("qwen2", seed=seed % 1000, kv_heads=2) for _ in range(2)]

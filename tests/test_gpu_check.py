@@ -108,9 +108,7 @@ def test_committed_dry_run_predicts_a_gpu_run_within_its_budget():
     table): its predicted GPU time, the tests' cap included, fits the GPU run's default budget with a margin. A
     plan that grows (more cases, dtypes, shapes) must be trimmed elsewhere or fail here once its dry run is
     committed; and the committed census must come from the plan as it is (its sections and compiled step)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_check
-    import gpu_report
+    from causal_attn.benchmarks import gpu_check, gpu_report
 
     rows = {r["section"]: r for r in _rows(os.path.join(ROOT, "benchmarks", "results", "gpu_budget_dry_run.csv"))}
     assert list(rows) == list(gpu_check.SECTIONS)
@@ -148,8 +146,7 @@ def test_without_cuda_says_what_to_do(tmp_path):
 def test_output_folder_is_chosen_by_the_checkout_marker(monkeypatch, tmp_path):
     """In a checkout (marker benchmarks/results/README.md, whatever the folder is called) results go to
     benchmarks/results/gpu/<gpu>/, which git ignores for the dry run; elsewhere to ./causal_attn_gpu/<gpu>/."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_check
+    from causal_attn.benchmarks import gpu_check
 
     plan = gpu_check.Plan.make(True)
     assert os.path.isfile(gpu_check.CHECKOUT_MARKER)

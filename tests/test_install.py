@@ -149,6 +149,7 @@ def test_isolated_installs_get_the_fused_cpu_kernel_built_once_on_first_use(tmp_
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = run([py, "-m", "zipfile", "-l", str(wheel)], cwd=tmp_path).stdout
     assert "causal_attn/kernels/flash_mass.py" in names and "causal_attn/csrc/attention_cpu.cpp" in names
+    assert "causal_attn/benchmarks/__init__.py" in names and "causal_attn/testing/oracle.py" in names
     assert not any(line.startswith("kernels/") for line in names.splitlines()), names
     run([py, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(wheel)], cwd=tmp_path, env=env)
     from_wheel, err = _result(_check(py, outside, env, 4))
@@ -158,4 +159,9 @@ def test_isolated_installs_get_the_fused_cpu_kernel_built_once_on_first_use(tmp_
     # `causal-attn bench` runs from the installed package
     res = run([venv / "bin" / "causal-attn", "bench", "--help"], cwd=outside, env=env)
     assert "--scaling-threads" in res.stdout
+    # ... and its memory children run as `python -m causal_attn.benchmarks.<section>` of the installed package
+    code = ("from causal_attn.benchmarks import bench_kernels as b, common as c; print(b.__file__, "
+            "c.run_child(b.__spec__.name, [64, 16, 2, 2, 1, 'auto', 'float32', 1, 'cat'], 300))")
+    child = run([py, "-c", code], cwd=outside, env=env).stdout
+    assert inside(child.split()[0], venv) and "'cat':" in child and "error" not in child, child
     print(f"first-use build (two processes at once): {build_s:.1f} s; cached load: {later['seconds']:.1f} s")

@@ -4,7 +4,7 @@ import torch
 
 import causal_attn
 from causal_attn import CausalGraph, re_attention_loss
-from oracle import oracle_attention
+from causal_attn.testing.oracle import oracle_attention
 
 
 def authors_loss(maps, adj, kpm, alpha, reduction, kind):

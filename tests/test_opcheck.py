@@ -9,7 +9,7 @@ import torch
 
 from causal_attn.ops.attention import attention_bwd, attention_fwd, resolve_backend
 from causal_attn.ops.graph import CausalGraph, segment_starts
-from numerics import fresh_seed, random_segments
+from causal_attn.testing.numerics import fresh_seed, random_segments
 
 BACKENDS = ["torch", "cpp"]  # and "triton" on CUDA: test_opcheck_triton_on_cuda
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from causal_attn import CausalGraph, patch_model
-from numerics import fa_rule, fresh_seed
+from causal_attn.testing.numerics import fa_rule, fresh_seed
 from test_loss import authors_loss
-from tiny_models import FAMILIES, forward_backward, random_batch, random_graph, tiny_model
+from causal_attn.testing.models import FAMILIES, forward_backward, random_batch, random_graph, tiny_model
 
 KV_HEADS = {"llama": 4, "qwen2": 2, "qwen3": 1, "mistral": 2}  # MHA, GQA, MQA, GQA
 

@@ -5,9 +5,9 @@ import torch
 
 from causal_attn import CausalGraph, patch_model
 from causal_attn.hf.trainer import CATCollator
-from numerics import fresh_seed
+from causal_attn.testing.numerics import fresh_seed
 from step_probes import step_records
-from tiny_models import PAD_ID, forward_backward, tiny_model
+from causal_attn.testing.models import PAD_ID, forward_backward, tiny_model
 
 
 def _run(model, handle, batch, **kw):

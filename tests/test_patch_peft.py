@@ -4,8 +4,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from causal_attn import patch_model
-from numerics import fresh_seed
-from tiny_models import forward_backward, random_batch, random_graph, tiny_model
+from causal_attn.testing.numerics import fresh_seed
+from causal_attn.testing.models import forward_backward, random_batch, random_graph, tiny_model
 
 
 def lora(model):

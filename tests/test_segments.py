@@ -6,8 +6,8 @@ import torch
 import causal_attn
 from causal_attn import CausalGraph, re_attention_loss
 from causal_attn.ops.attention import get_backend
-from numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
-                      random_segments)
+from causal_attn.testing.numerics import (SEGMENT_CASES, check_against_oracle, cpp_kernel_only, fresh_seed, make_case,
+                                          random_segments)
 
 CPU_BACKENDS = ["reference", "torch", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

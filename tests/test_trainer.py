@@ -10,8 +10,8 @@ from transformers import TrainingArguments
 
 from causal_attn import CATTrainer
 from causal_attn.hf.trainer import CATCollator, make_gamma
-from numerics import fresh_seed
-from tiny_models import tiny_model
+from causal_attn.testing.numerics import fresh_seed
+from causal_attn.testing.models import tiny_model
 
 
 def records(n, seed, vocab=97):

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import causal_attn
-from numerics import SEGMENT_CASES, TRITON_CASES, check_against_oracle, make_case, max_err, random_segments
-from oracle import oracle_attention
+from causal_attn.testing.numerics import (SEGMENT_CASES, TRITON_CASES, check_against_oracle, make_case, max_err,
+                                          random_segments)
+from causal_attn.testing.oracle import oracle_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"

@@ -10,9 +10,9 @@ from datasets import Dataset  # noqa: E402
 
 from causal_attn.hf.trainer import CATCollator  # noqa: E402
 from causal_attn.hf.trl import CATSFTTrainer, truncate_record  # noqa: E402
-from numerics import fresh_seed  # noqa: E402
+from causal_attn.testing.numerics import fresh_seed  # noqa: E402
 from test_trainer import _sgd_step, records  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
+from causal_attn.testing.models import tiny_model  # noqa: E402
 
 VOCAB = 97
 

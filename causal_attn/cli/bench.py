@@ -1,40 +1,41 @@
 """``causal-attn bench``: run the kernel and training-step benchmarks of the repository's benchmarks/ folder.
 
-The benchmark code lives in the repository's ``benchmarks/`` folder (``runner.py`` and its siblings; its memory
-measurements re-run those scripts as fresh child processes). Installs carry a copy as ``causal_attn/benchmarks``;
-a source checkout uses its own folder; ``$CAUSAL_ATTN_BENCHMARKS`` points at another one.
+The benchmark code is the package ``causal_attn.benchmarks``: installs carry it inside causal_attn, a source
+checkout attaches its top-level ``benchmarks/`` folder under that name (``causal_attn/utils/layout.py``). Its
+memory measurements re-run section modules as fresh ``python -m`` child processes of the same package.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import sys
-from pathlib import Path
+from contextlib import contextmanager
 
-from ..utils.layout import folder
 from .errors import CliError
 
-ENV = "CAUSAL_ATTN_BENCHMARKS"
+PACKAGE = "causal_attn.benchmarks"
 
 
-def benchmarks_dir() -> Path | None:
-    """The benchmarks/ folder holding runner.py, or None."""
-    candidates = [os.environ.get(ENV), folder("benchmarks")]
-    for c in candidates:
-        if c and (Path(c) / "runner.py").is_file():
-            return Path(c)
-    return None
+@contextmanager
+def _benchmarks_package():
+    """Turns the import of a benchmarks module into a CliError when this install has no benchmarks package."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == PACKAGE or e.name.startswith(PACKAGE + ".")):
+            raise CliError(f"{PACKAGE} is not part of this install ({e}); reinstall causal_attn (pip install .) "
+                           "or run from a source checkout") from e
+        raise
 
 
 def load_runner():
-    folder = benchmarks_dir()
-    if folder is None:
-        raise CliError(f"benchmarks/runner.py is not part of this install; reinstall causal_attn (pip install .) "
-                       f"or set ${ENV} to a checkout's benchmarks/ folder")
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    return importlib.import_module("runner")
+    with _benchmarks_package():
+        from ..benchmarks import runner
+    return runner
+
+
+def load_gpu_check():
+    with _benchmarks_package():
+        from ..benchmarks import gpu_check
+    return gpu_check
 
 
 def add_parser(subparsers):
@@ -56,24 +57,21 @@ def add_gpu_check_parser(subparsers):
                               description="GPU evidence kit (benchmarks/gpu_check.py, docs/gpu.md): summary.md, CSVs, "
                               "PNGs.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    if benchmarks_dir() is not None:
-        _import("gpu_check").add_arguments(p)
+    try:
+        load_gpu_check().add_arguments(p)
+    except CliError:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run_gpu_check)
 
 
-def _import(name: str):
-    load_runner()  # puts the benchmarks folder on sys.path or says what is missing
-    return importlib.import_module(name)
-
-
 def run_gpu_check(args) -> int:
-    return _import("gpu_check").main(args)
+    return load_gpu_check().main(args)
 
 
 def run(args) -> int:
     runner = load_runner()
     if getattr(args, "rest", None) is not None:  # parser was built without the runner's options
-        raise CliError("benchmark options unavailable: benchmarks/ folder not found")
+        raise CliError("benchmark options unavailable: the benchmarks package was not found")
     error = runner.check_args(args)
     if error:
         raise CliError(error)

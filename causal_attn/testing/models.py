@@ -2,7 +2,7 @@
 
 No weights are downloaded: every model is built from a small config with a fixed seed.
 
-    from tiny_models import FAMILIES, tiny_model, random_batch, random_graph
+    from causal_attn.testing.models import FAMILIES, tiny_model, random_batch, random_graph
     model = tiny_model("qwen2", kv_heads=2)                  # GQA: 4 query heads share 2 kv heads
     ids, mask, labels = random_batch(model.config.vocab_size, B=2, T=24, padding="left")
     graph = random_graph(mask)                                # CausalGraph over the real tokens

@@ -1,10 +1,10 @@
-"""Shared numerics for the oracle tests: random cases, eager low-precision baselines, the FA2 tolerance rule."""
+"""Shared numerics of the oracle tests and benchmarks: random cases, eager low-precision baselines, the FA2 rule."""
 import math
 import random
 
 import torch
 
-from oracle import oracle_attention
+from .oracle import oracle_attention
 
 
 # (B, Hq, Hkv, T, D, padding, adjacency, logit_scale). Interpreter blocks are 64x32 (forward, dQ) and

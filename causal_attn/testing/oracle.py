@@ -1,4 +1,4 @@
-"""Independent float64 oracle for the tests (deliberately not the package's reference code).
+"""Independent float64 oracle for the tests and benchmarks (deliberately not the package's reference code).
 
 Loops over heads with explicit index arithmetic for GQA, builds the mask from scratch and takes the
 adjacency as a dense bool tensor.
