@@ -38,6 +38,18 @@ def _test_seed(request):
     request.node.user_properties.append(("global RNG seed", seed))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that pins torch's thread count (the benchmark CLI's --threads, the demo's --threads) must not
+    leave the tests after it running at that count: each test starts at the machine's default."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
