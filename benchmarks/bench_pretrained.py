@@ -8,7 +8,12 @@ LoRA r 8 on q/k/v/o (the base frozen), AdamW lr 1e-4. Methods (same weights, bat
              the hinge on dense tensors (``bench_train_step.authors_re_attention``)
 Cases: ``stg`` (the first B=8 released STG_M records, tokenised by the model's own tokenizer, adjacency from their
 ``important`` annotations, right padding) and random tokens at T=512 (B 4) and T=2048 (B 1) with an STG-shaped
-adjacency. The authors' way is skipped, with its projected peak, where that exceeds ``--max-gib``.
+adjacency. The authors' way is skipped where its projected *extra* memory (over the SDPA step's peak) exceeds
+``--pretrained-max-extra-gib`` (default: half the memory available when the sweep starts). The projection is
+``k * maps_mib(T, B)`` (one (B, H, T, T) fp32 map per layer) with ``k`` fitted by least squares to the authors'
+extras measured earlier in the same run (``projection`` column says which); before any measurement it is the
+analytic bound of ``bench_train_step.projected_authors_gib`` (5 maps per layer). Measured rows carry the
+projection too, so the CSV shows how well it predicted.
 
 Timing: methods interleaved per round, medians of per-round ratios to SDPA. Memory: one fresh child process per
 case; per method the RSS high-water growth of a step over the resident set after a warm-up step of the same case.
@@ -27,8 +32,8 @@ import torch
 import causal_attn
 from causal_attn import pretrained
 
-from .bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, projected_authors_gib,
-                               stg_like_graph)
+from .bench_train_step import (METHODS, StepBench, add_memory_ratios, fill_step_row, fit_maps_per_layer, maps_mib,
+                               projected_authors_gib, stg_like_graph)
 from .common import (child_report, fmt, interleaved_times, machine_fields, measure_peak, num, run_child, section_main,
                      summarize, timed_phases)
 
@@ -166,13 +171,15 @@ def run_sweep(args, log=print) -> list[dict]:
     base, tok = pretrained.load(MODEL_NAME, device=device)
     shape = shape_config(base)
     machine = machine_fields()
-    rows = []
+    limit_gib = args.pretrained_max_extra_gib or available_gib() / 2
+    rows, measured = [], []  # measured: (maps_mib, extra_mib) of the authors' way in this run
     for case in args.pretrained_cases:
         batch = make_batch(case, tok, base.config.vocab_size, device, args.pretrained_stg_batch)
         B, T = batch["input_ids"].shape
-        projected = projected_authors_gib(T, B, shape)
-        skip = {"authors": f"skipped: projected peak {projected:.1f} GiB > --max-gib {args.max_gib}"} \
-            if projected > args.max_gib else {}
+        projection = project_authors_extra(T, B, shape, measured)
+        skip = {"authors": f"skipped: projected extra {projection['projected_extra_mib'] / 1024:.1f} GiB > "
+                           f"{limit_gib:.1f} GiB (--pretrained-max-extra-gib)"} \
+            if projection["projected_extra_mib"] > limit_gib * 1024 else {}
         methods = [m for m in args.pretrained_methods if m not in skip]
         benches = {m: PretrainedStep(m, base, device, backend=args.backend).prepare(batch) for m in methods}
         runs = {m: (lambda b=b: timed_phases(b.forward_loss, b.backward_step, device)) for m, b in benches.items()}
@@ -187,17 +194,51 @@ def run_sweep(args, log=print) -> list[dict]:
                    "threads": torch.get_num_threads() if device.type == "cpu" else "", "model": MODEL_NAME,
                    **machine, "load_avg": round(os.getloadavg()[0], 1)}
             case_rows.append(row)
+            if m == "authors":
+                row.update(projection)
             if m in skip:
-                row.update(status=skip[m], projected_peak_gib=round(projected, 2))
+                row.update(status=skip[m])
                 continue
             fill_step_row(row, times[m], mem)
             if m == "cat":
                 row.update(extra)
         add_memory_ratios(case_rows)
+        measured += [(maps_mib(T, B, shape), r["extra_mib"]) for r in case_rows
+                     if r["method"] == "authors" and r.get("status") == "ok" and "extra_mib" in r]
         rows += case_rows
         log(f"pretrained {case} (B={B}, T={T}): " + ", ".join(
             f"{m} {times[m]['fwdbwd'] * 1e3:.0f} ms" for m in times) + (f"; init {json.dumps(extra)}" if extra else ""))
     return rows
+
+
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB (total RAM where that file is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def project_authors_extra(T: int, B: int, shape: dict, measured) -> dict:
+    """The authors' projected extra memory (MiB) at (T, B): fitted to this run's measured extras when there are
+    some, else the analytic bound; ``projection`` says which."""
+    k = fit_maps_per_layer(measured)
+    if k is None:
+        return {"projected_extra_mib": round(projected_authors_gib(T, B, shape) * 1024, 1),
+                "projection": "bound: 5 maps per layer"}
+    return {"projected_extra_mib": round(k * maps_mib(T, B, shape), 1),
+            "projection": f"fit: {k:.2f} maps per layer over {len(measured)} measured case(s)"}
+
+
+def authors_extra(row: dict) -> tuple[float | None, bool]:
+    """(extra MiB, projected?) of an authors' row: measured when it ran, else its projection."""
+    if row.get("status") == "ok" and num(row, "extra_mib") is not None:
+        return num(row, "extra_mib"), False
+    return num(row, "projected_extra_mib"), True
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -212,12 +253,12 @@ def summary_section(rows) -> list[str]:
     goals = []
     for case in dict.fromkeys(r["case"] for r in rows):
         s, c, a = (by.get((case, m), {}) for m in METHODS)
-        authors_extra = fmt(num(a, "extra_mib"), ".0f") if a.get("status") == "ok" else \
-            f"~{num(a, 'projected_peak_gib') * 1024:.0f} (projected)" if a.get("projected_peak_gib") else "-"
+        theirs, projected = authors_extra(a)
+        authors_cell = "-" if theirs is None else f"~{theirs:.0f} (projected)" if projected else f"{theirs:.0f}"
         lines.append(f"| {case} | {s.get('B', '-')} | {s.get('T', '-')} | {fmt(num(s, 'step_ms'), '.0f')} | "
                      f"{fmt(num(c, 'step_x_sdpa'), '.3f', 'x')} | {fmt(num(a, 'step_x_sdpa'), '.2f', 'x')} | "
                      f"{fmt(num(s, 'peak_mib'), '.0f')} | {fmt(num(c, 'peak_x_sdpa'), '.3f', 'x')} | "
-                     f"{fmt(num(c, 'extra_mib'), '.0f')} | {fmt(num(a, 'peak_x_sdpa'), '.2f', 'x')} | {authors_extra} |")
+                     f"{fmt(num(c, 'extra_mib'), '.0f')} | {fmt(num(a, 'peak_x_sdpa'), '.2f', 'x')} | {authors_cell} |")
         for key, target, what in (("step_x_sdpa", TARGETS["time"], "time"), ("peak_x_sdpa", TARGETS["memory"],
                                                                              "peak memory")):
             x = num(c, key)
@@ -225,12 +266,14 @@ def summary_section(rows) -> list[str]:
                 goals.append(f"- CAT step {what}, {case}: {x:.3f}x SDPA (goal <= {target:.2f}x): "
                              + ("met" if x <= target else "MISSED"))
         ours = num(c, "extra_mib")
-        theirs = num(a, "extra_mib") if a.get("status") == "ok" else (
-            num(a, "projected_peak_gib") * 1024 if a.get("projected_peak_gib") else None)
+        if a.get("status") == "ok" and num(a, "projected_extra_mib") is not None and theirs is not None:
+            goals.append(f"- projection check, {case}: the authors' extra was projected at "
+                         f"{num(a, 'projected_extra_mib'):.0f} MiB ({a.get('projection')}) and measured at "
+                         f"{theirs:.0f} MiB")
         if case == "T2048" and ours is not None and theirs is not None:
             ratio = theirs / max(ours, 1.0)
             goals.append(f"- authors' extra memory at T=2048: {theirs:.0f} MiB"
-                         f"{' (projected)' if a.get('status') != 'ok' else ''} vs CAT's {ours:.0f} MiB: {ratio:.0f}x "
+                         f"{' (projected)' if projected else ''} vs CAT's {ours:.0f} MiB: {ratio:.0f}x "
                          f"(goal >= {TARGETS['authors_extra_over_ours']:.0f}x): "
                          + ("met" if ratio >= TARGETS["authors_extra_over_ours"] else "MISSED"))
     init = by.get(("stg", "cat"), {})
@@ -247,8 +290,8 @@ def plot(csv_path: str, out_dir: str) -> dict[str, str]:
     from .common import ratio_bars, read_csv
 
     def missing(row):
-        return f"not run:\nprojected\n{num(row, 'projected_peak_gib'):.0f} GiB" if row.get("projected_peak_gib") \
-            else "n/a"
+        return f"not run:\nprojected extra\n{num(row, 'projected_extra_mib') / 1024:.1f} GiB" \
+            if num(row, "projected_extra_mib") is not None else "n/a"
 
     path = ratio_bars(read_csv(csv_path), {"cat": "CAT (patch_model)", "authors": "authors' way (eager maps)"},
                       keys=("step_x_sdpa", "peak_x_sdpa"), ylabel="x plain SDPA", missing=missing,
@@ -265,6 +308,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="CPU threads of the pretrained section (default: torch's default, all cores)")
     p.add_argument("--pretrained-case-budget", type=float, default=150.0,
                    help="seconds per case after which no new timing round starts")
+    p.add_argument("--pretrained-max-extra-gib", type=float, default=None,
+                   help="skip the authors' way where its projected extra memory exceeds this (default: half the "
+                   "memory available when the sweep starts)")
     p.add_argument("--pretrained-no-memory", action="store_true", help="skip the memory child processes")
 
 

@@ -144,6 +144,20 @@ def projected_authors_gib(T: int, B: int, model: dict | None = None, bytes_per_v
     return (4 * model["num_hidden_layers"] + model["num_hidden_layers"]) * per_map / 2**30
 
 
+def maps_mib(T: int, B: int, model: dict, bytes_per_value: int = 4) -> float:
+    """MiB of one (B, H, T, T) attention map in every layer: the unit the authors' extra memory grows in."""
+    return B * model["num_attention_heads"] * T * T * bytes_per_value * model["num_hidden_layers"] / 2**20
+
+
+def fit_maps_per_layer(points) -> float | None:
+    """Least-squares ``k`` of ``extra_mib = k * maps_mib`` (through 0) over measured ``(maps_mib, extra_mib)``
+    points of the authors' way; None without a point."""
+    points = [(x, y) for x, y in points if x > 0]
+    if not points:
+        return None
+    return sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+
+
 # ------------------------------------------------------------------------------------------ sweep
 def run_sweep(args, log=print) -> list[dict]:
     device = torch.device(args.device)

@@ -276,3 +276,23 @@ def test_answer_rows_adjacency_follows_the_released_stg_annotations():
         rows, back, spans, length = pattern(d)
         assert rows == round(4096 * 2 / 66) and back == 4096 - int(4096 * (1 - 4 / 66)) and 2 <= spans <= 4
         assert length == round(4096 * 4 / 66)
+
+
+def test_authors_extra_projection_is_fitted_to_measured_extras():
+    """The pretrained benchmark projects the authors' *extra* memory as k maps per layer, k fitted to the extras it
+    measured (never a total peak under that name); before any measurement it is the 5-maps bound."""
+    from causal_attn.benchmarks.bench_pretrained import authors_extra, project_authors_extra
+    from causal_attn.benchmarks.bench_train_step import fit_maps_per_layer, maps_mib
+
+    shape = {"num_attention_heads": 9, "num_hidden_layers": 30}
+    k = 1.5 + torch.rand(()).item()
+    points = [(maps_mib(T, B, shape), k * maps_mib(T, B, shape)) for T, B in ((68, 8), (512, 4))]
+    assert fit_maps_per_layer(points) == pytest.approx(k)
+    assert fit_maps_per_layer([]) is None
+    fitted = project_authors_extra(2048, 1, shape, points)
+    assert fitted["projected_extra_mib"] == pytest.approx(k * 2048 ** 2 * 9 * 30 * 4 / 2**20, rel=1e-3)
+    assert fitted["projection"].startswith(f"fit: {k:.2f} maps per layer over 2")
+    bound = project_authors_extra(2048, 1, shape, [])
+    assert bound["projection"].startswith("bound") and bound["projected_extra_mib"] > fitted["projected_extra_mib"]
+    assert authors_extra({"status": "ok", "extra_mib": "100", **fitted}) == (100.0, False)
+    assert authors_extra({"status": "skipped: ...", **fitted}) == (fitted["projected_extra_mib"], True)

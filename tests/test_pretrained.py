@@ -307,6 +307,8 @@ def test_pretrained_bench_section_through_the_cli(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and r["B"] == "1" and int(r["T"]) > 50 and r["machine"], r
         assert float(r["step_ms"]) > 0 and float(r["step_x_sdpa"]) > 0, r
+    authors = rows[2]  # measured, and beside it what the analytic bound projected (nothing measured before it)
+    assert authors["projection"].startswith("bound") and float(authors["projected_extra_mib"]) > 0, authors
     cat = rows[1]
     assert float(cat["init_attn_loss"]) > 0 and 0 < float(cat["init_answer_mass"]) < 1, cat
     assert (tmp_path / "pretrained.png").stat().st_size > 0
