@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import causal_attn  # noqa: E402
 from bench_train_step import GAMMA, MODEL, StepBench  # noqa: E402
-from causal_attn.hf.trainer import CATCollator  # noqa: E402
+from causal_attn.data.collate import CATCollator  # noqa: E402
 from common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child,  # noqa: E402
                     section_main, setup_threads, timed_phases)
 

@@ -1,6 +1,6 @@
 """Data side of CAT: token adjacency from annotations, STG benchmarks, scorers, LLM annotation.
 
-Submodules: ``adjacency`` (annotations_to_graph, batched encoder/collator), ``stg`` (STG_E / STG_H
+Submodules: ``adjacency`` (annotations_to_graph, batched encoder), ``collate`` (the batch collator), ``stg`` (STG_E / STG_H
 generators and loaders), ``scoring`` (task scorers), ``llm`` (OpenAI-compatible client, cache,
 runner), ``annotate`` (CAT annotation prompts and pipeline), ``tokenizers`` (offline Qwen2 / Llama-3).
 Attributes are imported lazily so that ``causal_attn.data.llm`` does not pull in transformers.
@@ -13,7 +13,7 @@ _EXPORTS = {
     "annotations_to_graph": "adjacency",
     "AdjacencyResult": "adjacency",
     "encode_batch": "adjacency",
-    "collate": "adjacency",
+    "CATCollator": "collate",
 }
 
 __all__ = list(_EXPORTS)
