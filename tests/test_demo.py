@@ -174,3 +174,23 @@ def test_phrase_tokenizer_keeps_phrases_whole_with_exact_offsets():
         assert sorted({col for _, col in enc["edges"]}) == sorted(causal)  # Smoking / Weight / Exercise
         covered = {i for a, b in got["offset_mapping"] for i in range(a, b)}
         assert all(text[i].isspace() for i in range(len(text)) if i not in covered)  # only whitespace dropped
+
+
+def test_search_trains_a_grid_on_the_validation_splits_and_resumes(tmp_path, capsys):
+    """`python -m causal_attn.demo.search --part cat`: one line per run (vanilla shared by settings that differ
+    in CAT-only fields), nothing trained again on a second call, and a table of the file."""
+    from causal_attn.demo import search
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "a", "steps": 2, "batch_size": 4, "curve_points": 1, "alpha": 5.0},
+                                {"name": "b", "steps": 2, "batch_size": 4, "curve_points": 1, "alpha": 7.0}]))
+    out = tmp_path / "search.jsonl"
+    argv = ["--part", "cat", "--grid", str(grid), "--out", str(out), "--jobs", "1", "--val-size", "8"]
+    assert search.main(argv) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((x["setting"]["name"], x["method"]) for x in lines) == [("a", "cat"), ("a", "vanilla"), ("b", "cat")]
+    assert all(x["val_size"] == 8 and 0 <= x["val_ood"] <= 1 and "ratio_mean" in x["final"] for x in lines)
+    capsys.readouterr()
+    assert search.main(argv) == 0 and capsys.readouterr().out == "" and len(out.read_text().splitlines()) == 3
+    rows = search.table(str(out)).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| majority class (Low Risk)"]
