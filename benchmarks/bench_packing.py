@@ -34,7 +34,7 @@ import tempfile
 import torch
 
 import causal_attn
-from causal_attn.hf.trainer import CATCollator
+from causal_attn.data.collate import CATCollator
 
 from .bench_train_step import GAMMA, MODEL, StepBench
 from .common import (child_report, interleaved_times, measure_peak, measure_peak_cuda, run_child, section_main,

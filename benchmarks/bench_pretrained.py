@@ -68,7 +68,7 @@ def make_batch(case: str, tokenizer, vocab: int, device, stg_batch: int = CASES[
     B = stg_batch if T is None else B
     if T is None:
         from causal_attn.data.adjacency import encode_example
-        from causal_attn.hf.trainer import CATCollator
+        from causal_attn.data.collate import CATCollator
 
         enc = [encode_example(r["input"], r["target"], r["important"], tokenizer) for r in stg_records(B)]
         batch = CATCollator(tokenizer.pad_token_id)(enc)

@@ -257,7 +257,7 @@ def pretrained_search_table() -> str:
     path = DOCS / "pretrained_search.jsonl"
     if not path.exists():
         return _missing(path)
-    from causal_attn.demo.search_pretrained import table
+    from causal_attn.demo.search import table
 
     return _md([table(str(path))])
 

@@ -95,7 +95,7 @@ def as_records(batch):
 
 def packed_micro_batches(local, ga):
     """Each micro-batch of ``micro_batches`` as one padding-free row."""
-    from causal_attn.hf.trainer import CATCollator
+    from causal_attn.data.collate import CATCollator
 
     return [CATCollator(0, packing=True)(as_records(m)) for m in micro_batches(local, ga)]
 
@@ -147,7 +147,8 @@ def trainer_params(batch, fsdp, checkpointing=False, packing=False):
 
     from transformers import TrainingArguments
 
-    from causal_attn.hf.trainer import CATCollator, CATTrainer
+    from causal_attn.data.collate import CATCollator
+    from causal_attn.hf.trainer import CATTrainer
 
     records = as_records(batch)
     model = tiny_model("llama", seed=SEED % 1000, train=True)

@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from causal_attn.hf.trainer import CATCollator
+from causal_attn.data.collate import CATCollator
 
 # aten ops that read a tensor's value on the host (on a GPU: wait for the queue to drain). Boolean-mask indexing
 # and masked_select size their output from the data; _assert_async does not wait (it is how checks avoid waiting).

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from causal_attn import CausalGraph
-from causal_attn.data.adjacency import (annotations_to_graph, collate, encode_batch, encode_example,
-                                        fuzzy_find, iter_annotation_pairs)
+from causal_attn.data.adjacency import (annotations_to_graph, encode_batch, encode_example, fuzzy_find,
+                                        iter_annotation_pairs)
+from causal_attn.data.collate import CATCollator
 from causal_attn.data.tokenizers import TokenizerUnavailable, llama3_tokenizer, qwen2_tokenizer
 
 
@@ -258,7 +259,7 @@ def test_encode_batch_with_datasets_map_and_collate(local_tok):
         {"input": "no notes here", "target": "x", "important": None}])
     enc = ds.map(encode_batch, batched=True, batch_size=2, fn_kwargs={"tokenizer": local_tok, "append_eos": False},
                  remove_columns=ds.column_names)
-    batch = collate(list(enc), pad_token_id=0, pad_to_multiple_of=8)
+    batch = CATCollator(0, pad_to_multiple_of=8)(list(enc))
     B, T = batch["input_ids"].shape
     assert B == 3 and T % 8 == 0
     assert isinstance(batch["adjacency"], CausalGraph) and batch["adjacency"].seq_len == T

@@ -8,7 +8,7 @@ import torch
 
 from causal_attn.cli import main
 from causal_attn.data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS, generate_stg_e
-from causal_attn.demo.fit import Recipe, encode_records, factor_masses, lr_factor, span_columns
+from causal_attn.demo.fit import Recipe, encode_records, factor_masses, span_columns, train_run
 from causal_attn.demo.model import build_word_tokenizer, tiny_llama
 from causal_attn.demo.stg import demo_phrases, format_table
 
@@ -84,15 +84,52 @@ def test_factor_masses_against_a_hand_built_map():
             assert got["per_sample"][kind][i] == pytest.approx(float(row[cols].sum()), abs=1e-5)
 
 
-def test_span_columns_and_lr_schedule():
+def test_span_columns():
     text = "a: 1, bb: 22, a: 3"
     offsets = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 8), (8, 9), (10, 12), (12, 13), (14, 15), (15, 16), (17, 18)]
     assert span_columns(text, ["a: 1"], offsets) == [0, 1, 2]
     assert span_columns(text, ["bb: 22", "a: 3"], offsets) == [4, 5, 6, 8, 9, 10]
-    r = Recipe(steps=100, warmup=0.1)
-    lrs = [lr_factor(s, r.steps, r.warmup) for s in range(r.steps)]
-    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.01
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_demo_training_goes_through_cattrainer(monkeypatch):
+    """The demo's curve is CATTrainer's training log (steps, LM / attention loss, ratio_mean, the named decay
+    schedule of gamma, the cosine learning rate), and vanilla logs the same first batch with gamma 0."""
+    import math
+
+    from causal_attn.hf.trainer import CATTrainer
+
+    trainers = []
+    train = CATTrainer.train
+
+    def spy(self, *args, **kwargs):
+        trainers.append(self)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(CATTrainer, "train", spy)
+    recs = generate_stg_e(seed=random.randrange(10**6), n_iid=40, n_ood=0, n_test=0)["train_L"]
+    tok = build_word_tokenizer([r["input"] + r["target"] for r in recs], phrases=demo_phrases())
+    enc = encode_records(recs, tok)
+    recipe = Recipe(steps=6, batch_size=8, curve_points=3, hidden=32, layers=1, heads=2, intermediate=64, gamma=2.0,
+                    gamma_decay=1.5, lr=1e-2, warmup=0.4)
+    seed = random.randrange(1000)
+    curves = {m: train_run(m, seed, enc, tok, recipe)[2] for m in ("cat", "vanilla")}
+    assert len(trainers) == 2 and all(not t.model.training for t in trainers)
+    cat = trainers[0]
+    assert (cat.args.max_steps, cat.args.max_grad_norm, cat.args.seed) == (6, 1.0, seed)
+    logged = [h for h in cat.state.log_history if "lm_loss" in h]
+    assert [p["step"] for p in curves["cat"]] == [h["step"] for h in logged] == [1, 2, 4, 6]
+    for point, h in zip(curves["cat"], logged):
+        assert all(point[k] == h[k] for k in ("lm_loss", "attn_loss", "gamma", "ratio_mean", "learning_rate"))
+    # gamma: the mean of 2 exp(-1.5 step / 6) over the steps since the previous log
+    steps_between = [[0], [1], [2, 3], [4, 5]]
+    for point, steps in zip(curves["cat"], steps_between):
+        assert point["gamma"] == pytest.approx(sum(2 * math.exp(-1.5 * k / 6) for k in steps) / len(steps))
+    lr = [p["learning_rate"] for p in curves["cat"]]  # linear warm-up from 0, then cosine decay towards 0
+    assert cat.args.lr_scheduler_type == "cosine" and lr[0] == 0 < lr[1] and lr[3] < max(lr) <= 1e-2
+    first_v, first_c = curves["vanilla"][0], curves["cat"][0]
+    assert all(p["gamma"] == 0 for p in curves["vanilla"]) and "ratio_mean" in first_v
+    assert (first_v["lm_loss"], first_v["attn_loss"], first_v["ratio_mean"]) == pytest.approx(
+        (first_c["lm_loss"], first_c["attn_loss"], first_c["ratio_mean"]))
 
 
 def test_encoded_records_mark_the_answer_rows():
@@ -137,3 +174,23 @@ def test_phrase_tokenizer_keeps_phrases_whole_with_exact_offsets():
         assert sorted({col for _, col in enc["edges"]}) == sorted(causal)  # Smoking / Weight / Exercise
         covered = {i for a, b in got["offset_mapping"] for i in range(a, b)}
         assert all(text[i].isspace() for i in range(len(text)) if i not in covered)  # only whitespace dropped
+
+
+def test_search_trains_a_grid_on_the_validation_splits_and_resumes(tmp_path, capsys):
+    """`python -m causal_attn.demo.search --part cat`: one line per run (vanilla shared by settings that differ
+    in CAT-only fields), nothing trained again on a second call, and a table of the file."""
+    from causal_attn.demo import search
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "a", "steps": 2, "batch_size": 4, "curve_points": 1, "alpha": 5.0},
+                                {"name": "b", "steps": 2, "batch_size": 4, "curve_points": 1, "alpha": 7.0}]))
+    out = tmp_path / "search.jsonl"
+    argv = ["--part", "cat", "--grid", str(grid), "--out", str(out), "--jobs", "1", "--val-size", "8"]
+    assert search.main(argv) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((x["setting"]["name"], x["method"]) for x in lines) == [("a", "cat"), ("a", "vanilla"), ("b", "cat")]
+    assert all(x["val_size"] == 8 and 0 <= x["val_ood"] <= 1 and "ratio_mean" in x["final"] for x in lines)
+    capsys.readouterr()
+    assert search.main(argv) == 0 and capsys.readouterr().out == "" and len(out.read_text().splitlines()) == 3
+    rows = search.table(str(out)).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| majority class (Low Risk)"]

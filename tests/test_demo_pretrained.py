@@ -8,7 +8,7 @@ import torch
 
 from causal_attn import patch_model, pretrained
 from causal_attn.cli import main
-from causal_attn.data.adjacency import collate
+from causal_attn.data.collate import CATCollator
 from causal_attn.demo import pretrained as demo
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +38,7 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     for m in ("vanilla", "cat"):
         assert res[m]["ood_per_seed"] == [res[m]["ood_acc"]]
         curve = res[m]["runs"][0]["curve"]
-        assert [p["step"] for p in curve] == list(range(demo.QUICK.steps))
+        assert [p["step"] for p in curve] == list(range(1, demo.QUICK.steps + 1))  # CATTrainer's logs
         assert all(p["gamma"] == (demo.QUICK.gamma if m == "cat" else 0.0) for p in curve)
     # same initial weights and the same first batch: both methods log the same first losses
     assert res["vanilla"]["runs"][0]["curve"][0]["lm_loss"] == pytest.approx(res["cat"]["runs"][0]["curve"][0]["lm_loss"])
@@ -53,13 +53,13 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     def no_training(*args, **kwargs):
         raise AssertionError("a run in the run log was trained again")
 
-    monkeypatch.setattr(demo, "one_run", no_training)
+    monkeypatch.setattr(demo.PretrainedPart, "one_run", no_training)
     assert main(["demo", "pretrained", "--quick", "--out", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())["pretrained"]
     for m in ("vanilla", "cat", "zero_shot"):
         assert again[m]["iid_acc"] == res[m]["iid_acc"] and again[m]["attention_mass"] == res[m]["attention_mass"]
     assert again["vanilla"]["runs"][0]["curve"] == res["vanilla"]["runs"][0]["curve"]
-    assert capsys.readouterr().out.count(f"from {demo.RUN_LOG}") == 3
+    assert capsys.readouterr().out.count(" s, resumed)") == 3
     # another recipe does not reuse them
     monkeypatch.undo()
     log = (out / demo.RUN_LOG).read_text().splitlines()
@@ -79,7 +79,7 @@ def test_answer_loss_and_first_token_scoring_match_the_full_model(smollm2):
     seed = random.randrange(10**6)
     recs = generate_stg_e(seed=seed, n_iid=3, n_ood=0, n_test=0)["train_L"]
     enc = encode_records(recs, tok)
-    batch = collate(enc, tok.pad_token_id)
+    batch = CATCollator(tok.pad_token_id)(enc)
     handle = patch_model(base)
     try:
         decoder, head = demo.lm_and_head(handle)
@@ -124,7 +124,7 @@ def test_pretrained_demo_bad_arguments_give_one_line(tmp_path, capsys):
 
 
 def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
-    from causal_attn.demo.search_pretrained import run_key, table
+    from causal_attn.demo.search import run_key, table
 
     a = {"name": "A", "steps": 80, "alpha": 2.0}
     b = {"name": "B", "steps": 80, "alpha": 5.0}

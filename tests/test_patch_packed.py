@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from causal_attn import CausalGraph, patch_model
-from causal_attn.hf.trainer import CATCollator
+from causal_attn.data.collate import CATCollator
 from causal_attn.testing.numerics import fresh_seed
 from step_probes import step_records
 from causal_attn.testing.models import PAD_ID, forward_backward, tiny_model

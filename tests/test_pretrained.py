@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 
 from causal_attn import patch_model, pretrained
 from causal_attn.data.adjacency import encode_example
-from causal_attn.hf.trainer import CATCollator
+from causal_attn.data.collate import CATCollator
 from causal_attn.testing.numerics import fa_rule
 from test_loss import authors_loss
 

@@ -1,6 +1,7 @@
 """`causal-attn train` -> checkpoint -> resume -> `eval` on a tiny Llama with a locally built tokenizer,
 for vanilla, CAT and LoRA; greedy decoding with left padding vs one-prompt-at-a-time decoding; CLI errors."""
 import json
+import math
 import os
 import random
 
@@ -163,6 +164,7 @@ def test_cli_errors(workspace, tmp_path, capsys):
         "eval", "--model", init, "--data", data, "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "1",
         "--out", str(tmp_path / "ev")])
     assert "--gamma" in _error(capsys, base + ["--data", data, "--gamma", "sometimes"])
+    assert "decay:GAMMA:DECAY" in _error(capsys, base + ["--data", data, "--gamma", "decay:1"])
     assert "no checkpoint" in _error(capsys, base + ["--data", data, "--resume"])
     assert "cannot load model" in _error(capsys, ["train", "--model", str(tmp_path / "nomodel"), "--data", data,
                                                   "--out", str(tmp_path / "o")])
@@ -181,7 +183,7 @@ def test_cli_errors(workspace, tmp_path, capsys):
 def test_train_packing(workspace, tmp_path, monkeypatch):
     """`--packing` end to end (batches are packed rows), recorded in the summary; its first logged losses (step 1,
     before any update) equal those of the padded run on the same batches; with `--compile` every step's do."""
-    from causal_attn.hf.trainer import CATCollator
+    from causal_attn.data.collate import CATCollator
 
     packed_rows = []
     original = CATCollator._packed
@@ -219,3 +221,11 @@ def test_train_packing(workspace, tmp_path, monkeypatch):
     for eager, comp in zip(*steps):
         for key in ("loss", "lm_loss", "attn_loss"):
             assert comp[key] == pytest.approx(eager[key], rel=1e-4), (eager["step"], key)
+
+
+def test_gamma_option_takes_names_numbers_and_the_decay_schedule():
+    from causal_attn.cli.train import gamma_option
+    from causal_attn.hf.trainer import make_gamma
+
+    assert gamma_option("0.5") == 0.5 and gamma_option("exp") == "exp"
+    assert make_gamma(gamma_option("decay:2:1"))(0, 1.0) == pytest.approx(2 * math.exp(-1))

@@ -1,6 +1,7 @@
 """CATTrainer and CATCollator: padding with the graph, gradient accumulation against a hand-written loss, and a
 short training run whose logs follow the gamma schedule while the Re-Attention loss falls and R rises."""
 import math
+import random
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from causal_attn import CATTrainer
-from causal_attn.hf.trainer import CATCollator, make_gamma
+from causal_attn.data.collate import CATCollator
+from causal_attn.hf.trainer import decay_gamma, make_gamma
 from causal_attn.testing.numerics import fresh_seed
 from causal_attn.testing.models import tiny_model
 
@@ -63,6 +65,47 @@ def test_gamma_schedules():
     assert make_gamma(lambda epoch, progress: progress * 2)(0, 0.5) == 1.0
     with pytest.raises(ValueError, match="unknown gamma"):
         make_gamma("cosine-ish")
+
+
+def test_named_decay_schedule():
+    """decay:GAMMA:DECAY = GAMMA * exp(-DECAY * progress), whatever the epoch; decay 0 is the constant GAMMA."""
+    g, d = 0.5 + random.random(), 3 * random.random()
+    for name in (decay_gamma(g, d), f"decay:{g}:{d}"):
+        f = make_gamma(name)
+        for epoch, progress in ((0, 0.0), (1, 0.5), (5, 1.0)):
+            assert f(epoch, progress) == pytest.approx(g * math.exp(-d * progress)), (name, progress)
+    assert make_gamma("decay:1.5:2")(0, 0.5) == pytest.approx(1.5 * math.exp(-1.0))
+    assert make_gamma(decay_gamma(0.8, 0))(3, 0.7) == pytest.approx(0.8)
+    for bad in ("decay:1", "decay:a:b", "decay:1:2:3"):
+        with pytest.raises(ValueError, match="decay:GAMMA:DECAY"):
+            make_gamma(bad)
+
+
+def test_lm_loss_hook_is_a_micro_batch_mean(tmp_path):
+    """With ``lm_loss`` the caller's loss replaces the model's; under 2 accumulation steps each micro-batch
+    contributes (its loss + gamma * its attention loss) / 2."""
+    seed = fresh_seed()
+    model = tiny_model("llama", seed=seed % 1000, train=True)
+    gamma = 0.7
+
+    def mean_ce(model, inputs):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    adjacency=inputs["adjacency"])
+        return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), ignore_index=-100)
+
+    trainer = CATTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_list(records(4, seed)),
+                         alpha=1.5, gamma=gamma, lm_loss=mean_ce)
+    batches = [trainer.data_collator(records(2, seed + i)) for i in range(2)]
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    for b in batches:
+        trainer.training_step(model, dict(b), torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches)))
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for b in batches:
+        ((mean_ce(model, b) + gamma * trainer.cat.loss()) / 2).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=f"{n} seed {seed}")
 
 
 def test_gradient_accumulation_matches_hand_written_loss(tmp_path):

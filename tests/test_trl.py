@@ -8,7 +8,7 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from causal_attn.hf.trainer import CATCollator  # noqa: E402
+from causal_attn.data.collate import CATCollator  # noqa: E402
 from causal_attn.hf.trl import CATSFTTrainer, truncate_record  # noqa: E402
 from causal_attn.testing.numerics import fresh_seed  # noqa: E402
 from test_trainer import _sgd_step, records  # noqa: E402

@@ -13,7 +13,7 @@ from .errors import CliError
 
 # command name -> module (relative to causal_attn) providing add_parser(subparsers) and run(args)
 COMMANDS = {
-    "demo": "demo",
+    "demo": "cli.demo",
     "train": "cli.train",
     "eval": "cli.train",
     "bench": "cli.bench",

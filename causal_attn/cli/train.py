@@ -38,7 +38,8 @@ def add_parser(subparsers):
     t.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
     t.add_argument("--lora-r", type=int, default=8)
     t.add_argument("--alpha", type=float, default=0.2, help="Re-Attention margin (paper: 0.05-0.35)")
-    t.add_argument("--gamma", default="exp", help="exp (exp(-epoch), paper), const, linear, or a number")
+    t.add_argument("--gamma", default="exp", help="exp (exp(-epoch), paper), const, linear, "
+                   "decay:GAMMA:DECAY (GAMMA * exp(-DECAY * progress), the demo's), or a number")
     t.add_argument("--epochs", type=float, default=6.0)
     t.add_argument("--lr", type=float, default=None, help="default 1e-4 with --lora, 5e-5 otherwise")
     t.add_argument("--batch-size", type=int, default=8)
@@ -125,14 +126,21 @@ def load_model(name: str):
 
 
 def gamma_option(text: str):
-    from ..hf.trainer import GAMMA_SCHEDULES
+    """``--gamma``: a schedule of :data:`~causal_attn.hf.trainer.GAMMA_SCHEDULES` (``decay:GAMMA:DECAY`` with its
+    numbers) or a number."""
+    from .errors import CliError
+    from ..hf.trainer import GAMMA_SCHEDULES, make_gamma
 
-    if text in GAMMA_SCHEDULES:
-        return text
     try:
         return float(text)
     except ValueError:
-        raise CliError(f"--gamma must be one of {', '.join(GAMMA_SCHEDULES)} or a number; got {text!r}") from None
+        pass
+    try:
+        make_gamma(text)
+    except ValueError:
+        raise CliError(f"--gamma must be one of {', '.join(GAMMA_SCHEDULES)} (decay:GAMMA:DECAY) or a number; "
+                       f"got {text!r}") from None
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -1,9 +1,10 @@
 """Data side of CAT: token adjacency from annotations, STG benchmarks, scorers, LLM annotation.
 
-Submodules: ``adjacency`` (annotations_to_graph, batched encoder/collator), ``stg`` (STG_E / STG_H
-generators and loaders), ``scoring`` (task scorers), ``jsonl`` (the JSONL reader and writer), ``llm``
-(OpenAI-compatible client, cache, runner), ``annotate`` (CAT annotation prompts and pipeline), ``tokenizers``
-(offline Qwen2 / Llama-3), ``capt`` (CAPT). The commands that use them are in :mod:`causal_attn.cli`.
+Submodules: ``adjacency`` (annotations_to_graph, batched encoder), ``collate`` (the batch collator), ``stg``
+(STG_E / STG_H generators and loaders), ``scoring`` (task scorers), ``jsonl`` (the JSONL reader and writer),
+``llm`` (OpenAI-compatible client, cache, runner), ``annotate`` (CAT annotation prompts and pipeline),
+``tokenizers`` (offline Qwen2 / Llama-3), ``capt`` (CAPT). The commands that use them are in
+:mod:`causal_attn.cli`.
 Attributes are imported lazily so that ``causal_attn.data.llm`` does not pull in transformers.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ _EXPORTS = {
     "annotations_to_graph": "adjacency",
     "AdjacencyResult": "adjacency",
     "encode_batch": "adjacency",
-    "collate": "adjacency",
+    "CATCollator": "collate",
 }
 
 __all__ = list(_EXPORTS)

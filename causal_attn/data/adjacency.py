@@ -23,7 +23,7 @@ are normalised or skipped and counted in ``counts["malformed"]``; one bad sample
 
 For training, :func:`encode_example` / :func:`encode_batch` (``datasets.map(batched=True)``) give per
 record ``input_ids``, ``labels`` (prompt tokens ``-100``), ``attention_mask`` and ``edges`` (list of
-``[row, col]``), and :func:`collate` pads a list of such records into tensors plus a
+``[row, col]``); :class:`causal_attn.data.collate.CATCollator` pads a list of such records into tensors plus a
 :class:`~causal_attn.CausalGraph` under ``"adjacency"``.
 """
 from __future__ import annotations
@@ -387,28 +387,3 @@ def encode_batch(batch: dict, tokenizer, *, prompt_field: str = "input", target_
         for k, v in rec.items():
             out[k].append(v)
     return dict(out)
-
-
-def collate(features: list[dict], pad_token_id: int = 0, *, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad records from :func:`encode_example` into ``input_ids``, ``labels`` (-100 padded),
-    ``attention_mask`` (B, T) tensors and ``adjacency``, a :class:`~causal_attn.CausalGraph`."""
-    import torch
-
-    from ..ops.graph import CausalGraph
-
-    if not features:
-        raise ValueError("collate needs at least one record")
-    T = max(len(f["input_ids"]) for f in features)
-    if pad_to_multiple_of:
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    B = len(features)
-    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[b, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
-        labels[b, :n] = torch.tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
-        mask[b, :n] = torch.tensor(f.get("attention_mask", [1] * n), dtype=torch.long)
-    graph = CausalGraph.from_edges([[tuple(e) for e in f.get("edges") or []] for f in features], T)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "adjacency": graph}

@@ -22,7 +22,7 @@ import time
 
 from ..data.capt import VARIANTS
 from .fit import Recipe
-from .runner import mean_std
+from .part import DemoError, Part, mean_std
 
 METHODS = ("vanilla", "capt", "capt_order")
 MODES = {"vanilla": None, "capt": "random", "capt_order": "order"}
@@ -82,85 +82,81 @@ class Setup:
         return [capt.symbolize_sample(r, mode, rng) for r in self.tests]
 
 
-_SETUP: Setup | None = None
+class CaptPart(Part):
+    """The CAPT part (:class:`~causal_attn.demo.part.Part`): three methods per seed, differing only in their data."""
 
+    name = "capt"
+    methods = METHODS
+    seconds_per_step = 0.0013  # measured: ~42 ms per step of 32
 
-def _init_worker(quick: bool, copies: int):
-    global _SETUP
-    _SETUP = Setup(quick, copies)
+    def __init__(self, recipe: Recipe, seeds: list[int], quick: bool = False, copies: int = COPIES):
+        super().__init__(recipe, seeds)
+        self.quick, self.copies = quick, copies
 
+    @classmethod
+    def from_args(cls, args) -> "CaptPart":
+        recipe = QUICK if args.quick else DEFAULT
+        if args.capt_steps is not None:
+            recipe = Recipe(**{**recipe.__dict__, "steps": args.capt_steps})
+        copies = COPIES if args.capt_copies is None else args.capt_copies
+        if recipe.steps < 1 or copies < 1:
+            raise DemoError("--capt-steps and --capt-copies must be >= 1")
+        part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.quick, copies)
+        print(f"demo capt: {len(part.setup.train)} training records (CAPT: {copies} copies), vocabulary "
+              f"{len(part.setup.tokenizer)}, {len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch "
+              f"{recipe.batch_size}", flush=True)
+        return part
 
-def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
-    """Train one model on the method's records and score it per test variant."""
-    from ..data.capt import accuracy_by_variant
-    from ..hf.decode import greedy_decode
-    from .fit import train_run
+    def setup_key(self) -> tuple:
+        return self.quick, self.copies
 
-    s = setup or _SETUP
-    t_run = time.perf_counter()
-    # the CAT loss is off (method "vanilla" of the training loop): the three differ only in their data
-    model, _, curve = train_run("vanilla", seed, s.encoded(method), s.tokenizer, recipe)
-    tests = s.test_records(method, seed)
-    gens = greedy_decode(model, s.tokenizer, [r["input"] for r in tests], max_new_tokens=MAX_NEW_TOKENS,
-                         batch_size=200)
-    table = accuracy_by_variant(tests, gens)
-    return {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
-            "accuracy": {v: table[v]["accuracy"] for v in VARIANTS if v in table},
-            "unparsed": sum(table[v]["unparsed"] for v in VARIANTS if v in table),
-            "examples": [{"variant": r["variant"], "input": r["input"], "target": r["target"], "generation": g}
-                         for r, g in list(zip(tests, gens))[::max(1, len(tests) // 3)][:3]]}
+    def make_setup(self) -> Setup:
+        return Setup(self.quick, self.copies)
 
+    def one_run(self, method: str, seed: int, setup: Setup, recipe: Recipe) -> dict:
+        """Train one model on the method's records and score it per test variant."""
+        from ..data.capt import accuracy_by_variant
+        from ..hf.decode import greedy_decode
+        from .fit import train_run
 
-def plan(args):
-    """The CAPT part's runs, three methods x seeds (:class:`~causal_attn.demo.runner.Plan`); its
-    ``finish(out_dir)`` draws the figure and returns ``(results, table)``."""
-    from ..cli.errors import CliError
-    from .runner import Plan
+        t_run = time.perf_counter()
+        # the CAT loss is off (method "vanilla" of the training loop): the three differ only in their data
+        model, _, curve = train_run("vanilla", seed, setup.encoded(method), setup.tokenizer, recipe)
+        tests = setup.test_records(method, seed)
+        gens = greedy_decode(model, setup.tokenizer, [r["input"] for r in tests], max_new_tokens=MAX_NEW_TOKENS,
+                             batch_size=200)
+        table = accuracy_by_variant(tests, gens)
+        return {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
+                "accuracy": {v: table[v]["accuracy"] for v in VARIANTS if v in table},
+                "unparsed": sum(table[v]["unparsed"] for v in VARIANTS if v in table),
+                "examples": [{"variant": r["variant"], "input": r["input"], "target": r["target"], "generation": g}
+                             for r, g in list(zip(tests, gens))[::max(1, len(tests) // 3)][:3]]}
 
-    recipe = QUICK if args.quick else DEFAULT
-    if args.capt_steps is not None:
-        recipe = Recipe(**{**recipe.__dict__, "steps": args.capt_steps})
-    copies = COPIES if args.capt_copies is None else args.capt_copies
-    if recipe.steps < 1 or copies < 1:
-        raise CliError("--capt-steps and --capt-copies must be >= 1")
-    seeds = list(range(1 if args.quick else args.seeds))
-    setup = Setup(args.quick, copies)
-    print(f"demo capt: {len(setup.train)} training records (CAPT: {copies} copies), vocabulary "
-          f"{len(setup.tokenizer)}, {len(seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch "
-          f"{recipe.batch_size}", flush=True)
-    runs = {m: [] for m in METHODS}
+    def describe(self, res: dict) -> str:
+        return "  ".join(f"{v} {res['accuracy'][v]:.3f}" for v in VARIANTS)
 
-    def report(res):
-        runs[res["method"]].append(res)
-        print(f"  seed {res['seed']} {res['method']:10s}: " + "  ".join(
-            f"{v} {res['accuracy'][v]:.3f}" for v in VARIANTS) + f"  ({res['seconds']:.0f} s)", flush=True)
+    def summarize(self, out_dir: str) -> tuple[dict, str]:
+        """Accuracy per method and variant over seeds, the figure and the table."""
+        from .figures import variant_accuracy
 
-    tasks = [(m, seed, recipe) for seed in seeds for m in METHODS]
-    return Plan(__name__, tasks, setup, (args.quick, copies), report,
-                seconds_per_run=0.0013 * recipe.batch_size * recipe.steps,  # measured: ~42 ms per step of 32
-                finish=lambda out_dir: finish(runs, setup, recipe, seeds, copies, out_dir))
-
-
-def finish(runs, setup, recipe, seeds, copies, out_dir: str) -> tuple[dict, str]:
-    """Accuracy per method and variant over seeds, the figure and the table."""
-    from .figures import variant_accuracy
-
-    results = {"seeds": seeds, "recipe": {**recipe.__dict__, "copies": copies, "train_records": len(setup.train),
-                                          "data_seed": DATA_SEED, "test_per_variant": len(setup.tests) // 3},
-               "world_agreement": correlations(setup)}
-    for m in METHODS:
-        rs = sorted(runs[m], key=lambda r: r["seed"])
-        entry = {}
-        for v in VARIANTS:
-            mean, std = mean_std(r["accuracy"][v] for r in rs)
-            entry[v] = {"acc": mean, "std": std, "per_seed": [r["accuracy"][v] for r in rs]}
-        entry["runs"] = rs
-        results[m] = entry
-    path = variant_accuracy(os.path.join(out_dir, "demo_capt_accuracy.png"),
-                            {m: {v: results[m][v]["per_seed"] for v in VARIANTS} for m in METHODS})
-    results["figures"] = {"capt_accuracy": os.path.basename(path)}
-    results["run_seconds"] = sum(r["seconds"] for rs in runs.values() for r in rs)  # summed over the runs
-    return results, format_table(results)
+        setup, recipe = self.setup, self.recipe
+        results = {"seeds": self.seeds,
+                   "recipe": {**recipe.__dict__, "copies": self.copies, "train_records": len(setup.train),
+                              "data_seed": DATA_SEED, "test_per_variant": len(setup.tests) // 3},
+                   "world_agreement": correlations(setup)}
+        for m in METHODS:
+            rs = self.runs[m]
+            entry = {}
+            for v in VARIANTS:
+                mean, std = mean_std(r["accuracy"][v] for r in rs)
+                entry[v] = {"acc": mean, "std": std, "per_seed": [r["accuracy"][v] for r in rs]}
+            entry["runs"] = rs
+            results[m] = entry
+        path = variant_accuracy(os.path.join(out_dir, "demo_capt_accuracy.png"),
+                                {m: {v: results[m][v]["per_seed"] for v in VARIANTS} for m in METHODS})
+        results["figures"] = {"capt_accuracy": os.path.basename(path)}
+        results["run_seconds"] = sum(r["seconds"] for rs in self.runs.values() for r in rs)  # summed over the runs
+        return results, format_table(results)
 
 
 def correlations(setup: Setup) -> dict:

@@ -61,10 +61,10 @@ def factor_mass(path: str, per_method: dict, kinds=("causal", "spurious", "irrel
 
 def training_curves(path: str, curves: dict) -> str:
     """LM loss, Re-Attention loss and mean ratio R over training steps; ``curves``: method -> list over
-    seeds of logged points (dicts with step, lm_loss, attn_loss, mean_ratio)."""
+    seeds of logged points (dicts with step, lm_loss, attn_loss, ratio_mean: CATTrainer's log keys)."""
     plt = _plt()
     keys = [("lm_loss", "LM loss (answer tokens)", True), ("attn_loss", "Re-Attention hinge loss", False),
-            ("mean_ratio", "mean ratio R = C/N at annotated rows", True)]
+            ("ratio_mean", "mean ratio R = C/N at annotated rows", True)]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for ax, (key, label, logy) in zip(axes, keys):
         for method, runs in curves.items():

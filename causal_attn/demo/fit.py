@@ -1,9 +1,10 @@
 """The demo's experiment: train a tiny Llama on STG_E, vanilla vs CAT, and measure it.
 
 One run (:func:`train_run`) = a fresh ``tiny_llama`` seeded by ``seed``, patched with
-:func:`causal_attn.patch_model`, trained for a fixed number of AdamW steps (linear warm-up, cosine decay,
-gradient clipping) on batches drawn in an order fixed by ``seed``. Every batch carries its adjacency, so
-both methods compute the same attention (and log the same ratio ``R``); the only difference is the loss:
+:func:`causal_attn.patch_model`, trained by :func:`train` through :class:`causal_attn.hf.trainer.CATTrainer` (the
+trainer ``causal-attn train`` runs) for a fixed number of AdamW steps (linear warm-up, cosine decay, gradient
+clipping) on batches drawn in an order fixed by ``seed``. Every batch carries its adjacency, so both methods
+compute the same attention (and log the same ratio ``ratio_mean``); the only difference is the loss:
 
     vanilla:  L = L_next                      (LM loss on the answer tokens; the prompt is masked)
     cat:      L = L_next + gamma(p) * L_attn  (p = step / steps, the training progress)
@@ -15,13 +16,13 @@ irrelevant "Name: value" spans (the paper's figure 3).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
-from ..data.adjacency import collate, encode_example
+from ..data.adjacency import encode_example
 from ..data.scoring import score_stg_e
 from ..hf.decode import greedy_decode
 from .model import tiny_llama
@@ -29,15 +30,15 @@ from .model import tiny_llama
 
 @dataclass
 class TrainRecipe:
-    """What :func:`train_steps` reads: the optimisation and the Re-Attention loss (the tiny demo's defaults)."""
+    """What :func:`train` reads: the optimisation and the Re-Attention loss (the tiny demo's defaults)."""
     steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.1
     weight_decay: float = 0.01
     alpha: float = 5.0
-    gamma: float = 1.0          # constant weight of L_attn over training progress (see gamma_at)
-    gamma_decay: float = 0.0    # gamma(p) = gamma * exp(-gamma_decay * p)
+    gamma: float = 1.0          # gamma(p) = gamma * exp(-gamma_decay * p), p = step / steps: the named schedule
+    gamma_decay: float = 0.0    # causal_attn.hf.trainer.decay_gamma ("decay:GAMMA:DECAY"; 0 = constant)
     patch_layers: tuple | None = None   # decoder layers the Re-Attention loss averages over (None: all)
     curve_points: int = 40
 
@@ -52,11 +53,6 @@ class Recipe(TrainRecipe):
     init_std: float = 0.02      # std of the model's initial weights (Hugging Face's default)
 
 
-def gamma_at(recipe: TrainRecipe, progress: float) -> float:
-    """Weight of the attention loss at training progress ``progress`` in [0, 1]."""
-    return recipe.gamma * math.exp(-recipe.gamma_decay * progress)
-
-
 def encode_records(records, tokenizer, *, edges: bool = True) -> list[dict]:
     """Token ids, masked labels and (``edges``: from the records' ``important`` annotations) adjacency
     edges of each record (the data module's builder)."""
@@ -64,16 +60,8 @@ def encode_records(records, tokenizer, *, edges: bool = True) -> list[dict]:
                            add_special_tokens=False) for r in records]
 
 
-def lr_factor(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup * steps`` steps, then cosine decay to 0."""
-    w = max(1, int(warmup * steps))
-    if step < w:
-        return (step + 1) / w
-    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-
-
 def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Recipe, *, progress: bool = False):
-    """Train one model; returns ``(model, handle, curve)`` with ``curve`` a list of logged points."""
+    """Train one tiny model; returns ``(model, handle, curve)`` with ``curve`` the logged points."""
     from ..hf.patch import patch_model
 
     check_method(method)
@@ -81,12 +69,7 @@ def train_run(method: str, seed: int, encoded: list[dict], tokenizer, recipe: Re
                        intermediate=recipe.intermediate, init_std=recipe.init_std, seed=seed)
     handle = patch_model(model, alpha=recipe.alpha, collect_attention_map=False,
                          layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
-
-    def lm_loss(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-    curve = train_steps(model, handle, list(model.parameters()), lm_loss, method, seed, encoded,
-                        tokenizer.pad_token_id, recipe, progress=progress)
+    curve = train(model, handle, method, seed, encoded, tokenizer.pad_token_id, recipe, progress=progress)
     return model, handle, curve
 
 
@@ -95,45 +78,60 @@ def check_method(method: str):
         raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
 
 
-def train_steps(model, handle, params, lm_loss, method: str, seed: int, encoded: list[dict], pad_token_id: int,
-                recipe: TrainRecipe, *, progress: bool = False) -> list[dict]:
-    """The training loop both demos share: ``recipe.steps`` AdamW steps on ``params`` (warm-up, cosine decay,
-    clipping) over batches drawn in an order fixed by ``seed`` (the same for both methods), with
-    ``L = lm_loss(batch) + gamma * handle.loss()`` for CAT and ``lm_loss(batch)`` for vanilla. Every batch's
-    adjacency is set on ``handle``, so both methods compute the same attention and log the same ratio R.
-    Returns the logged curve; leaves the model in ``eval()`` mode."""
-    from tqdm.auto import tqdm
+CURVE_KEYS = ("lm_loss", "attn_loss", "gamma", "ratio_mean", "learning_rate")
 
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, recipe.warmup))
-    order = torch.Generator().manual_seed(seed)  # same batches for both methods of one seed
-    perm, pos = torch.randperm(len(encoded), generator=order), 0
-    every = max(1, recipe.steps // recipe.curve_points)
-    curve, t0 = [], time.perf_counter()
-    model.train()
-    for step in tqdm(range(recipe.steps), desc=f"{method} seed {seed}", disable=not progress, leave=False):
-        if pos + recipe.batch_size > len(perm):
-            perm, pos = torch.randperm(len(encoded), generator=order), 0
-        batch = collate([encoded[i] for i in perm[pos:pos + recipe.batch_size].tolist()], pad_token_id)
-        pos += recipe.batch_size
-        handle.set_adjacency(batch["adjacency"])
-        lm = lm_loss(batch)
-        attn_loss, stats = handle.loss(return_stats=True)
-        gamma = gamma_at(recipe, step / recipe.steps) if method == "cat" else 0.0
-        loss = lm + gamma * attn_loss if gamma else lm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % every == 0 or step == recipe.steps - 1:
-            ratio = stats.ratio.detach()[stats.rows]
-            curve.append({"step": step, "lm_loss": float(lm.detach()), "attn_loss": float(attn_loss.detach()),
-                          "gamma": gamma, "mean_ratio": float(ratio.mean()) if ratio.numel() else None,
-                          "seconds": time.perf_counter() - t0})
+
+class CurveLog(TrainerCallback):
+    """The logged curve: one point per training log of :class:`~causal_attn.hf.trainer.CATTrainer` (its means
+    since the previous log; ``step`` = optimizer steps done, ``seconds`` since training began)."""
+
+    def __init__(self):
+        self.points: list[dict] = []
+        self._t0 = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "lm_loss" in logs:
+            self.points.append({"step": state.global_step, **{k: logs[k] for k in CURVE_KEYS if k in logs},
+                                "seconds": time.perf_counter() - self._t0})
+
+
+def train(model, handle, method: str, seed: int, encoded: list[dict], pad_token_id: int, recipe: TrainRecipe, *,
+          progress: bool = False, lm_loss=None) -> list[dict]:
+    """Every demo's training: :class:`~causal_attn.hf.trainer.CATTrainer` (what ``causal-attn train`` runs) for
+    ``recipe.steps`` AdamW steps (linear warm-up, cosine decay, gradient clipping at 1) over batches in an order
+    fixed by ``seed`` (the same for both methods). CAT adds ``gamma(p) * L_attn`` (the named schedule
+    ``decay:GAMMA:DECAY``), vanilla gamma 0; every batch carries its adjacency, so both methods compute the same
+    attention and log the same ratio. ``lm_loss``: see ``CATTrainer``. Trains the model's trainable parameters;
+    returns the logged curve (:class:`CurveLog`) and leaves the model in ``eval()`` mode."""
+    import tempfile
+
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..data.collate import CATCollator
+    from ..hf.trainer import CATTrainer, decay_gamma
+
+    gamma = decay_gamma(recipe.gamma, recipe.gamma_decay) if method == "cat" else 0.0
+    curve = CurveLog()
+    with tempfile.TemporaryDirectory(prefix="causal_attn_demo_") as out:  # nothing is saved there
+        args = TrainingArguments(
+            output_dir=out, max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
+            learning_rate=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup,
+            lr_scheduler_type="cosine", optim="adamw_torch", max_grad_norm=1.0, seed=seed,
+            dataloader_drop_last=True, dataloader_num_workers=0, logging_strategy="steps",
+            logging_steps=max(1, recipe.steps // recipe.curve_points), logging_first_step=True,
+            save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=not progress, use_cpu=True,
+            log_level="error")
+        trainer = CATTrainer(model=model, args=args, cat_handle=handle, gamma=gamma, lm_loss=lm_loss,
+                             train_dataset=encoded, data_collator=CATCollator(pad_token_id), callbacks=[curve])
+        trainer.remove_callback(PrinterCallback)  # the demo prints its own lines
+        trainer.train()
     handle.set_adjacency(None)
     model.eval()
-    return curve
+    return curve.points
 
 
 def evaluate(model, tokenizer, tests: dict) -> dict:

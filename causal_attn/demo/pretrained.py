@@ -4,14 +4,15 @@ Not part of ``causal-attn demo`` / ``all`` (the tiny job): about 12 minutes per 
 
 Per seed the checkpoint gets the same LoRA adapters (initialised under the seed) and is trained twice on the
 same batches with the same recipe (:class:`PretrainedRecipe`), once with the LM loss on the answer tokens only
-and once with the Re-Attention loss added (the shared loop :func:`causal_attn.demo.fit.train_steps`). The LM
-loss computes logits only at the labelled positions (decoder, then the LM head on those rows: at a 49k
-vocabulary the head is a large share of a step). Scoring: the **first answer token**, restricted to the first
+and once with the Re-Attention loss added (:func:`causal_attn.demo.fit.train`: ``CATTrainer``, as for the tiny
+parts). The LM loss (``CATTrainer``'s ``lm_loss`` hook) computes logits only at the labelled positions (decoder,
+then the LM head on those rows: at a 49k vocabulary the head is a large share of a step). Scoring: the **first answer token**, restricted to the first
 tokens of the three labels (" High", " Middle", " Low" for SmolLM2), after the prompt ``... Answer:`` tokenised
 exactly as in training; accuracy on all 400 + 400 released STG_E IID / OOD test records. The untuned checkpoint
 ("zero_shot") is scored the same way, and the answer row's attention mass by factor type (paper fig. 3) is
 measured before (zero_shot) and after training. The recipe was chosen on the validation splits of
-:func:`causal_attn.demo.stg.validation_sets` (``python -m causal_attn.demo.search_pretrained``; docs/demo_pretrained.md).
+:func:`causal_attn.demo.stg.validation_sets` (``python -m causal_attn.demo.search --part pretrained``;
+docs/demo_pretrained.md).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .fit import TrainRecipe
+from .part import DemoError, Part
 from .stg import FACTOR_KINDS, METHODS
 
 MODEL = "smollm2-135m"
@@ -63,7 +65,10 @@ def label_first_tokens(tokenizer, encoded_by_target: dict) -> dict:
 class Setup:
     """The checkpoint, tokenizer, encoded training records, scoring prompts and probe every run shares."""
 
-    def __init__(self, model_name: str = MODEL, quick: bool = False, split: str = "test"):
+    def __init__(self, model_name: str = MODEL, quick: bool = False, split: str = "test", eval_size: int | None = None,
+                 probe: int | None = None):
+        """``eval_size``: score the first records of each split only (default: all; 6 with ``quick``);
+        ``probe``: OOD records for the attention mass (default 100; 2 with ``quick``)."""
         from ..hf import pretrained
         from ..data.adjacency import encode_example
         from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
@@ -73,7 +78,8 @@ class Setup:
         self.model_name = model_name
         self.base, self.tokenizer = pretrained.load(model_name)
         self.train, tests, _ = load_data(0, False, split)
-        self.tests = {k: v[:QUICK_EVAL] for k, v in tests.items()} if quick else tests
+        eval_size = QUICK_EVAL if quick and eval_size is None else eval_size
+        self.tests = {k: v[:eval_size] for k, v in tests.items()} if eval_size else tests
         self.encoded = encode_records(self.train, self.tokenizer)
         missing = sum(bool(e["missing"]) for e in self.encoded)
         if missing:
@@ -88,15 +94,8 @@ class Setup:
                                   for e in encoded]
         self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
         # prompts without the trailing space: their last token is the answer row of training
-        self.probe = [{**r, "input": r["input"].rstrip()} for r in self.tests["ood"][: QUICK_PROBE if quick else PROBE]]
-
-
-_SETUP: Setup | None = None
-
-
-def _init_worker(model_name: str, quick: bool, split: str = "test"):
-    global _SETUP
-    _SETUP = Setup(model_name, quick, split)
+        probe = (QUICK_PROBE if quick else PROBE) if probe is None else probe
+        self.probe = [{**r, "input": r["input"].rstrip()} for r in self.tests["ood"][:probe]]
 
 
 def lm_and_head(handle):
@@ -105,8 +104,10 @@ def lm_and_head(handle):
 
 
 def answer_loss(decoder, head, batch) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled positions only: the LM head runs on those rows alone."""
-    h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    """Next-token cross-entropy on the labelled positions only: the LM head runs on those rows alone. The batch's
+    adjacency (if any) goes to the patched decoder, whose forward the Re-Attention loss reads."""
+    h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adjacency=batch.get("adjacency"),
+                use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     rows = targets != -100
     return torch.nn.functional.cross_entropy(head(h[:, :-1][rows]), targets[rows])
@@ -150,82 +151,129 @@ def build_model(method: str, seed: int, recipe: PretrainedRecipe, base):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def one_run(method: str, seed: int, recipe: PretrainedRecipe, setup: Setup | None = None) -> dict:
-    """Train (``vanilla`` / ``cat``; ``zero_shot`` = no training), score and probe one model: a JSON-able record
-    (plus the first probe's attention map)."""
-    from ..hf.patch import patch_model
-    from .fit import check_method, factor_masses, train_steps
+class PretrainedPart(Part):
+    """The pretrained part (:class:`~causal_attn.demo.part.Part`), run in this process: the untuned checkpoint
+    once, then vanilla and CAT per seed; every finished run goes to the run log (:class:`RunLog`) in ``out``."""
 
-    s = setup or _SETUP
-    if method != "zero_shot":
-        check_method(method)
-    t0 = time.perf_counter()
-    model, params = build_model(method, seed, recipe, s.base)
-    handle = patch_model(model, alpha=recipe.alpha,
-                         layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
-    decoder, head = lm_and_head(handle)
-    curve = []
-    if method != "zero_shot":
-        curve = train_steps(model, handle, params, lambda b: answer_loss(decoder, head, b), method, seed, s.encoded,
-                            s.tokenizer.pad_token_id, recipe, progress=True)
-    model.eval()
-    train_seconds = time.perf_counter() - t0
-    res = {"method": method, "seed": seed, "curve": curve, "train_seconds": train_seconds}
-    for split, prompts in s.prompts.items():
-        preds = first_token_predictions(decoder, head, prompts, s.label_tokens, s.tokenizer.pad_token_id,
-                                        desc=f"{method} seed {seed}: scoring {split}")
-        targets = [r["target"] for r in s.tests[split]]
-        res[f"{split}_acc"] = sum(p == t for p, t in zip(preds, targets)) / len(targets)
-        res[f"{split}_predicted"] = {lab: preds.count(lab) for lab in s.label_tokens}
-    masses = factor_masses(model, handle, s.tokenizer, s.probe, s.factors)
-    res.update({"attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
-                "sample_map": masses["maps"][0].numpy(), "seconds": time.perf_counter() - t0})
-    handle.unpatch()
-    return res
+    name = "pretrained"
+    methods = ("zero_shot",) + METHODS
+    seconds_per_step = SECONDS_PER_RECORD_STEP
 
+    def __init__(self, recipe: PretrainedRecipe, seeds: list[int], model_name: str = MODEL, quick: bool = False,
+                 split: str = "test", *, eval_size: int | None = None, probe: int | None = None,
+                 out: str | None = None):
+        super().__init__(recipe, seeds)
+        self.model_name, self.quick, self.split, self.eval_size, self.probe = model_name, quick, split, eval_size, probe
+        self.log = None if out is None else RunLog(os.path.join(out, RUN_LOG), model_name, quick, split, recipe)
 
-def plan(args):
-    """The pretrained part's runs (:class:`~causal_attn.demo.runner.Plan`, run in this process): the untuned
-    checkpoint once, then vanilla and CAT per seed."""
-    from ..cli.errors import CliError
-    from .runner import Plan
+    @classmethod
+    def from_args(cls, args) -> "PretrainedPart":
+        recipe = QUICK if args.quick else DEFAULT
+        overrides = {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
+        recipe = PretrainedRecipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
+            raise DemoError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
+        part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.model, args.quick, args.split,
+                   out=args.out)
+        try:
+            setup = part.setup
+        except (ValueError, OSError) as e:
+            raise DemoError(str(e)) from e
+        eta = SECONDS_PER_RECORD_STEP * recipe.batch_size * recipe.steps * len(part.seeds) * len(METHODS) / 60
+        print(f"demo pretrained: {args.model}, {len(setup.train)} training records, scored on {args.split} "
+              f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
+              f"{len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, "
+              f"lr {recipe.lr:g}, " + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning")
+              + f", alpha {recipe.alpha:g}; training about {eta:.0f} min on 2 CPU cores", flush=True)
+        return part
 
-    recipe = QUICK if args.quick else DEFAULT
-    overrides = {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
-    recipe = PretrainedRecipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
-        raise CliError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
-    seeds = list(range(1 if args.quick else args.seeds))
-    try:
-        setup = Setup(args.model, args.quick, args.split)
-    except (ValueError, OSError) as e:
-        raise CliError(str(e)) from e
-    eta = SECONDS_PER_RECORD_STEP * recipe.batch_size * recipe.steps * len(seeds) * len(METHODS) / 60
-    print(f"demo pretrained: {args.model}, {len(setup.train)} training records, scored on {args.split} "
-          f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
-          f"{len(seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, lr {recipe.lr:g}, "
-          + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning")
-          + f", alpha {recipe.alpha:g}; training about {eta:.0f} min on 2 CPU cores", flush=True)
-    runs = {m: [] for m in ("zero_shot",) + METHODS}
-    saved = RunLog(os.path.join(args.out, RUN_LOG), args.model, args.quick, args.split, recipe)
+    def setup_key(self) -> tuple:
+        return self.model_name, self.quick, self.split, self.eval_size, self.probe
 
-    def report(res, resumed=False):
-        runs[res["method"]].append(res)
-        if not resumed:
-            saved.add(res)
-        print(f"  seed {res['seed']} {res['method']:9s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
-              "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
-              + f"  ({res['seconds']:.0f} s{', from ' + RUN_LOG if resumed else ''})", flush=True)
+    def make_setup(self) -> Setup:
+        return Setup(self.model_name, self.quick, self.split, self.eval_size, self.probe)
 
-    tasks = []
-    for task in [("zero_shot", 0, recipe)] + [(m, seed, recipe) for seed in seeds for m in METHODS]:
-        done = saved.get(*task[:2])
-        if done is None:
-            tasks.append(task)
-        else:
-            report(done, resumed=True)
-    return Plan(__name__, tasks, setup, (args.model, args.quick, args.split), report,
-                finish=lambda out_dir: finish(runs, setup, recipe, seeds, args.split, out_dir))
+    def tasks(self) -> list[tuple[str, int]]:
+        return [("zero_shot", 0)] + [(m, seed) for seed in self.seeds for m in METHODS]
+
+    def saved(self, method: str, seed: int) -> dict | None:
+        return None if self.log is None else self.log.get(method, seed)
+
+    def save(self, res: dict) -> None:
+        if self.log is not None:
+            self.log.add(res)
+
+    def one_run(self, method: str, seed: int, setup: Setup, recipe: PretrainedRecipe) -> dict:
+        """Train (``vanilla`` / ``cat``; ``zero_shot`` = no training), score and probe one model: a JSON-able
+        record (plus the first probe's attention map)."""
+        from ..hf.patch import patch_model
+        from .fit import check_method, factor_masses, train
+
+        if method != "zero_shot":
+            check_method(method)
+        t0 = time.perf_counter()
+        model, _ = build_model(method, seed, recipe, setup.base)
+        handle = patch_model(model, alpha=recipe.alpha,
+                             layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
+        decoder, head = lm_and_head(handle)
+        curve = []
+        if method != "zero_shot":
+            curve = train(model, handle, method, seed, setup.encoded, setup.tokenizer.pad_token_id, recipe,
+                          progress=True, lm_loss=lambda _model, batch: answer_loss(decoder, head, batch))
+        model.eval()
+        train_seconds = time.perf_counter() - t0
+        res = {"method": method, "seed": seed, "curve": curve, "train_seconds": train_seconds}
+        for split, prompts in setup.prompts.items():
+            preds = first_token_predictions(decoder, head, prompts, setup.label_tokens, setup.tokenizer.pad_token_id,
+                                            desc=f"{method} seed {seed}: scoring {split}")
+            targets = [r["target"] for r in setup.tests[split]]
+            res[f"{split}_acc"] = sum(p == t for p, t in zip(preds, targets)) / len(targets)
+            res[f"{split}_predicted"] = {lab: preds.count(lab) for lab in setup.label_tokens}
+        masses = factor_masses(model, handle, setup.tokenizer, setup.probe, setup.factors)
+        res.update({"attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
+                    "sample_map": masses["maps"][0].numpy(), "seconds": time.perf_counter() - t0})
+        handle.unpatch()
+        return res
+
+    def describe(self, res: dict) -> str:
+        from .stg import describe
+
+        return describe(res)
+
+    def summarize(self, out_dir: str) -> tuple[dict, str]:
+        """Summary (the CAT part's :func:`~causal_attn.demo.stg.summarize` plus the untuned checkpoint), figures,
+        table."""
+        from .figures import attention_maps, factor_mass, training_curves
+        from .stg import summarize
+
+        setup, seeds = self.setup, self.seeds
+        runs = {m: self.runs[m] for m in METHODS}
+        zero = self.runs["zero_shot"][0]
+        maps = {"zero_shot": zero["sample_map"], **{m: runs[m][0]["sample_map"] for m in METHODS}}
+        for r in (r for rs in self.runs.values() for r in rs):
+            r.pop("sample_map", None)
+        results = summarize(runs, setup.train, setup.tests, self.recipe, seeds, 0)
+        results["zero_shot"] = {k: zero[k] for k in ("iid_acc", "ood_acc", "iid_predicted", "ood_predicted",
+                                                     "attention_mass", "seconds")}
+        results.update(model=setup.model_name, split=self.split,
+                       scoring="first answer token among the labels' first tokens", label_tokens=setup.label_tokens,
+                       run_seconds=sum(r["seconds"] for rs in self.runs.values() for r in rs))
+        probe = setup.probe[0]
+        tokens = setup.tokenizer.convert_ids_to_tokens(
+            setup.tokenizer(probe["input"], add_special_tokens=False)["input_ids"])
+        per_sample = {"before (zero_shot)": zero["attention_mass_samples"]}
+        per_sample.update({m: {k: sum((r["attention_mass_samples"][k] for r in runs[m]), []) for k in FACTOR_KINDS}
+                           for m in METHODS})
+        figures = {
+            "attention_map": attention_maps(
+                os.path.join(out_dir, "pretrained_attention_map.png"), maps, tokens,
+                f"{setup.model_name}: OOD record 0 (target {probe['target']}), seed {seeds[0]}"),
+            "factor_mass": factor_mass(os.path.join(out_dir, "pretrained_factor_mass.png"), per_sample),
+            "training_curves": training_curves(os.path.join(out_dir, "pretrained_curves.png"),
+                                               {m: [r["curve"] for r in runs[m]] for m in METHODS}),
+        }
+        results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+        return results, format_table(results)
 
 
 RUN_LOG = "pretrained_runs.jsonl"
@@ -260,39 +308,6 @@ class RunLog:
     def add(self, res: dict):
         self.cache.put({"key": self._key(res["method"], res["seed"]),
                         "result": {**res, "sample_map": res["sample_map"].tolist()}})
-
-
-def finish(runs, setup, recipe, seeds, split: str, out_dir: str) -> tuple[dict, str]:
-    """Summary (the CAT part's :func:`~causal_attn.demo.stg.summarize` plus the untuned checkpoint), figures, table."""
-    from .figures import attention_maps, factor_mass, training_curves
-    from .stg import summarize
-
-    zero = runs.pop("zero_shot")[0]
-    for m in METHODS:
-        runs[m].sort(key=lambda r: r["seed"])
-    maps = {"zero_shot": zero.pop("sample_map"), **{m: runs[m][0]["sample_map"] for m in METHODS}}
-    for r in (r for rs in runs.values() for r in rs):
-        r.pop("sample_map", None)
-    results = summarize(runs, setup.train, setup.tests, recipe, seeds, 0)
-    results["zero_shot"] = {k: zero[k] for k in ("iid_acc", "ood_acc", "iid_predicted", "ood_predicted",
-                                                 "attention_mass", "seconds")}
-    results.update(model=setup.model_name, split=split, scoring="first answer token among the labels' first tokens",
-                   label_tokens=setup.label_tokens, run_seconds=zero["seconds"] + sum(
-                       r["seconds"] for rs in runs.values() for r in rs))
-    probe = setup.probe[0]
-    tokens = setup.tokenizer.convert_ids_to_tokens(setup.tokenizer(probe["input"], add_special_tokens=False)["input_ids"])
-    per_sample = {"before (zero_shot)": zero["attention_mass_samples"]}
-    per_sample.update({m: {k: sum((r["attention_mass_samples"][k] for r in runs[m]), []) for k in FACTOR_KINDS}
-                       for m in METHODS})
-    figures = {
-        "attention_map": attention_maps(os.path.join(out_dir, "pretrained_attention_map.png"), maps, tokens,
-                                        f"{setup.model_name}: OOD record 0 (target {probe['target']}), seed {seeds[0]}"),
-        "factor_mass": factor_mass(os.path.join(out_dir, "pretrained_factor_mass.png"), per_sample),
-        "training_curves": training_curves(os.path.join(out_dir, "pretrained_curves.png"),
-                                           {m: [r["curve"] for r in runs[m]] for m in METHODS}),
-    }
-    results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
-    return results, format_table(results)
 
 
 def format_table(results: dict) -> str:

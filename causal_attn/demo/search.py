@@ -1,65 +1,136 @@
-"""Recipe search for the STG part, scored on the validation splits only (``python -m causal_attn.demo.search``).
+"""Recipe search for a demo part, scored on the validation splits only
+(``python -m causal_attn.demo.search --part cat|pretrained --grid grid.json --out search.jsonl``).
 
-Each line of ``--grid`` (JSON) is ``{"name": ..., "extra": N, **Recipe fields}``; every setting is trained
-vanilla and CAT for each seed and scored on the IID / OOD validation sets generated with
-:data:`causal_attn.demo.stg.VAL_SEED` (never on the released test files). One JSON line per run is
-appended to ``--out``; vanilla runs that differ only in CAT-only fields (alpha, gamma, patch_layers) are
-trained once.
+``--grid`` (JSON) is a list of ``{"name": ..., **recipe fields}`` (:class:`causal_attn.demo.fit.Recipe` for
+``cat``, plus ``"extra"``: generated training records; :class:`causal_attn.demo.pretrained.PretrainedRecipe` for
+``pretrained``); each setting is trained vanilla and CAT per seed and scored on the IID / OOD validation sets of
+:func:`causal_attn.demo.stg.validation_sets` (generator seed ``VAL_SEED``, never 42, with every released test
+prompt removed), the first ``--val-size`` records of each. One JSON line per run is appended to ``--out`` as it
+finishes; runs already there are skipped (resume), and vanilla runs that differ only in CAT-only fields are
+trained once. ``cat`` runs in ``--jobs`` processes; ``pretrained`` in this one (the checkpoint is loaded once).
+``--table`` prints the markdown table of such a file.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
-from .fit import Recipe
+import os
 
 CAT_ONLY = ("alpha", "gamma", "gamma_decay", "patch_layers")
-_SETUPS: dict = {}
+METHODS = ("vanilla", "cat")
 
 
-def _run(setting: dict, method: str, seed: int) -> dict:
-    import torch
+def run_key(setting: dict, method: str, seed: int) -> str:
+    fields = {k: v for k, v in setting.items() if k != "name" and (method == "cat" or k not in CAT_ONLY)}
+    return json.dumps(fields, sort_keys=True) + f" {method} {seed}"
 
-    from .stg import Setup, one_run
 
-    torch.set_num_threads(1)
-    extra = setting.get("extra", 0)
-    if extra not in _SETUPS:
-        _SETUPS[extra] = Setup(extra, False, "val")
-    fields = {k: v for k, v in setting.items() if k in Recipe.__dataclass_fields__}
-    if fields.get("patch_layers") is not None:
-        fields["patch_layers"] = tuple(fields["patch_layers"])
-    res = one_run(method, seed, Recipe(**fields), _SETUPS[extra])
-    return {"setting": setting, "method": method, "seed": seed, "val_iid": res["iid_acc"], "val_ood": res["ood_acc"],
-            "mass": res["attention_mass"], "seconds": res["seconds"], "train_records": len(_SETUPS[extra].train)}
+def majority_line(val_size: int) -> str:
+    """The majority class of STG_M scored on the same validation records: the floor a run must beat."""
+    import statistics
+
+    from .stg import load_data
+
+    train, val, _ = load_data(0, False, "val")
+    label = statistics.mode(r["target"] for r in train)
+    acc = {k: 100 * sum(r["target"] == label for r in v[:val_size]) / len(v[:val_size]) for k, v in val.items()}
+    return f"| majority class ({label}) | – | – | {val_size} | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
+
+
+def table(path: str) -> str:
+    """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
+    CAT run has not finished gets a row of its own), then the majority class on the same validation records."""
+    rows = [json.loads(line) for line in open(path)]
+    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
+    mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
+    lines = ["| setting | recipe fields | seed | val records per split | vanilla val IID / OOD % | CAT val IID / OOD % | "
+             "answer-row mass vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
+    for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
+        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
+            continue
+        c = r if r["method"] == "cat" else None
+        v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
+        fields = {k: val for k, val in r["setting"].items() if k != "name"}
+        acc = lambda x: f"{100 * x['val_iid']:.1f} / {100 * x['val_ood']:.1f}" if x else "–"  # noqa: E731
+        secs = f"{c['seconds']:.0f}" if c else "–"
+        n = min(x["val_size"] for x in (v, c) if x)  # a vanilla run shared by settings may have scored more
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {n} | "
+                     f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} |")
+    for size in sorted({r["val_size"] for r in rows}):
+        lines.append(majority_line(size))
+    return "\n".join(lines)
+
+
+def setting_part(part: str, setting: dict, seeds: list[int], args):
+    """The :class:`~causal_attn.demo.part.Part` that trains ``setting`` on the validation splits."""
+    fields = {k: (tuple(v) if k == "patch_layers" and v else v) for k, v in setting.items()
+              if k not in ("name", "extra")}
+    if part == "cat":
+        from .fit import Recipe
+        from .stg import CatPart
+
+        return CatPart(Recipe(**fields), seeds, setting.get("extra", 0), False, "val", val_size=args.val_size)
+    from .pretrained import PretrainedPart, PretrainedRecipe
+
+    return PretrainedPart(PretrainedRecipe(**fields), seeds, args.model, False, "val", eval_size=args.val_size,
+                          probe=args.probe)
+
+
+def result_line(res: dict, setting: dict, val_size: int) -> dict:
+    return {"setting": setting, "method": res["method"], "seed": res["seed"], "val_iid": res["iid_acc"],
+            "val_ood": res["ood_acc"], "val_size": val_size, "mass": res["attention_mass"],
+            "seconds": res["seconds"], "final": {k: res["curve"][-1].get(k) for k in ("lm_loss", "attn_loss",
+                                                                                       "ratio_mean")}}
 
 
 def main(argv=None) -> int:
+    from .pretrained import MODEL
+    from .runner import run_tasks
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", required=True, help="JSON file: a list of settings")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", required=True)
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--part", choices=("cat", "pretrained"), default="cat")
+    p.add_argument("--grid", help="JSON file: a list of settings")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--model", default=MODEL, help="pretrained part: the checkpoint")
+    p.add_argument("--val-size", type=int, default=200, help="validation records per split (default 200)")
+    p.add_argument("--probe", type=int, default=40, help="pretrained part: OOD validation records for the attention "
+                   "mass (default 40)")
+    p.add_argument("--jobs", type=int, default=2, help="cat part: runs in parallel processes (default 2)")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    if not args.grid:
+        p.error("--grid is required unless --table")
     grid = json.load(open(args.grid))
-    tasks, seen = [], set()
-    for seed in args.seeds:
-        for s in grid:
-            for m in ("vanilla", "cat"):
-                key = json.dumps({k: v for k, v in s.items() if m == "cat" or k not in CAT_ONLY + ("name",)},
-                                 sort_keys=True) + m + str(seed)
-                if key not in seen:
-                    seen.add(key)
-                    tasks.append((s, m, seed))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool, open(args.out, "a") as f:
-        for r in pool.map(_run, *zip(*tasks)):
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            print(f"{r['setting'].get('name')} {r['method']} seed {r['seed']}: val IID {r['val_iid']:.3f} "
-                  f"OOD {r['val_ood']:.3f} ({r['seconds']:.0f} s)", flush=True)
+    done = set()
+    if os.path.exists(args.out):
+        done = {run_key(r["setting"], r["method"], r["seed"]) for r in map(json.loads, open(args.out))}
+    parts, tasks = [], []
+    for s in grid:
+        parts.append(setting_part(args.part, s, args.seeds, args))
+        for seed in args.seeds:
+            for method in METHODS:
+                key = run_key(s, method, seed)
+                if key not in done:
+                    done.add(key)
+                    tasks.append((len(parts) - 1, method, seed))
+    settings = {id(part): s for part, s in zip(parts, grid)}
+
+    def write(part, res):
+        line = result_line(res, settings[id(part)], args.val_size)
+        if args.part == "pretrained":
+            line.update(predicted_ood=res["ood_predicted"], train_seconds=res["train_seconds"])
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{line['setting'].get('name')} {res['method']} seed {res['seed']}: val IID {res['iid_acc']:.3f} "
+              f"OOD {res['ood_acc']:.3f} ({res['seconds']:.0f} s)", flush=True)
+
+    run_tasks(parts, tasks, write, jobs=1 if args.part == "pretrained" else args.jobs)
     return 0
 
 

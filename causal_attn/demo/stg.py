@@ -1,6 +1,7 @@
 """`causal-attn demo cat`: vanilla vs CAT on STG_E with a tiny Llama trained from scratch on CPU.
 
-For each seed the same tiny model is trained twice on the same batches (see :mod:`causal_attn.demo.fit`),
+For each seed the same tiny model is trained twice on the same batches (see :mod:`causal_attn.demo.fit`: the
+project's ``CATTrainer``),
 once with the LM loss only and once with the Re-Attention loss added; both are scored on the IID and OOD
 test sets of STG_E and their attention at the answer row is split by factor type; three figures.
 The recipe was chosen on validation splits from the generator under :data:`VAL_SEED` (``causal_attn.demo.search``).
@@ -12,7 +13,7 @@ import statistics
 import time
 
 from .fit import Recipe
-from .runner import mean_std
+from .part import DemoError, Part, mean_std
 
 METHODS = ("vanilla", "cat")
 FACTOR_KINDS = ("causal", "spurious", "irrelevant")
@@ -76,104 +77,103 @@ def demo_phrases() -> list[str]:
 class Setup:
     """The data, tokenizer and encoded training records every run shares (rebuilt identically per worker)."""
 
-    def __init__(self, extra: int, quick: bool, split: str = "test"):
+    def __init__(self, extra: int, quick: bool, split: str = "test", eval_size: int | None = None):
+        """``eval_size``: score the first records of each evaluation split only (default: all)."""
         from ..data.stg import STG_E_CAUSAL, STG_E_IRRELEVANT, STG_E_SPURIOUS
         from .fit import encode_records
         from .model import build_word_tokenizer
 
         self.train, self.tests, corpus = load_data(extra, quick, split)
+        if eval_size:
+            self.tests = {k: v[:eval_size] for k, v in self.tests.items()}
         self.tokenizer = build_word_tokenizer([r["input"] + r["target"] for r in corpus], phrases=demo_phrases())
         self.encoded = encode_records(self.train, self.tokenizer)
         self.factors = {"causal": STG_E_CAUSAL, "spurious": STG_E_SPURIOUS, "irrelevant": STG_E_IRRELEVANT}
         self.probe = self.tests["ood"][: 16 if quick else 100]  # samples for the attention statistics
 
 
-_SETUP: Setup | None = None
+class CatPart(Part):
+    """The STG part (:class:`~causal_attn.demo.part.Part`): vanilla and CAT per seed."""
 
+    name = "cat"
+    methods = METHODS
+    seconds_per_step = 0.0008  # measured: ~24 ms per step of 32
 
-def _init_worker(extra: int, quick: bool, split: str = "test"):
-    global _SETUP
-    _SETUP = Setup(extra, quick, split)
+    def __init__(self, recipe: Recipe, seeds: list[int], extra: int = 0, quick: bool = False, split: str = "test", *,
+                 val_size: int | None = None):
+        super().__init__(recipe, seeds)
+        self.extra, self.quick, self.split, self.val_size = extra, quick, split, val_size
 
+    @classmethod
+    def from_args(cls, args) -> "CatPart":
+        recipe = QUICK if args.quick else DEFAULT
+        overrides = {k: v for k, v in (("steps", args.steps), ("alpha", args.alpha)) if v is not None}
+        recipe = Recipe(**{**recipe.__dict__, **overrides})
+        extra = (QUICK_EXTRA if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
+        if recipe.steps < 1 or extra < 0:
+            raise DemoError("--steps must be >= 1 and --extra-train >= 0")
+        part = cls(recipe, list(range(1 if args.quick else args.seeds)), extra, args.quick)
+        print(f"demo cat: {len(part.setup.train)} training records, vocabulary {len(part.setup.tokenizer)}, "
+              f"{len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, "
+              f"alpha {recipe.alpha}", flush=True)
+        return part
 
-def one_run(method: str, seed: int, recipe: Recipe, setup: Setup | None = None) -> dict:
-    """Train, score and probe one model; returns a JSON-able record (plus the first probe's map)."""
-    from .fit import evaluate, factor_masses, train_run
+    def setup_key(self) -> tuple:
+        return self.extra, self.quick, self.split, self.val_size
 
-    s = setup or _SETUP
-    t_run = time.perf_counter()
-    model, handle, curve = train_run(method, seed, s.encoded, s.tokenizer, recipe)
-    scores = evaluate(model, s.tokenizer, s.tests)
-    masses = factor_masses(model, handle, s.tokenizer, s.probe, s.factors)
-    res = {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
-           "attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
-           "sample_map": masses["maps"][0].numpy()}
-    res.update({f"{split}_acc": sc["acc"] for split, sc in scores.items()})
-    res["ood_examples"] = [{"target": r["target"], "prediction": p}
-                           for r, p in zip(s.tests["ood"][:5], scores["ood"]["predictions"])]
-    return res
+    def make_setup(self) -> Setup:
+        return Setup(self.extra, self.quick, self.split, self.val_size)
 
+    def one_run(self, method: str, seed: int, setup: Setup, recipe: Recipe) -> dict:
+        """Train, score and probe one model; returns a JSON-able record (plus the first probe's map)."""
+        from .fit import evaluate, factor_masses, train_run
 
-def plan(args):
-    """The STG part's runs (:class:`~causal_attn.demo.runner.Plan`); its ``finish(out_dir)`` draws the
-    figures and returns ``(results, table)``."""
-    from ..cli.errors import CliError
-    from .runner import Plan
+        t_run = time.perf_counter()
+        model, handle, curve = train_run(method, seed, setup.encoded, setup.tokenizer, recipe)
+        scores = evaluate(model, setup.tokenizer, setup.tests)
+        masses = factor_masses(model, handle, setup.tokenizer, setup.probe, setup.factors)
+        res = {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
+               "attention_mass": masses["mean"], "attention_mass_samples": masses["per_sample"],
+               "sample_map": masses["maps"][0].numpy()}
+        res.update({f"{split}_acc": sc["acc"] for split, sc in scores.items()})
+        res["ood_examples"] = [{"target": r["target"], "prediction": p}
+                               for r, p in zip(setup.tests["ood"][:5], scores["ood"]["predictions"])]
+        return res
 
-    recipe = QUICK if args.quick else DEFAULT
-    overrides = {k: v for k, v in (("steps", args.steps), ("alpha", args.alpha)) if v is not None}
-    recipe = Recipe(**{**recipe.__dict__, **overrides})
-    seeds = list(range(1 if args.quick else args.seeds))
-    extra = (QUICK_EXTRA if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
-    if recipe.steps < 1 or extra < 0:
-        raise CliError("--steps must be >= 1 and --extra-train >= 0")
+    def describe(self, res: dict) -> str:
+        return describe(res)
 
-    setup = Setup(extra, args.quick)
-    print(f"demo cat: {len(setup.train)} training records, vocabulary {len(setup.tokenizer)}, {len(seeds)} seed(s) x {METHODS}, "
-          f"{recipe.steps} steps of batch {recipe.batch_size}, alpha {recipe.alpha}", flush=True)
+    def summarize(self, out_dir: str) -> tuple[dict, str]:
+        """Summary, figures and table of the finished runs."""
+        from .figures import attention_maps, factor_mass, training_curves
 
-    runs = {m: [] for m in METHODS}
-
-    def report(res):
-        runs[res["method"]].append(res)
-        print(f"  seed {res['seed']} {res['method']:7s}: IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  "
-              "mass causal/spurious/irrelevant " + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS)
-              + f"  ({res['seconds']:.0f} s)", flush=True)
-
-    tasks = [(m, seed, recipe) for seed in seeds for m in METHODS]
-    return Plan(__name__, tasks, setup, (extra, args.quick), report,
-                seconds_per_run=0.0008 * recipe.batch_size * recipe.steps,  # measured: ~24 ms per step of 32
-                finish=lambda out_dir: finish(runs, setup, recipe, seeds, extra, out_dir))
-
-
-def finish(runs, setup, recipe, seeds, extra, out_dir: str) -> tuple[dict, str]:
-    """Summary, figures and table of the finished runs."""
-    from .figures import attention_maps, factor_mass, training_curves
-
-    train, tests, tokenizer, probe = setup.train, setup.tests, setup.tokenizer, setup.probe
-    for m in METHODS:
-        runs[m].sort(key=lambda r: r["seed"])
-    sample_maps = {m: runs[m][0].pop("sample_map") for m in METHODS}
-    for m in METHODS:
-        for r in runs[m]:
+        runs, setup, seeds = self.runs, self.setup, self.seeds
+        tokenizer, probe = setup.tokenizer, setup.probe
+        sample_maps = {m: runs[m][0]["sample_map"] for m in METHODS}
+        for r in (r for rs in runs.values() for r in rs):
             r.pop("sample_map", None)
+        results = summarize(runs, setup.train, setup.tests, self.recipe, seeds, self.extra)
+        figures = {
+            "attention_map": attention_maps(
+                os.path.join(out_dir, "demo_attention_map.png"), sample_maps,
+                tokenizer.convert_ids_to_tokens(tokenizer(probe[0]["input"], add_special_tokens=False)["input_ids"]),
+                f"OOD sample 0 (target {probe[0]['target']}), seed {seeds[0]}"),
+            "factor_mass": factor_mass(os.path.join(out_dir, "demo_factor_mass.png"),
+                                       {m: {k: sum((r["attention_mass_samples"][k] for r in runs[m]), [])
+                                            for k in FACTOR_KINDS} for m in METHODS}),
+            "training_curves": training_curves(os.path.join(out_dir, "demo_curves.png"),
+                                               {m: [r["curve"] for r in runs[m]] for m in METHODS}),
+        }
+        results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
+        results["validation"] = {"seed": VAL_SEED, "size": VAL_SIZE}
+        results["run_seconds"] = sum(r["seconds"] for rs in runs.values() for r in rs)  # summed over the runs
+        return results, format_table(results)
 
-    results = summarize(runs, train, tests, recipe, seeds, extra)
-    figures = {
-        "attention_map": attention_maps(
-            os.path.join(out_dir, "demo_attention_map.png"), sample_maps,
-            tokenizer.convert_ids_to_tokens(tokenizer(probe[0]["input"], add_special_tokens=False)["input_ids"]),
-            f"OOD sample 0 (target {probe[0]['target']}), seed {seeds[0]}"),
-        "factor_mass": factor_mass(os.path.join(out_dir, "demo_factor_mass.png"),
-                                   {m: {k: sum((r["attention_mass_samples"][k] for r in runs[m]), [])
-                                        for k in FACTOR_KINDS} for m in METHODS}),
-        "training_curves": training_curves(os.path.join(out_dir, "demo_curves.png"),
-                                           {m: [r["curve"] for r in runs[m]] for m in METHODS}),
-    }
-    results["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
-    results["validation"] = {"seed": VAL_SEED, "size": VAL_SIZE}
-    results["run_seconds"] = sum(r["seconds"] for rs in runs.values() for r in rs)  # summed over the runs
-    return results, format_table(results)
+
+def describe(res: dict) -> str:
+    """Accuracies and answer-row masses of one STG run (the CAT and pretrained parts' console line)."""
+    return (f"IID {res['iid_acc']:.3f}  OOD {res['ood_acc']:.3f}  mass causal/spurious/irrelevant "
+            + "/".join(f"{res['attention_mass'][k]:.2f}" for k in FACTOR_KINDS))
 
 
 def summarize(runs, train, tests, recipe, seeds, extra) -> dict:

@@ -1,4 +1,4 @@
-"""CATTrainer: ``transformers.Trainer`` with the Re-Attention loss, and its collator.
+"""CATTrainer: ``transformers.Trainer`` with the Re-Attention loss (its collator is :mod:`causal_attn.data.collate`).
 
 Loss per micro-batch: ``LM + gamma * share``. Within ``train()`` the Re-Attention term of an optimiser
 step is the mean over the eligible rows of all its micro-batches on all ranks, as one process would
@@ -18,22 +18,41 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .distributed import count_loss_rows, data_parallel_share
-from ..ops.graph import CausalGraph
+from ..data.collate import CATCollator
 from .patch import CATHandle, patch_model
 
 GAMMA_SCHEDULES = {
     "exp": lambda epoch, progress: math.exp(-epoch),  # the paper: exp(-epoch), 0-based epochs
     "const": lambda epoch, progress: 1.0,
     "linear": lambda epoch, progress: 1.0 - progress,  # decays to 0 over the run
+    "decay": lambda epoch, progress: math.exp(-progress),  # "decay:G:D" = G * exp(-D * progress), see decay_gamma
 }
 
 
+def decay_gamma(gamma: float, decay: float) -> str:
+    """The schedule ``gamma * exp(-decay * progress)`` by name: ``"decay:GAMMA:DECAY"`` (what
+    ``causal-attn train --gamma`` takes too); ``decay = 0`` is the constant ``gamma``."""
+    return f"decay:{float(gamma)!r}:{float(decay)!r}"
+
+
+def _decay_schedule(spec: str) -> Callable[[int, float], float]:
+    try:
+        gamma, decay = (float(x) for x in spec.split(":")[1:])
+    except ValueError:
+        raise ValueError(f"gamma schedule {spec!r}: write decay:GAMMA:DECAY (two numbers), e.g. decay:1:2") from None
+    return lambda epoch, progress: gamma * math.exp(-decay * progress)
+
+
 def make_gamma(gamma) -> Callable[[int, float], float]:
-    """``gamma``: a name of :data:`GAMMA_SCHEDULES`, a number (constant) or a callable
-    ``f(epoch: int, progress: float) -> float`` (0-based epoch, progress = global_step / max_steps in [0, 1])."""
+    """``gamma``: a name of :data:`GAMMA_SCHEDULES` (``"decay:GAMMA:DECAY"`` with its two numbers, see
+    :func:`decay_gamma`), a number (constant) or a callable ``f(epoch: int, progress: float) -> float`` (0-based
+    epoch, progress = global_step / max_steps in [0, 1])."""
     if isinstance(gamma, str):
+        if gamma.startswith("decay:"):
+            return _decay_schedule(gamma)
         if gamma not in GAMMA_SCHEDULES:
-            raise ValueError(f"unknown gamma schedule {gamma!r}; choose {sorted(GAMMA_SCHEDULES)}, a number or a callable")
+            raise ValueError(f"unknown gamma schedule {gamma!r}; choose {sorted(GAMMA_SCHEDULES)} "
+                             "(decay:GAMMA:DECAY), a number or a callable")
         return GAMMA_SCHEDULES[gamma]
     if isinstance(gamma, (int, float)):
         value = float(gamma)
@@ -41,97 +60,6 @@ def make_gamma(gamma) -> Callable[[int, float], float]:
     if callable(gamma):
         return gamma
     raise TypeError(f"gamma must be a schedule name, a number or a callable, got {type(gamma).__name__}")
-
-
-class CATCollator:
-    """Pads records into a batch: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask`` and
-    ``adjacency`` (a :class:`CausalGraph`, present when any record has ``edges``).
-
-    A record holds ``input_ids`` and optionally ``labels`` (default: a copy of ``input_ids``),
-    ``attention_mask`` and ``edges`` (row-aligned ``[row, col]`` pairs for the unpadded sequence);
-    other fields are ignored. With ``padding_side="left"`` the edges shift with the tokens.
-
-    ``packing=True`` (padding-free, like ``DataCollatorWithFlattening``): the records are laid end to end
-    in one row with ``position_ids`` restarting at 0 per record and no ``attention_mask``; each record's
-    first label is -100 so the LM loss never predicts a record from the one before it; the adjacency is
-    :meth:`CausalGraph.pack` of the records' graphs (it carries the segments)."""
-
-    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None,
-                 packing: bool = False):
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if packing and pad_to_multiple_of:
-            raise ValueError("packing=True makes one row without padding; pad_to_multiple_of does not apply")
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = padding_side
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.packing = bool(packing)
-
-    def _pad(self, seqs, value, T):
-        out = torch.full((len(seqs), T), value, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            s = torch.as_tensor(s, dtype=torch.long)
-            if self.padding_side == "right":
-                out[b, :len(s)] = s
-            else:
-                out[b, T - len(s):] = s
-        return out
-
-    def __call__(self, records: list[dict]) -> dict:
-        if not records:
-            raise ValueError("CATCollator got an empty batch")
-        ids = [list(r["input_ids"]) for r in records]
-        for b, (r, s) in enumerate(zip(records, ids)):
-            if not s:
-                raise ValueError(f"record {b} has no input_ids")
-            for key in ("labels", "attention_mask"):
-                if key in r and len(r[key]) != len(s):
-                    raise ValueError(f"record {b}: {key} has length {len(r[key])} but input_ids has {len(s)}")
-        if self.packing:
-            return self._packed(records, ids)
-        T = max(len(s) for s in ids)
-        if self.pad_to_multiple_of:
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": self._pad(ids, self.pad_token_id, T),
-            "labels": self._pad([r.get("labels", s) for r, s in zip(records, ids)], -100, T),
-            "attention_mask": self._pad([r.get("attention_mask", [1] * len(s)) for r, s in zip(records, ids)], 0, T),
-        }
-        if any(r.get("edges") is not None for r in records):
-            edges = []
-            for r, s in zip(records, ids):
-                shift = T - len(s) if self.padding_side == "left" else 0
-                edges.append(_record_edges(r, len(s), shift, T))
-            batch["adjacency"] = CausalGraph.from_edges(edges, T)
-        return batch
-
-    def _packed(self, records, ids) -> dict:
-        for b, r in enumerate(records):
-            if "attention_mask" in r and not all(r["attention_mask"]):
-                raise ValueError(f"record {b} has padding in its attention_mask; packing lays records end to end "
-                                 "and needs unpadded records")
-        labels = []
-        for r, s in zip(records, ids):
-            lab = list(r.get("labels", s))
-            labels += [-100] + lab[1:]
-        batch = {
-            "input_ids": torch.tensor([sum(ids, [])], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.cat([torch.arange(len(s)) for s in ids]).unsqueeze(0),
-        }
-        if any(r.get("edges") is not None for r in records):
-            graphs = [CausalGraph.from_edges([_record_edges(r, len(s), 0, len(s))], len(s))
-                      for r, s in zip(records, ids)]
-            batch["adjacency"] = CausalGraph.pack([graphs])
-        return batch
-
-
-def _record_edges(record, n: int, shift: int, T: int) -> list[tuple[int, int]]:
-    edges = [(int(i) + shift, int(j) + shift) for i, j in (record.get("edges") or [])]
-    if any(not (shift <= j <= i < T) for i, j in edges):
-        raise ValueError(f"record with {n} tokens has an edge outside its sequence or pointing "
-                         "to the future (edges are row-aligned (row, col) with col <= row)")
-    return edges
 
 
 def cat_handle_for(model, cat_handle: CATHandle | None, **patch_options) -> CATHandle:
@@ -165,9 +93,12 @@ class CATLossMixin:
 
     _outputs_from_parent = True
 
-    def _init_cat(self, cat_handle: CATHandle, gamma) -> None:
+    def _init_cat(self, cat_handle: CATHandle, gamma, lm_loss: Callable | None = None) -> None:
         self.cat = cat_handle
         self.gamma_fn = make_gamma(gamma)
+        self.lm_loss = lm_loss
+        if lm_loss is not None:
+            self.loss_is_scaled_for_ga = False  # a mean over the micro-batch: the Trainer divides it by the GA steps
         self._cat_rows = None  # Re-Attention rows of the current optimizer step on all ranks
 
     def _log_cat(self, key: str, value: float) -> None:
@@ -189,8 +120,11 @@ class CATLossMixin:
     # -------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         has_graph = inputs.get("adjacency") is not None
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs and self._outputs_from_parent,
-                                    num_items_in_batch=num_items_in_batch)
+        if self.lm_loss is not None:  # the caller's LM loss; outputs, when asked for, come from a forward below
+            loss = self.lm_loss(model, inputs)
+        else:
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs and self._outputs_from_parent,
+                                        num_items_in_batch=num_items_in_batch)
         loss, outputs = loss if isinstance(loss, tuple) else (loss, None)
         training = model.training
         ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -239,6 +173,10 @@ class CATTrainer(CATLossMixin, Trainer):
         packing: padding-free batches (the default collator with ``packing=True``): each micro-batch is
             one row holding its records end to end; attention, the LM loss and the Re-Attention loss stay
             within each record.
+        lm_loss: ``f(model, inputs) -> 0-dim tensor`` in place of the model's own LM loss (e.g. a loss on
+            the answer tokens that runs the LM head on the labelled rows only, as ``demo pretrained`` does);
+            a mean over the micro-batch. It must run the patched decoder on ``inputs`` (passing
+            ``adjacency=inputs.get("adjacency")``), since the Re-Attention term reads that forward.
     ``args.remove_unused_columns`` is set to False (the adjacency is not a model argument the Trainer
     knows). The default collator is :class:`CATCollator` with the tokenizer's (or config's) pad id.
     Logged beside ``loss``: ``lm_loss``, ``attn_loss``, ``gamma``, ``ratio_mean`` (mean R over the
@@ -248,7 +186,8 @@ class CATTrainer(CATLossMixin, Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *, cat_handle: CATHandle | None = None,
                  alpha: float = 0.2, reduction: str = "mean", kind: str = "hinge", layers="all", gamma="exp",
-                 packing: bool = False, data_collator=None, processing_class=None, **kwargs):
+                 packing: bool = False, lm_loss: Callable | None = None, data_collator=None, processing_class=None,
+                 **kwargs):
         if model is None:
             raise ValueError("CATTrainer needs a model")
         if args is None:
@@ -259,7 +198,7 @@ class CATTrainer(CATLossMixin, Trainer):
             data_collator = default_collator(model, processing_class, packing)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class,
                          **kwargs)
-        self._init_cat(handle, gamma)
+        self._init_cat(handle, gamma, lm_loss)
         self._cat_logs: dict[str, list[float]] = defaultdict(list)
 
     def _log_cat(self, key: str, value) -> None:

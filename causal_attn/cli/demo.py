@@ -1,0 +1,84 @@
+"""`causal-attn demo`: both methods on CPU in minutes — CAT on STG_E (part ``cat``) and CAPT on a
+generated PrOntoQA-style deduction task (part ``capt``); ``demo pretrained`` (not in ``all``: ~12 min per seed)
+fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT. The parts are :mod:`causal_attn.demo`.
+
+Writes ``results.json`` (one key per part), ``table.md`` and the figures to ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .errors import CliError
+
+
+def add_parser(subparsers):
+    from ..demo import EXTRA_PARTS, PARTS, capt, pretrained, stg
+
+    p = subparsers.add_parser("demo", help="vanilla vs CAT on STG_E and vanilla vs CAPT on a deduction task "
+                              "(tiny Llama, CPU, minutes)", description=__doc__.splitlines()[0])
+    p.add_argument("part", nargs="?", choices=("all",) + PARTS + EXTRA_PARTS,
+                   default="all", help="run both tiny parts (default) or one; `pretrained` (SmolLM2-135M, ~12 min "
+                   "per seed) only when named")
+    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p.add_argument("--quick", action="store_true", help="one seed, a few steps, small test subsets (smoke test)")
+    p.add_argument("--steps", type=int, default=None, help=f"CAT / pretrained parts: optimizer steps per run "
+                   f"(default {stg.DEFAULT.steps} / {pretrained.DEFAULT.steps})")
+    p.add_argument("--alpha", type=float, default=None, help=f"CAT / pretrained parts: Re-Attention margin "
+                   f"(default {stg.DEFAULT.alpha:g} / {pretrained.DEFAULT.alpha:g})")
+    p.add_argument("--extra-train", type=int, default=None,
+                   help=f"CAT part: generated STG_E training records added to STG_M (default {stg.EXTRA_TRAIN})")
+    p.add_argument("--capt-steps", type=int, default=None,
+                   help=f"CAPT part: optimizer steps per run (default {capt.DEFAULT.steps})")
+    p.add_argument("--capt-copies", type=int, default=None,
+                   help=f"CAPT part: replicas of the training set with fresh letters (default {capt.COPIES})")
+    p.add_argument("--model", default=pretrained.MODEL,
+                   help=f"pretrained part: checkpoint for causal_attn.hf.pretrained.load (default {pretrained.MODEL})")
+    p.add_argument("--lr", type=float, default=None, help=f"pretrained part: learning rate (default {pretrained.DEFAULT.lr:g})")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help=f"pretrained part: LoRA rank on q/k/v/o, 0 = full fine-tuning (default {pretrained.DEFAULT.lora_r})")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="pretrained part: score on the released STG_E tests (default) or the validation splits")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained in parallel processes (default: 2 CPUs -> 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..demo import PARTS, part_classes
+    from ..demo.part import DemoError
+    from ..demo.runner import run_parts
+
+    t0 = time.perf_counter()
+    if args.part == "pretrained":
+        args.jobs = 1  # one 135M-parameter model at a time, on every core
+    elif args.jobs is None:
+        args.jobs = 1 if args.quick else min(2, os.cpu_count() or 1)
+    if args.seeds < 1 or args.jobs < 1:
+        raise CliError("--seeds and --jobs must be >= 1")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create output directory {args.out!r}: {e}") from e
+    classes = part_classes()
+    try:
+        parts = [classes[name].from_args(args) for name in (PARTS if args.part == "all" else (args.part,))]
+    except DemoError as e:
+        raise CliError(str(e)) from e
+    run_parts(parts, jobs=args.jobs, threads=args.threads)  # one pool for all parts: no core idles
+    results, tables = {}, []
+    for part in parts:
+        results[part.name], table = part.finish(args.out)
+        tables.append(f"### {part.name}\n\n{table}")
+        print(table, flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    figures = [v for part in parts for v in results[part.name]["figures"].values()]
+    print(f"demo: {results['seconds']:.0f} s; wrote {args.out}/results.json, table.md and " + ", ".join(figures))
+    return 0
