@@ -20,7 +20,7 @@ def test_quick_cat_demo_writes_table_results_and_figures(tmp_path, capsys):
     assert main(["demo", "cat", "--quick", "--out", str(out), "--steps", "8"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"cat", "seconds"}
+    assert set(res) == {"cat", "seconds", "provenance"}
     res = res["cat"]
     for m in ("vanilla", "cat"):
         assert 0.0 <= res[m]["iid_acc"] <= 1.0 and 0.0 <= res[m]["ood_acc"] <= 1.0
@@ -42,7 +42,7 @@ def test_both_parts_share_one_pool_of_worker_processes(tmp_path, capsys):
     assert main(["demo", "--quick", "--jobs", "2", "--out", str(out), "--steps", "4", "--capt-steps", "4"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"cat", "capt", "seconds"}
+    assert set(res) == {"cat", "capt", "seconds", "provenance"}
     assert [r["method"] for r in res["cat"]["vanilla"]["runs"] + res["cat"]["cat"]["runs"]] == ["vanilla", "cat"]
     for m in ("vanilla", "capt", "capt_order"):
         assert [r["method"] for r in res["capt"][m]["runs"]] == [m]

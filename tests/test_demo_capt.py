@@ -102,7 +102,7 @@ def test_quick_capt_demo_writes_table_results_and_figure(tmp_path, capsys):
     assert main(["demo", "capt", "--quick", "--out", str(out), "--capt-steps", "6"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"capt", "seconds"}
+    assert set(res) == {"capt", "seconds", "provenance"}
     res = res["capt"]
     for m in ("vanilla", "capt", "capt_order"):
         for v in VARIANTS:

@@ -10,6 +10,9 @@ from causal_attn import patch_model, pretrained
 from causal_attn.cli import main
 from causal_attn.data.collate import CATCollator
 from causal_attn.demo import pretrained as demo
+from causal_attn.hf import pretrained as pretrained_mod
+from causal_attn.utils import provenance as provenance_mod
+from causal_attn.utils.provenance import code_hash
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +27,10 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     assert main(["demo", "pretrained", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"pretrained", "seconds"}
+    assert set(res) == {"pretrained", "seconds", "provenance"}
+    prov = res["provenance"]  # the code that produced it
+    assert prov["code_hash"] == code_hash() and prov["versions"]["torch"] == torch.__version__
+    assert prov["git_revision"] is None or len(prov["git_revision"]) == 40
     res = res["pretrained"]
     assert res["model"] == "smollm2-135m" and res["split"] == "test" and res["recipe"]["steps"] == demo.QUICK.steps
     assert len(set(res["label_tokens"].values())) == 3
@@ -67,6 +73,23 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     other = demo.RunLog(str(out / demo.RUN_LOG), "smollm2-135m", True, "test",
                         demo.PretrainedRecipe(**{**demo.QUICK.__dict__, "alpha": 7.0}))
     assert all(other.get(m, 0) is None for m in ("zero_shot", "vanilla", "cat"))
+    # nor does other code (a changed source file) or another checkpoint file under the same name
+    same = dict(model="smollm2-135m", quick=True, split="test", recipe=demo.QUICK)
+    assert demo.RunLog(str(out / demo.RUN_LOG), **same).get("cat", 0) is not None
+    monkeypatch.setattr(provenance_mod, "code_hash", lambda: "0" * 16)
+    assert demo.RunLog(str(out / demo.RUN_LOG), **same).get("cat", 0) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(pretrained_mod, "checkpoint_hash", lambda name: "f" * 16)
+    assert demo.RunLog(str(out / demo.RUN_LOG), **same).get("cat", 0) is None
+
+
+def test_quick_runs_default_to_their_own_folders():
+    """--quick without --out never writes into the folder of a full run (make demo's demo_out)."""
+    from causal_attn.cli.demo import default_out
+
+    outs = {default_out(part, quick) for part in ("all", "cat", "pretrained") for quick in (False, True)}
+    assert default_out("all", False) == "demo_out" and default_out("pretrained", False) == "demo_pretrained_out"
+    assert len(outs) == 4 and default_out("pretrained", True) not in ("demo_out", "demo_pretrained_out")
 
 
 def test_answer_loss_and_first_token_scoring_match_the_full_model(smollm2):

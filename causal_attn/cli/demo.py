@@ -2,7 +2,10 @@
 generated PrOntoQA-style deduction task (part ``capt``); ``demo pretrained`` (not in ``all``: ~12 min per seed)
 fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT. The parts are :mod:`causal_attn.demo`.
 
-Writes ``results.json`` (one key per part), ``table.md`` and the figures to ``--out``.
+Writes ``results.json`` (one key per part, and the ``provenance`` of the code that ran: git revision, dirty flag,
+source hash, package versions), ``table.md`` and the figures to ``--out`` (default: ``demo_out`` for the tiny
+parts, ``demo_pretrained_out`` for ``pretrained``, each with a ``_quick`` suffix under ``--quick``, so a smoke
+run never overwrites a full one).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def add_parser(subparsers):
     p.add_argument("part", nargs="?", choices=("all",) + PARTS + EXTRA_PARTS,
                    default="all", help="run both tiny parts (default) or one; `pretrained` (SmolLM2-135M, ~12 min "
                    "per seed) only when named")
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--out", default=None, help="output directory (default: demo_out, demo_pretrained_out for "
+                   "`pretrained`; with --quick: demo_quick_out / demo_pretrained_quick_out)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     p.add_argument("--quick", action="store_true", help="one seed, a few steps, small test subsets (smoke test)")
     p.add_argument("--steps", type=int, default=None, help=f"CAT / pretrained parts: optimizer steps per run "
@@ -52,7 +56,11 @@ def run(args) -> int:
     from ..demo.part import DemoError
     from ..demo.runner import run_parts
 
+    from ..utils.provenance import provenance
+
     t0 = time.perf_counter()
+    if args.out is None:
+        args.out = default_out(args.part, args.quick)
     if args.part == "pretrained":
         args.jobs = 1  # one 135M-parameter model at a time, on every core
     elif args.jobs is None:
@@ -75,6 +83,7 @@ def run(args) -> int:
         tables.append(f"### {part.name}\n\n{table}")
         print(table, flush=True)
     results["seconds"] = time.perf_counter() - t0
+    results["provenance"] = provenance()
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -82,3 +91,8 @@ def run(args) -> int:
     figures = [v for part in parts for v in results[part.name]["figures"].values()]
     print(f"demo: {results['seconds']:.0f} s; wrote {args.out}/results.json, table.md and " + ", ".join(figures))
     return 0
+
+
+def default_out(part: str, quick: bool) -> str:
+    """The output folder when ``--out`` is not given: one per kind of run, so none overwrites another's files."""
+    return ("demo_pretrained" if part == "pretrained" else "demo") + ("_quick" if quick else "") + "_out"

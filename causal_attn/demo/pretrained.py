@@ -173,9 +173,9 @@ class PretrainedPart(Part):
         recipe = PretrainedRecipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
             raise DemoError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
-        part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.model, args.quick, args.split,
-                   out=args.out)
         try:
+            part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.model, args.quick, args.split,
+                       out=args.out)
             setup = part.setup
         except (ValueError, OSError) as e:
             raise DemoError(str(e)) from e
@@ -283,15 +283,19 @@ class RunLog:
     """Every finished run of ``demo pretrained``, one JSON line each in ``--out`` (the annotation pipeline's
     :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last line skipped), written as it
     finishes: a run that was cut off (or a seed added later) resumes without retraining what is there. A line
-    counts only for the same checkpoint, test split, quick flag and recipe."""
+    counts only for the same checkpoint (name and content hash), code (:func:`~causal_attn.utils.provenance.code_hash`
+    of the package's sources: a code change retrains), test split, quick flag and recipe."""
 
     def __init__(self, path: str, model: str, quick: bool, split: str, recipe: PretrainedRecipe):
         import json
 
         from ..data.llm import JsonlCache
+        from ..hf.pretrained import checkpoint_hash
+        from ..utils.provenance import code_hash
 
         self.cache = JsonlCache(path)
-        self.context = json.dumps({"model": model, "quick": quick, "split": split, "recipe": recipe.__dict__},
+        self.context = json.dumps({"model": model, "checkpoint": checkpoint_hash(model), "code": code_hash(),
+                                   "quick": quick, "split": split, "recipe": recipe.__dict__},
                                   sort_keys=True, default=list)
 
     def _key(self, method: str, seed: int) -> str:

@@ -83,6 +83,21 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def checkpoint_hash(name_or_path: str | os.PathLike) -> str:
+    """16 hex digits naming a checkpoint's weights: the GGUF file's content hash, or over a model directory's
+    config and weight files; a hub id is named by itself (its revision is the hub's business)."""
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        return _file_hash(path)
+    if kind == "hub":
+        return f"hub:{name_or_path}"
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+            h.update(f.name.encode() + b"\0" + _file_hash(f).encode())
+    return h.hexdigest()[:16]
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
     from ..utils.cache import cache_root
 
