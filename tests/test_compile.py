@@ -95,9 +95,9 @@ def _compiled_equals_eager(family, layout, device="cpu"):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5 * scale, msg=f"{name} (seed {seed})")
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "padded"), ("llama", "packed"), ("qwen2", "padded"),
-                                           ("qwen2", "packed"), ("qwen3", "padded"), ("qwen3", "packed"),
-                                           ("mistral", "padded")])
+# every family once and both layouts (llama both): the layout is handled by the patch, the same for every family
+@pytest.mark.parametrize("family,layout", [("llama", "padded"), ("llama", "packed"), ("qwen2", "packed"),
+                                           ("qwen3", "padded"), ("mistral", "padded")])
 def test_compiled_patched_model_matches_eager(family, layout):
     """torch.compile (Inductor) of a patched model, forward and backward: loss, logits and every gradient equal the
     eager patched model's (fp32, rel 1e-5). Mistral's sliding window (4096) covers the sequence: plain causal."""
@@ -116,7 +116,7 @@ def test_another_length_recompiles_once_not_per_layer(layout):
     """The first batch of a new length recompiles the whole model once with the length dynamic; later lengths reuse
     it (lengths past 32 tokens: a graph of at most 32 tokens, one bit word per row, is a size-1 dimension, which
     Dynamo specialises, so short batches add one more graph)."""
-    model = tiny_model("llama", layers=4, train=True, attn_implementation="sdpa")
+    model = tiny_model("llama", layers=2, train=True, attn_implementation="sdpa")  # a per-layer recompile would add 2
     handle = patch_model(model, alpha=0.5)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters

@@ -42,12 +42,18 @@ def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="kernel and training-step benchmarks (CSV, PNG, summary.md)",
                               description=__doc__.splitlines()[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_options(p, load_runner, run)
+    add_gpu_check_parser(subparsers)
+
+
+def _add_options(p, load, func):
+    """The options of the benchmark module ``load()`` returns; without the benchmarks package, a parser that takes
+    anything, so that running the command says what is missing (a one-line CliError)."""
     try:
-        load_runner().add_arguments(p)
+        load().add_arguments(p)
     except CliError:
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
-    add_gpu_check_parser(subparsers)
+    p.set_defaults(func=func)
 
 
 def add_gpu_check_parser(subparsers):
@@ -57,11 +63,7 @@ def add_gpu_check_parser(subparsers):
                               description="GPU evidence kit (benchmarks/gpu_check.py, docs/gpu.md): summary.md, CSVs, "
                               "PNGs.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    try:
-        load_gpu_check().add_arguments(p)
-    except CliError:
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=run_gpu_check)
+    _add_options(p, load_gpu_check, run_gpu_check)
 
 
 def run_gpu_check(args) -> int:
