@@ -1,5 +1,6 @@
 """`causal-attn demo pretrained --quick` on the real SmolLM2-135M checkpoint, and the pieces it is built from:
 the answer-only LM loss, first-token scoring and the shared LoRA initialisation."""
+import importlib.metadata
 import json
 import random
 
@@ -29,7 +30,7 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"pretrained", "seconds", "provenance"}
     prov = res["provenance"]  # the code that produced it
-    assert prov["code_hash"] == code_hash() and prov["versions"]["torch"] == torch.__version__
+    assert prov["code_hash"] == code_hash() and prov["versions"]["torch"] == importlib.metadata.version("torch")
     assert prov["git_revision"] is None or len(prov["git_revision"]) == 40
     res = res["pretrained"]
     assert res["model"] == "smollm2-135m" and res["split"] == "test" and res["recipe"]["steps"] == demo.QUICK.steps
