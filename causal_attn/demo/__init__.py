@@ -5,10 +5,10 @@ fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT (:mod:`.pre
 
 Subpackage layout: :mod:`.stg` (the CAT part), :mod:`.capt` (the CAPT part), :mod:`.pretrained` (CAT on the real
 checkpoint), :mod:`.capt_pretrained` (CAPT on it), each a :class:`.part.Part`, and their shared pieces :mod:`.part`
-(the skeleton, :class:`.part.DemoError`), :mod:`.model` (tokenizer, tiny Llama), :mod:`.fit` (recipe, training through ``CATTrainer``, STG scoring),
-:mod:`.runner` (runs in parallel processes), :mod:`.search` (recipe search on the validation splits) and
-:mod:`.figures`. The command (``causal-attn demo``) is :mod:`causal_attn.cli.demo`; it writes ``results.json``
-(one key per part), ``table.md`` and the figures to ``--out``.
+(the skeleton, :class:`.part.DemoError`), :mod:`.model` (tokenizer, tiny Llama), :mod:`.fit` (recipe, training
+through ``CATTrainer``, STG scoring), :mod:`.runner` (runs in parallel processes), :mod:`.search` (recipe search on
+the validation splits) and :mod:`.figures`. The command (``causal-attn demo``) is :mod:`causal_attn.cli.demo`; it
+writes ``results.json`` (one key per part), ``table.md`` and the figures to ``--out``.
 """
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ class PretrainedPart(Part):
         try:
             part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.model, args.quick, args.split,
                        out=args.out)
-            part.setup
+            part.setup  # noqa: B018 -- loaded here: a bad --model is a one-line error, not a traceback mid-run
         except (ValueError, OSError) as e:
             raise DemoError(str(e)) from e
         print(part.banner(), flush=True)
@@ -303,8 +303,9 @@ RUN_LOG = PretrainedPart.run_log
 
 
 class RunLog:
-    """Every finished run of ``demo pretrained`` (``demo capt-pretrained``), one JSON line each in ``--out`` (the annotation pipeline's
-    :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last line skipped), written as it
+    """Every finished run of ``demo pretrained`` (and ``demo capt-pretrained``, in its own file), one JSON line each
+    in ``--out`` (the annotation pipeline's :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last
+    line skipped), written as it
     finishes: a run that was cut off (or a seed added later) resumes without retraining what is there. A line
     counts only for the same checkpoint (name and content hash), code (:func:`~causal_attn.utils.provenance.code_hash`
     of the package's sources: a code change retrains), test split, quick flag and recipe."""
