@@ -30,7 +30,7 @@ from .pretrained import MODEL, PretrainedPart, PretrainedRecipe
 N_TRAIN = 1000          # generated training records (the CAPT methods train on replicas of these)
 N_TEST = 200            # test (or validation) records per variant
 QUICK_TEST = 4          # per variant with --quick
-MAX_NEW_TOKENS = 40     # the target is about 25 SmolLM2 tokens (rule, conclusion, tagged answer, EOS)
+MAX_NEW_TOKENS = 32     # the targets: at most 28 SmolLM2 tokens (rule, conclusion, tagged answer) + EOS
 DECODE_BATCH = 64
 SECONDS_PER_RECORD_STEP = 0.04  # a guess (deduction records are ~60 tokens, STG_M's ~250): the ETA only
 
