@@ -88,9 +88,11 @@ def test_quick_runs_default_to_their_own_folders():
     """--quick without --out never writes into the folder of a full run (make demo's demo_out)."""
     from causal_attn.cli.demo import default_out
 
-    outs = {default_out(part, quick) for part in ("all", "cat", "pretrained") for quick in (False, True)}
+    outs = {default_out(part, quick) for part in ("all", "cat", "pretrained", "capt-pretrained")
+            for quick in (False, True)}
     assert default_out("all", False) == "demo_out" and default_out("pretrained", False) == "demo_pretrained_out"
-    assert len(outs) == 4 and default_out("pretrained", True) not in ("demo_out", "demo_pretrained_out")
+    assert default_out("capt-pretrained", False) == "demo_capt_pretrained_out"
+    assert len(outs) == 6 and default_out("pretrained", True) not in ("demo_out", "demo_pretrained_out")
 
 
 def test_answer_loss_and_first_token_scoring_match_the_full_model(smollm2):

@@ -1,11 +1,12 @@
 """`causal-attn demo`: both methods on CPU in minutes — CAT on STG_E (part ``cat``) and CAPT on a
 generated PrOntoQA-style deduction task (part ``capt``); ``demo pretrained`` (not in ``all``: ~12 min per seed)
-fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT. The parts are :mod:`causal_attn.demo`.
+fine-tunes a real checkpoint, SmolLM2-135M, on STG_M, vanilla vs CAT, and ``demo capt-pretrained`` (not in ``all``)
+fine-tunes it on the deduction task, vanilla vs CAPT. The parts are :mod:`causal_attn.demo`.
 
 Writes ``results.json`` (one key per part, and the ``provenance`` of the code that ran: git revision, dirty flag,
 source hash, package versions), ``table.md`` and the figures to ``--out`` (default: ``demo_out`` for the tiny
-parts, ``demo_pretrained_out`` for ``pretrained``, each with a ``_quick`` suffix under ``--quick``, so a smoke
-run never overwrites a full one).
+parts, ``demo_pretrained_out`` for ``pretrained``, ``demo_capt_pretrained_out`` for ``capt-pretrained``, each with a
+``_quick`` suffix under ``--quick``, so a smoke run never overwrites a full one).
 """
 from __future__ import annotations
 
@@ -17,19 +18,20 @@ from .errors import CliError
 
 
 def add_parser(subparsers):
-    from ..demo import EXTRA_PARTS, PARTS, capt, pretrained, stg
+    from ..demo import EXTRA_PARTS, PARTS, capt, capt_pretrained, pretrained, stg
 
     p = subparsers.add_parser("demo", help="vanilla vs CAT on STG_E and vanilla vs CAPT on a deduction task "
                               "(tiny Llama, CPU, minutes)", description=__doc__.splitlines()[0])
     p.add_argument("part", nargs="?", choices=("all",) + PARTS + EXTRA_PARTS,
-                   default="all", help="run both tiny parts (default) or one; `pretrained` (SmolLM2-135M, ~12 min "
-                   "per seed) only when named")
+                   default="all", help="run both tiny parts (default) or one; `pretrained` and `capt-pretrained` "
+                   "(SmolLM2-135M, minutes per seed) only when named")
     p.add_argument("--out", default=None, help="output directory (default: demo_out, demo_pretrained_out for "
-                   "`pretrained`; with --quick: demo_quick_out / demo_pretrained_quick_out)")
+                   "`pretrained`, demo_capt_pretrained_out for `capt-pretrained`; with --quick: a _quick_out suffix)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     p.add_argument("--quick", action="store_true", help="one seed, a few steps, small test subsets (smoke test)")
-    p.add_argument("--steps", type=int, default=None, help=f"CAT / pretrained parts: optimizer steps per run "
-                   f"(default {stg.DEFAULT.steps} / {pretrained.DEFAULT.steps})")
+    p.add_argument("--steps", type=int, default=None, help=f"CAT / pretrained / capt-pretrained parts: optimizer "
+                   f"steps per run (default {stg.DEFAULT.steps} / {pretrained.DEFAULT.steps} / "
+                   f"{capt_pretrained.DEFAULT.steps})")
     p.add_argument("--alpha", type=float, default=None, help=f"CAT / pretrained parts: Re-Attention margin "
                    f"(default {stg.DEFAULT.alpha:g} / {pretrained.DEFAULT.alpha:g})")
     p.add_argument("--extra-train", type=int, default=None,
@@ -37,14 +39,17 @@ def add_parser(subparsers):
     p.add_argument("--capt-steps", type=int, default=None,
                    help=f"CAPT part: optimizer steps per run (default {capt.DEFAULT.steps})")
     p.add_argument("--capt-copies", type=int, default=None,
-                   help=f"CAPT part: replicas of the training set with fresh letters (default {capt.COPIES})")
+                   help=f"CAPT / capt-pretrained parts: replicas of the training set with fresh letters (default "
+                   f"{capt.COPIES} / {capt_pretrained.DEFAULT.copies})")
     p.add_argument("--model", default=pretrained.MODEL,
-                   help=f"pretrained part: checkpoint for causal_attn.hf.pretrained.load (default {pretrained.MODEL})")
-    p.add_argument("--lr", type=float, default=None, help=f"pretrained part: learning rate (default {pretrained.DEFAULT.lr:g})")
-    p.add_argument("--lora-r", type=int, default=None,
-                   help=f"pretrained part: LoRA rank on q/k/v/o, 0 = full fine-tuning (default {pretrained.DEFAULT.lora_r})")
+                   help=f"pretrained parts: checkpoint for causal_attn.hf.pretrained.load (default {pretrained.MODEL})")
+    p.add_argument("--lr", type=float, default=None, help=f"pretrained parts: learning rate (default "
+                   f"{pretrained.DEFAULT.lr:g} / {capt_pretrained.DEFAULT.lr:g})")
+    p.add_argument("--lora-r", type=int, default=None, help=f"pretrained parts: LoRA rank on q/k/v/o, 0 = full "
+                   f"fine-tuning (default {pretrained.DEFAULT.lora_r} / {capt_pretrained.DEFAULT.lora_r})")
     p.add_argument("--split", choices=("test", "val"), default="test",
-                   help="pretrained part: score on the released STG_E tests (default) or the validation splits")
+                   help="pretrained parts: score on the tests (default; STG_E's released ones, the deduction "
+                   "generator's) or the validation splits (another generator seed)")
     p.add_argument("--jobs", type=int, default=None, help="runs trained in parallel processes (default: 2 CPUs -> 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
     p.set_defaults(func=run)
@@ -61,7 +66,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if args.out is None:
         args.out = default_out(args.part, args.quick)
-    if args.part == "pretrained":
+    if args.part in ("pretrained", "capt-pretrained"):
         args.jobs = 1  # one 135M-parameter model at a time, on every core
     elif args.jobs is None:
         args.jobs = 1 if args.quick else min(2, os.cpu_count() or 1)
@@ -95,4 +100,5 @@ def run(args) -> int:
 
 def default_out(part: str, quick: bool) -> str:
     """The output folder when ``--out`` is not given: one per kind of run, so none overwrites another's files."""
-    return ("demo_pretrained" if part == "pretrained" else "demo") + ("_quick" if quick else "") + "_out"
+    stem = {"pretrained": "demo_pretrained", "capt-pretrained": "demo_capt_pretrained"}.get(part, "demo")
+    return stem + ("_quick" if quick else "") + "_out"

@@ -26,7 +26,8 @@ from .part import DemoError, Part, mean_std
 
 METHODS = ("vanilla", "capt", "capt_order")
 MODES = {"vanilla": None, "capt": "random", "capt_order": "order"}
-DATA_SEED = 0
+DATA_SEED = 0       # the training and test records' generator seed
+VAL_SEED = 1        # the validation records' (--split val of the pretrained variant)
 N_TRAIN, N_TEST = 2000, 100
 COPIES = 16         # CAPT replicas of the training set (fresh letters in each): 1000 x 32 draws ~ one pass
 # init_std 0.08 (HF default 0.02) and lr 5e-3: from 0.02 the model first sits ~300 steps on a plateau where it
@@ -42,13 +43,9 @@ class Setup:
     def __init__(self, quick: bool, copies: int):
         from string import ascii_uppercase
 
-        from ..data.capt.deduction import generate
         from .model import build_word_tokenizer
 
-        n_test = 16 if quick else N_TEST
-        data = generate(DATA_SEED, n_train=200 if quick else N_TRAIN, n_test=n_test)
-        self.train = data["train"]
-        self.tests = [r for v in VARIANTS for r in data[v]]
+        self.train, self.tests = load_data(200 if quick else N_TRAIN, 16 if quick else N_TEST)
         self.copies = copies
         self._encoded: dict[str, list[dict]] = {}
         corpus = [r["input"] + r["target"] for r in self.train + self.tests] + [" ".join(ascii_uppercase)]
@@ -60,26 +57,68 @@ class Setup:
         from .fit import encode_records
 
         if method not in self._encoded:
-            self._encoded[method] = encode_records(self.train_records(method, seed=0), self.tokenizer, edges=False)
+            self._encoded[method] = encode_records(train_records(self.train, method, self.copies, seed=0),
+                                                   self.tokenizer, edges=False)
         return self._encoded[method]
 
-    def train_records(self, method: str, seed: int) -> list[dict]:
-        from ..data import capt
-
-        mode = MODES[method]
-        if mode is None:
-            return self.train
-        return capt.replicate(self.train, self.copies if mode == "random" else 1, seed=seed, mode=mode)
-
     def test_records(self, method: str, seed: int) -> list[dict]:
-        """The test prompts as the method sees them: originals, or symbolised like its training data."""
-        from ..data import capt
+        return test_records(self.tests, method, seed)
 
-        mode = MODES[method]
-        if mode is None:
-            return self.tests
-        rng = random.Random(10_000 + seed)
-        return [capt.symbolize_sample(r, mode, rng) for r in self.tests]
+
+def load_data(n_train: int, n_test: int, split: str = "test") -> tuple[list[dict], list[dict]]:
+    """``(train, tests)``: the deduction generator's training split under :data:`DATA_SEED` and its test records
+    of every variant (variant by variant), or (``split="val"``) the validation records: the variants drawn under
+    :data:`VAL_SEED`, every record whose prompt is also a test prompt removed (what a recipe is chosen on)."""
+    from ..data.capt.deduction import generate
+
+    data = generate(DATA_SEED, n_train=n_train, n_test=n_test)
+    tests = [r for v in VARIANTS for r in data[v]]
+    if split == "val":
+        held_out = {r["input"] for r in tests}
+        val = generate(VAL_SEED, n_train=0, n_test=n_test)
+        tests = [r for v in VARIANTS for r in val[v] if r["input"] not in held_out]
+    elif split != "test":
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    return data["train"], tests
+
+
+def train_records(train: list[dict], method: str, copies: int, seed: int) -> list[dict]:
+    """The method's training records: the originals (``vanilla``), ``copies`` replicas with fresh random letters
+    (``capt``) or one copy with letters by symbol number (``capt_order``)."""
+    from ..data import capt
+
+    mode = MODES[method]
+    if mode is None:
+        return train
+    return capt.replicate(train, copies if mode == "random" else 1, seed=seed, mode=mode)
+
+
+def test_records(tests: list[dict], method: str, seed: int) -> list[dict]:
+    """The test prompts as the method sees them: originals (``vanilla``; any method not in :data:`MODES`, such as
+    an untuned model), or symbolised like its training data (as CAPT does at inference)."""
+    from ..data import capt
+
+    mode = MODES.get(method)
+    if mode is None:
+        return tests
+    rng = random.Random(10_000 + seed)
+    return [capt.symbolize_sample(r, mode, rng) for r in tests]
+
+
+def score(model, tokenizer, tests: list[dict], *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 200) -> dict:
+    """Greedy generations of the test prompts (:func:`~causal_attn.hf.decode.greedy_decode`) parsed by the CAPT
+    scorer (:func:`~causal_attn.data.capt.accuracy_by_variant`): accuracy per variant, the unparsed count and
+    three examples."""
+    from ..data.capt import accuracy_by_variant
+    from ..hf.decode import greedy_decode
+
+    gens = greedy_decode(model, tokenizer, [r["input"] for r in tests], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+    table = accuracy_by_variant(tests, gens)
+    return {"accuracy": {v: table[v]["accuracy"] for v in VARIANTS if v in table},
+            "unparsed": sum(table[v]["unparsed"] for v in VARIANTS if v in table),
+            "examples": [{"variant": r["variant"], "input": r["input"], "target": r["target"], "generation": g}
+                         for r, g in list(zip(tests, gens))[::max(1, len(tests) // 3)][:3]]}
 
 
 class CaptPart(Part):
@@ -115,65 +154,78 @@ class CaptPart(Part):
 
     def one_run(self, method: str, seed: int, setup: Setup, recipe: Recipe) -> dict:
         """Train one model on the method's records and score it per test variant."""
-        from ..data.capt import accuracy_by_variant
-        from ..hf.decode import greedy_decode
         from .fit import train_run
 
         t_run = time.perf_counter()
         # the CAT loss is off (method "vanilla" of the training loop): the three differ only in their data
         model, _, curve = train_run("vanilla", seed, setup.encoded(method), setup.tokenizer, recipe)
-        tests = setup.test_records(method, seed)
-        gens = greedy_decode(model, setup.tokenizer, [r["input"] for r in tests], max_new_tokens=MAX_NEW_TOKENS,
-                             batch_size=200)
-        table = accuracy_by_variant(tests, gens)
-        return {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve,
-                "accuracy": {v: table[v]["accuracy"] for v in VARIANTS if v in table},
-                "unparsed": sum(table[v]["unparsed"] for v in VARIANTS if v in table),
-                "examples": [{"variant": r["variant"], "input": r["input"], "target": r["target"], "generation": g}
-                             for r, g in list(zip(tests, gens))[::max(1, len(tests) // 3)][:3]]}
+        scores = score(model, setup.tokenizer, setup.test_records(method, seed))
+        return {"method": method, "seed": seed, "seconds": time.perf_counter() - t_run, "curve": curve, **scores}
 
     def describe(self, res: dict) -> str:
-        return "  ".join(f"{v} {res['accuracy'][v]:.3f}" for v in VARIANTS)
+        return describe(res)
 
     def summarize(self, out_dir: str) -> tuple[dict, str]:
         """Accuracy per method and variant over seeds, the figure and the table."""
-        from .figures import variant_accuracy
-
-        setup, recipe = self.setup, self.recipe
-        results = {"seeds": self.seeds,
-                   "recipe": {**recipe.__dict__, "copies": self.copies, "train_records": len(setup.train),
-                              "data_seed": DATA_SEED, "test_per_variant": len(setup.tests) // 3},
-                   "world_agreement": correlations(setup)}
-        for m in METHODS:
-            rs = self.runs[m]
-            entry = {}
-            for v in VARIANTS:
-                mean, std = mean_std(r["accuracy"][v] for r in rs)
-                entry[v] = {"acc": mean, "std": std, "per_seed": [r["accuracy"][v] for r in rs]}
-            entry["runs"] = rs
-            results[m] = entry
-        path = variant_accuracy(os.path.join(out_dir, "demo_capt_accuracy.png"),
-                                {m: {v: results[m][v]["per_seed"] for v in VARIANTS} for m in METHODS})
-        results["figures"] = {"capt_accuracy": os.path.basename(path)}
-        results["run_seconds"] = sum(r["seconds"] for rs in self.runs.values() for r in rs)  # summed over the runs
-        return results, format_table(results)
+        setup = self.setup
+        recipe = {**self.recipe.__dict__, "copies": self.copies, "train_records": len(setup.train),
+                  "data_seed": DATA_SEED, "test_per_variant": len(setup.tests) // 3}
+        return summarize(self.runs, self.seeds, recipe, setup.train, setup.tests,
+                         os.path.join(out_dir, "demo_capt_accuracy.png"))
 
 
-def correlations(setup: Setup) -> dict:
+def describe(res: dict) -> str:
+    """A run's accuracy per variant, for its console line."""
+    return "  ".join(f"{v} {res['accuracy'][v]:.3f}" for v in VARIANTS)
+
+
+def summarize(runs: dict, seeds: list[int], recipe: dict, train: list[dict], tests: list[dict], figure: str, *,
+              zero_shot: dict | None = None) -> tuple[dict, str]:
+    """``(results, table)``: per method of :data:`METHODS` and variant the accuracy over seeds (``acc``, ``std``,
+    ``per_seed``) and the method's ``runs``; with ``zero_shot`` (an untuned model's run) its accuracy per variant
+    too. Draws the accuracy figure to ``figure``."""
+    from .figures import variant_accuracy
+
+    results = {"seeds": seeds, "recipe": recipe, "world_agreement": correlations(train, tests)}
+    per_seed = {}
+    if zero_shot is not None:
+        results["zero_shot"] = {**{v: {"acc": zero_shot["accuracy"][v]} for v in VARIANTS},
+                                "unparsed": zero_shot["unparsed"], "examples": zero_shot["examples"],
+                                "seconds": zero_shot["seconds"]}
+        per_seed["zero_shot"] = {v: [zero_shot["accuracy"][v]] for v in VARIANTS}
+    for m in METHODS:
+        entry = {}
+        for v in VARIANTS:
+            mean, std = mean_std(r["accuracy"][v] for r in runs[m])
+            entry[v] = {"acc": mean, "std": std, "per_seed": [r["accuracy"][v] for r in runs[m]]}
+        entry["runs"] = runs[m]
+        results[m] = entry
+        per_seed[m] = {v: entry[v]["per_seed"] for v in VARIANTS}
+    results["figures"] = {"capt_accuracy": os.path.basename(variant_accuracy(figure, per_seed))}
+    # summed over the runs (the untuned model's scoring included)
+    results["run_seconds"] = sum(r["seconds"] for m in METHODS for r in runs[m]) + (
+        zero_shot["seconds"] if zero_shot is not None else 0.0)
+    return results, format_table(results)
+
+
+def correlations(train: list[dict], tests: list[dict]) -> dict:
     """Fraction of records whose answer agrees with what the names suggest, per split (None: no names)."""
     out = {}
-    for name, recs in (("train", setup.train),) + tuple((v, [r for r in setup.tests if r["variant"] == v])
-                                                        for v in VARIANTS):
+    for name, recs in (("train", train),) + tuple((v, [r for r in tests if r["variant"] == v]) for v in VARIANTS):
         flags = [r["world_agrees"] for r in recs if r["world_agrees"] is not None]
         out[name] = sum(flags) / len(flags) if flags else None
     return out
 
 
 def format_table(results: dict) -> str:
-    """Accuracy % per test variant (mean +- sample std over seeds, then the per-seed values)."""
+    """Accuracy % per test variant (mean +- sample std over seeds, then the per-seed values; the untuned model's
+    row first where there is one)."""
     n = len(results["seeds"])
     lines = [f"| method ({n} seed{'s' if n > 1 else ''}) | " + " | ".join(f"{v} %" for v in VARIANTS) + " |",
              "|---|" + "---|" * len(VARIANTS)]
+    if "zero_shot" in results:  # an untuned model: one value per variant
+        lines.append("| untuned checkpoint (zero-shot) | "
+                     + " | ".join(f"{100 * results['zero_shot'][v]['acc']:.1f}" for v in VARIANTS) + " |")
     for m in METHODS:
         cells = []
         for v in VARIANTS:

@@ -91,7 +91,7 @@ def variant_accuracy(path: str, per_method: dict) -> str:
     ``per_method``: method -> {variant: list of per-seed accuracies}."""
     plt = _plt()
     variants = list(next(iter(per_method.values())))
-    colors = {"vanilla": "tab:gray", "capt": "tab:green", "capt_order": "tab:olive"}
+    colors = {"zero_shot": "tab:purple", "vanilla": "tab:gray", "capt": "tab:green", "capt_order": "tab:olive"}
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(per_method)
     for i, (method, accs) in enumerate(per_method.items()):

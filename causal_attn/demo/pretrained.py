@@ -159,33 +159,55 @@ class PretrainedPart(Part):
     methods = ("zero_shot",) + METHODS
     seconds_per_step = SECONDS_PER_RECORD_STEP
 
+    run_log = "pretrained_runs.jsonl"   # the run log's file name in ``out``
+    default_recipe, quick_recipe = DEFAULT, QUICK
+
     def __init__(self, recipe: PretrainedRecipe, seeds: list[int], model_name: str = MODEL, quick: bool = False,
                  split: str = "test", *, eval_size: int | None = None, probe: int | None = None,
                  out: str | None = None):
         super().__init__(recipe, seeds)
         self.model_name, self.quick, self.split, self.eval_size, self.probe = model_name, quick, split, eval_size, probe
-        self.log = None if out is None else RunLog(os.path.join(out, RUN_LOG), model_name, quick, split, recipe)
+        self.log = None if out is None else RunLog(os.path.join(out, self.run_log), model_name, quick, split, recipe)
 
     @classmethod
     def from_args(cls, args) -> "PretrainedPart":
-        recipe = QUICK if args.quick else DEFAULT
-        overrides = {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
-        recipe = PretrainedRecipe(**{**recipe.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        """The part for ``causal-attn demo``'s arguments: the quick or the default recipe with the options that were
+        given (:meth:`recipe_overrides`) applied, the setup loaded (the checkpoint and the data), one line printed."""
+        recipe = cls.quick_recipe if args.quick else cls.default_recipe
+        overrides = {k: v for k, v in cls.recipe_overrides(args).items() if v is not None}
+        recipe = type(recipe)(**{**recipe.__dict__, **overrides})
         if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
             raise DemoError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
         try:
             part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.model, args.quick, args.split,
                        out=args.out)
-            setup = part.setup
+            part.setup  # noqa: B018 -- loaded here: a bad --model is a one-line error, not a traceback mid-run
         except (ValueError, OSError) as e:
             raise DemoError(str(e)) from e
-        eta = SECONDS_PER_RECORD_STEP * recipe.batch_size * recipe.steps * len(part.seeds) * len(METHODS) / 60
-        print(f"demo pretrained: {args.model}, {len(setup.train)} training records, scored on {args.split} "
-              f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
-              f"{len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, "
-              f"lr {recipe.lr:g}, " + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning")
-              + f", alpha {recipe.alpha:g}; training about {eta:.0f} min on 2 CPU cores", flush=True)
+        print(part.banner(), flush=True)
         return part
+
+    @classmethod
+    def recipe_overrides(cls, args) -> dict:
+        """Recipe field -> the command-line value (None: not given)."""
+        return {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
+
+    def banner(self) -> str:
+        """The line printed before training: data, methods, recipe, estimated time."""
+        setup, recipe = self.setup, self.recipe
+        return (f"demo pretrained: {self.model_name}, {len(setup.train)} training records, scored on {self.split} "
+                f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
+                f"{len(self.seeds)} seed(s) x {METHODS}, {self.recipe_line()}, alpha {recipe.alpha:g}; training "
+                f"about {self.eta_minutes():.0f} min on 2 CPU cores")
+
+    def recipe_line(self) -> str:
+        recipe = self.recipe
+        return (f"{recipe.steps} steps of batch {recipe.batch_size}, lr {recipe.lr:g}, "
+                + (f"LoRA r {recipe.lora_r}" if recipe.lora_r else "full fine-tuning"))
+
+    def eta_minutes(self) -> float:
+        """Estimated training minutes of all runs (:attr:`seconds_per_step` per record-step)."""
+        return self.seconds_per_run * len(self.seeds) * (len(self.methods) - 1) / 60
 
     def setup_key(self) -> tuple:
         return self.model_name, self.quick, self.split, self.eval_size, self.probe
@@ -194,7 +216,8 @@ class PretrainedPart(Part):
         return Setup(self.model_name, self.quick, self.split, self.eval_size, self.probe)
 
     def tasks(self) -> list[tuple[str, int]]:
-        return [("zero_shot", 0)] + [(m, seed) for seed in self.seeds for m in METHODS]
+        """The untuned checkpoint once, then every trained method per seed."""
+        return [("zero_shot", 0)] + [(m, seed) for seed in self.seeds for m in self.methods if m != "zero_shot"]
 
     def saved(self, method: str, seed: int) -> dict | None:
         return None if self.log is None else self.log.get(method, seed)
@@ -276,12 +299,13 @@ class PretrainedPart(Part):
         return results, format_table(results)
 
 
-RUN_LOG = "pretrained_runs.jsonl"
+RUN_LOG = PretrainedPart.run_log
 
 
 class RunLog:
-    """Every finished run of ``demo pretrained``, one JSON line each in ``--out`` (the annotation pipeline's
-    :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last line skipped), written as it
+    """Every finished run of ``demo pretrained`` (and ``demo capt-pretrained``, in its own file), one JSON line each
+    in ``--out`` (the annotation pipeline's :class:`~causal_attn.data.llm.JsonlCache`: fsynced per line, a torn last
+    line skipped), written as it
     finishes: a run that was cut off (or a seed added later) resumes without retraining what is there. A line
     counts only for the same checkpoint (name and content hash), code (:func:`~causal_attn.utils.provenance.code_hash`
     of the package's sources: a code change retrains), test split, quick flag and recipe."""
@@ -307,11 +331,15 @@ class RunLog:
             return None
         import numpy as np
 
-        return {**entry["result"], "sample_map": np.asarray(entry["result"]["sample_map"], dtype=np.float32)}
+        result = entry["result"]
+        if "sample_map" in result:  # an attention map (an array in a run's record)
+            result = {**result, "sample_map": np.asarray(result["sample_map"], dtype=np.float32)}
+        return result
 
     def add(self, res: dict):
-        self.cache.put({"key": self._key(res["method"], res["seed"]),
-                        "result": {**res, "sample_map": res["sample_map"].tolist()}})
+        if "sample_map" in res:
+            res = {**res, "sample_map": res["sample_map"].tolist()}
+        self.cache.put({"key": self._key(res["method"], res["seed"]), "result": res})
 
 
 def format_table(results: dict) -> str:

@@ -1,0 +1,94 @@
+"""`causal-attn demo capt-pretrained --quick` on the real SmolLM2-135M checkpoint (vanilla vs CAPT on the deduction
+task), and its data: the validation records, the test prompts each method sees."""
+import json
+import os
+import re
+import time
+
+import pytest
+
+from causal_attn.cli import main
+from causal_attn.data.capt import VARIANTS
+from causal_attn.data.capt.deduction import CLASSES, NONSENSE, WORLD
+from causal_attn.demo import capt, capt_pretrained as demo
+
+PNG = b"\x89PNG\r\n\x1a\n"
+METHODS = ("vanilla", "capt", "capt_order")
+
+
+def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    assert main(["demo", "capt-pretrained", "--quick", "--out", str(out)]) == 0
+    seconds = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"capt-pretrained", "seconds", "provenance"}
+    res = res["capt-pretrained"]
+    assert res["model"] == "smollm2-135m" and res["split"] == "test" and res["seeds"] == [0]
+    assert res["recipe"]["steps"] == demo.QUICK.steps and res["recipe"]["gamma"] == 0.0
+    assert res["recipe"]["test_per_variant"] == {v: demo.QUICK_TEST for v in VARIANTS}
+    zero = res["zero_shot"]  # the untuned checkpoint: one accuracy per variant
+    assert all(0.0 <= zero[v]["acc"] <= 1.0 for v in VARIANTS) and len(zero["examples"]) == 3
+    assert 0 <= zero["unparsed"] <= len(VARIANTS) * demo.QUICK_TEST
+    for m in METHODS:
+        for v in VARIANTS:
+            assert res[m][v]["per_seed"] == [res[m][v]["acc"]] and 0.0 <= res[m][v]["acc"] <= 1.0
+        (run,) = res[m]["runs"]
+        assert [p["step"] for p in run["curve"]] == list(range(1, demo.QUICK.steps + 1))  # CATTrainer's logs
+        assert all(p["gamma"] == 0.0 for p in run["curve"])  # no Re-Attention loss
+    # CAPT sees lettered prompts at inference, vanilla the originals
+    words = set(WORLD) | set(CLASSES) | set(NONSENSE["subjects"]) | set(NONSENSE["classes"])
+    names = re.compile(r"\b(" + "|".join(sorted(words)) + r")\b")
+    for m, named in (("vanilla", True), ("capt", False), ("capt_order", False)):
+        inputs = [e["input"] for e in res[m]["runs"][0]["examples"]]
+        assert all(bool(names.search(x)) == named for x in inputs), (m, inputs)
+    table = (out / "table.md").read_text()
+    assert capt.format_table(res) in printed and capt.format_table(res) in table
+    assert "untuned checkpoint (zero-shot)" in table
+    data = (out / res["figures"]["capt_accuracy"]).read_bytes()
+    assert data.startswith(PNG) and len(data) > 5000
+    assert res["scoring"].startswith(f"greedy decoding ({demo.QUICK_NEW_TOKENS} new tokens)")
+    # a smoke test stays short: checked where the cores are not shared with another job (the load average then
+    # counts this test's own threads, at most one per core)
+    if os.getloadavg()[0] <= (os.cpu_count() or 1) + 0.5:
+        assert seconds < 40, f"the quick run took {seconds:.0f} s"
+    # every finished run is in the run log: a second invocation trains nothing and gives the same results
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run in the run log was trained again")
+
+    monkeypatch.setattr(demo.CaptPretrainedPart, "one_run", no_training)
+    assert main(["demo", "capt-pretrained", "--quick", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["capt-pretrained"]
+    for m in METHODS + ("zero_shot",):
+        assert all(again[m][v]["acc"] == res[m][v]["acc"] for v in VARIANTS)
+    assert capsys.readouterr().out.count(" s, resumed)") == 4
+    assert len((out / demo.CaptPretrainedPart.run_log).read_text().splitlines()) == 4
+
+
+def test_validation_records_are_other_records_than_the_tests():
+    train, tests = capt.load_data(100, 50)
+    _, val = capt.load_data(100, 50, "val")
+    assert {r["input"] for r in val}.isdisjoint(r["input"] for r in tests)
+    assert {r["variant"] for r in val} == set(VARIANTS) and len(val) > 0.8 * len(tests)
+    assert capt.load_data(100, 50) == (train, tests)
+    with pytest.raises(ValueError):
+        capt.load_data(10, 5, "dev")
+
+
+def test_each_method_sees_its_own_test_prompts():
+    _, tests = capt.load_data(10, 6)
+    assert capt.test_records(tests, "zero_shot", 0) is tests and capt.test_records(tests, "vanilla", 0) is tests
+    lettered = capt.test_records(tests, "capt", 0)
+    assert lettered == capt.test_records(tests, "capt", 0) != capt.test_records(tests, "capt", 1)
+    ordered = capt.test_records(tests, "capt_order", 0)
+    for r, x, o in zip(tests, lettered, ordered):
+        assert x["answer"] == o["answer"] == r["answer"] and x["variant"] == r["variant"]
+        assert o["capt_assignment"]["symbol_1"] == "A" and x["input"] != r["input"]
+
+
+def test_capt_pretrained_bad_arguments_give_one_line(tmp_path, capsys):
+    for bad in (["--capt-copies", "0"], ["--steps", "0"], ["--lr", "-1"]):
+        assert main(["demo", "capt-pretrained", "--out", str(tmp_path), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1, err
