@@ -1,9 +1,7 @@
 """`causal-attn demo capt-pretrained --quick` on the real SmolLM2-135M checkpoint (vanilla vs CAPT on the deduction
 task), and its data: the validation records, the test prompts each method sees."""
 import json
-import os
 import re
-import time
 
 import pytest
 
@@ -18,9 +16,7 @@ METHODS = ("vanilla", "capt", "capt_order")
 
 def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     assert main(["demo", "capt-pretrained", "--quick", "--out", str(out)]) == 0
-    seconds = time.perf_counter() - t0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"capt-pretrained", "seconds", "provenance"}
@@ -49,10 +45,6 @@ def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, ca
     data = (out / res["figures"]["capt_accuracy"]).read_bytes()
     assert data.startswith(PNG) and len(data) > 5000
     assert res["scoring"].startswith(f"greedy decoding ({demo.QUICK_NEW_TOKENS} new tokens)")
-    # a smoke test stays short: checked where the cores are not shared with another job (the load average then
-    # counts this test's own threads, at most one per core)
-    if os.getloadavg()[0] <= (os.cpu_count() or 1) + 0.5:
-        assert seconds < 40, f"the quick run took {seconds:.0f} s"
     # every finished run is in the run log: a second invocation trains nothing and gives the same results
     def no_training(*args, **kwargs):
         raise AssertionError("a run in the run log was trained again")
