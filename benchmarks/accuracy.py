@@ -2,7 +2,7 @@
 
     python -m benchmarks.accuracy [--backends torch cpp] [--out benchmarks/results/accuracy.csv]
 
-Uses the independent fp64 oracle of the test suite (tests/oracle.py) on fresh random inputs with GQA, left
+Uses the independent fp64 oracle of the test suite (causal_attn/testing/oracle.py) on fresh random inputs with GQA, left
 padding and an x30 logit case. Errors are relative: max |x - x64| / max |x64|.
 """
 import argparse
