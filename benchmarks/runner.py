@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -142,17 +141,15 @@ def run(args, log=print) -> dict[str, str]:
 
 
 def code_version() -> str:
-    """``git describe`` of the checkout (with -dirty for uncommitted changes), else the installed version."""
-    if not IN_CHECKOUT:
+    """Short git revision of the checkout (with -dirty for uncommitted changes), else the installed version."""
+    from causal_attn.utils.provenance import git_state
+
+    state = git_state()
+    if state["git_revision"] is None:
         import causal_attn
 
         return f"causal_attn {causal_attn.__version__} (installed)"
-    try:
-        res = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             timeout=10)
-        return res.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return state["git_revision"][:7] + ("-dirty" if state["git_dirty"] else "")
 
 
 def main_for(which: str = "all", argv=None) -> int:
