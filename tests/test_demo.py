@@ -2,6 +2,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,11 +51,33 @@ def test_both_parts_share_one_pool_of_worker_processes(tmp_path, capsys):
 
 
 def test_demo_bad_arguments_give_one_line(tmp_path, capsys):
-    for bad in (["--seeds", "0"], ["--steps", "0"], ["--extra-train", "-1"], ["capt", "--capt-steps", "0"],
+    for bad in (["--seeds", "0"], ["--first-seed", "-1"], ["--steps", "0"], ["--extra-train", "-1"], ["capt", "--capt-steps", "0"],
                 ["capt", "--capt-copies", "0"]):
         assert main(["demo", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1
+
+
+def test_seed_options_pick_each_parts_seeds():
+    """``--seeds`` / ``--first-seed`` over each part's defaults: the pretrained part starts past seed 0, the seed its
+    recipe search trained (its test seeds and its search seeds are disjoint)."""
+    import argparse
+
+    from causal_attn.demo.capt import CaptPart
+    from causal_attn.demo.capt_pretrained import CaptPretrainedPart
+    from causal_attn.demo.pretrained import PretrainedPart
+    from causal_attn.demo.stg import CatPart
+
+    args = lambda **kw: argparse.Namespace(**{"seeds": None, "first_seed": None, "quick": False, **kw})  # noqa: E731
+    assert CatPart.seed_list(args()) == CaptPart.seed_list(args()) == [0, 1, 2]
+    assert PretrainedPart.seed_list(args()) == [1, 2, 3, 4, 5]
+    assert CaptPretrainedPart.seed_list(args()) == [0, 1, 2]
+    assert PretrainedPart.seed_list(args(seeds=2, first_seed=7)) == [7, 8]
+    assert CatPart.seed_list(args(seeds=4, first_seed=2)) == [2, 3, 4, 5]
+    assert PretrainedPart.seed_list(args(quick=True)) == [1]
+    search_log = Path(__file__).resolve().parents[1] / "docs" / "pretrained_search.jsonl"
+    search_seeds = {json.loads(line)["seed"] for line in open(search_log)}
+    assert not search_seeds & set(PretrainedPart.seed_list(args()))
 
 
 def test_factor_masses_against_a_hand_built_map():

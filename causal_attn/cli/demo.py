@@ -27,7 +27,9 @@ def add_parser(subparsers):
                    "(SmolLM2-135M, minutes per seed) only when named")
     p.add_argument("--out", default=None, help="output directory (default: demo_out, demo_pretrained_out for "
                    "`pretrained`, demo_capt_pretrained_out for `capt-pretrained`; with --quick: a _quick_out suffix)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3; 5 for `pretrained`)")
+    p.add_argument("--first-seed", type=int, default=None, help="the first seed (default: 0; 1 for `pretrained`, "
+                   "whose recipe search trained seed 0)")
     p.add_argument("--quick", action="store_true", help="one seed, a few steps, small test subsets (smoke test)")
     p.add_argument("--steps", type=int, default=None, help=f"CAT / pretrained / capt-pretrained parts: optimizer "
                    f"steps per run (default {stg.DEFAULT.steps} / {pretrained.DEFAULT.steps} / "
@@ -70,8 +72,8 @@ def run(args) -> int:
         args.jobs = 1  # one 135M-parameter model at a time, on every core
     elif args.jobs is None:
         args.jobs = 1 if args.quick else min(2, os.cpu_count() or 1)
-    if args.seeds < 1 or args.jobs < 1:
-        raise CliError("--seeds and --jobs must be >= 1")
+    if (args.seeds is not None and args.seeds < 1) or args.jobs < 1 or (args.first_seed or 0) < 0:
+        raise CliError("--seeds and --jobs must be >= 1, --first-seed >= 0")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -140,7 +140,7 @@ class CaptPart(Part):
         copies = COPIES if args.capt_copies is None else args.capt_copies
         if recipe.steps < 1 or copies < 1:
             raise DemoError("--capt-steps and --capt-copies must be >= 1")
-        part = cls(recipe, list(range(1 if args.quick else args.seeds)), args.quick, copies)
+        part = cls(recipe, cls.seed_list(args), args.quick, copies)
         print(f"demo capt: {len(part.setup.train)} training records (CAPT: {copies} copies), vocabulary "
               f"{len(part.setup.tokenizer)}, {len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch "
               f"{recipe.batch_size}", flush=True)

@@ -82,6 +82,7 @@ class CaptPretrainedPart(PretrainedPart):
     name = "capt-pretrained"
     methods = ("zero_shot",) + capt.METHODS
     seconds_per_step = SECONDS_PER_RECORD_STEP
+    default_seeds, first_seed = 3, 0   # the recipe search trains seeds from 10 on
     run_log = "capt_pretrained_runs.jsonl"
     default_recipe, quick_recipe = DEFAULT, QUICK
 

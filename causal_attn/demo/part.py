@@ -34,6 +34,8 @@ class Part:
     name = ""
     methods: tuple = ()
     seconds_per_step = 0.001   # a run's estimated seconds per record-step: the pool starts the longest runs first
+    default_seeds = 3          # seeds trained when ``--seeds`` is not given
+    first_seed = 0             # the first of them (a part whose recipe search trained seed 0 starts past it)
 
     def __init__(self, recipe, seeds: list[int]):
         self.recipe = recipe
@@ -73,6 +75,14 @@ class Part:
         """Keep a run that just finished (for :meth:`saved`)."""
 
     # ------------------------------------------------------------------ shared
+    @classmethod
+    def seed_list(cls, args) -> list[int]:
+        """The seeds for ``causal-attn demo``'s ``--seeds`` / ``--first-seed`` (the part's defaults where not
+        given; one seed with ``--quick``)."""
+        first = cls.first_seed if args.first_seed is None else args.first_seed
+        count = 1 if args.quick else (cls.default_seeds if args.seeds is None else args.seeds)
+        return list(range(first, first + count))
+
     @property
     def setup(self):
         key = (type(self).__name__, self.setup_key())

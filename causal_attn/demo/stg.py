@@ -112,7 +112,7 @@ class CatPart(Part):
         extra = (QUICK_EXTRA if args.quick else EXTRA_TRAIN) if args.extra_train is None else args.extra_train
         if recipe.steps < 1 or extra < 0:
             raise DemoError("--steps must be >= 1 and --extra-train >= 0")
-        part = cls(recipe, list(range(1 if args.quick else args.seeds)), extra, args.quick)
+        part = cls(recipe, cls.seed_list(args), extra, args.quick)
         print(f"demo cat: {len(part.setup.train)} training records, vocabulary {len(part.setup.tokenizer)}, "
               f"{len(part.seeds)} seed(s) x {METHODS}, {recipe.steps} steps of batch {recipe.batch_size}, "
               f"alpha {recipe.alpha}", flush=True)
