@@ -175,3 +175,24 @@ def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
     val = validation_sets({k: generate_stg_e(seed=42)[k] for k in ("test_iid", "test_ood")})
     low = [100 * sum(r["target"] == "Low Risk" for r in val[k][:100]) / 100 for k in ("iid", "ood")]
     assert rows[3] == f"| majority class (Low Risk) | – | – | 100 | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"
+
+
+def test_capt_search_tabulates_capt_beside_vanilla(tmp_path):
+    """The capt-pretrained search's table: CAPT's margin over the vanilla run of the same setting and seed (a
+    vanilla run ignores ``copies``, so settings that differ only there share it)."""
+    from causal_attn.demo.search import capt_table, run_key
+
+    a = {"name": "A", "steps": 300, "copies": 4}
+    b = {"name": "B", "steps": 300, "copies": 8}
+    assert run_key(a, "vanilla", 10) == run_key(b, "vanilla", 10) != run_key(a, "capt", 10)
+    acc = lambda c, a, n: {"commonsense": c, "anticommonsense": a, "nonsense": n}  # noqa: E731
+    rows = [{"setting": a, "method": "vanilla", "seed": 10, "val_size": 50, "accuracy": acc(1.0, 0.25, 0.5),
+             "unparsed": 0, "seconds": 100.0},
+            {"setting": a, "method": "capt", "seed": 10, "val_size": 50, "accuracy": acc(0.98, 0.9, 0.875),
+             "unparsed": 3, "seconds": 120.0},
+            {"setting": {"name": "C", "steps": 50}, "method": "vanilla", "seed": 10, "val_size": 50,
+             "accuracy": acc(0.5, 0.5, 0.5), "unparsed": 1, "seconds": 10.0}]
+    body = capt_table(rows).splitlines()[2:]
+    assert len(body) == 2
+    assert body[0].startswith("| A |") and "| 100.0 / 25.0 / 50.0 | 98.0 / 90.0 / 87.5 | +65.0 / +37.5 | 3 | 120 |" in body[0]
+    assert body[1].startswith("| C |") and body[1].endswith("| 50.0 / 50.0 / 50.0 | – | – | – | – |")

@@ -1,5 +1,5 @@
 """Recipe search for a demo part, scored on the validation splits only
-(``python -m causal_attn.demo.search --part cat|pretrained --grid grid.json --out search.jsonl``).
+(``python -m causal_attn.demo.search --part cat|pretrained|capt-pretrained --grid grid.json --out search.jsonl``).
 
 ``--grid`` (JSON) is a list of ``{"name": ..., **recipe fields}`` (:class:`causal_attn.demo.fit.Recipe` for
 ``cat``, plus ``"extra"``: generated training records; :class:`causal_attn.demo.pretrained.PretrainedRecipe` for
@@ -8,6 +8,9 @@
 prompt removed), the first ``--val-size`` records of each. One JSON line per run is appended to ``--out`` as it
 finishes; runs already there are skipped (resume), and vanilla runs that differ only in CAT-only fields are
 trained once. ``cat`` runs in ``--jobs`` processes; ``pretrained`` in this one (the checkpoint is loaded once).
+``capt-pretrained`` (:class:`causal_attn.demo.capt_pretrained.CaptPretrainedRecipe`) trains ``vanilla`` and
+``capt`` per seed and scores them on the deduction task's validation records (generator seed
+:data:`causal_attn.demo.capt.VAL_SEED`, every test prompt removed), ``--val-size`` per variant.
 ``--table`` prints the markdown table of such a file.
 """
 from __future__ import annotations
@@ -16,12 +19,12 @@ import argparse
 import json
 import os
 
-CAT_ONLY = ("alpha", "gamma", "gamma_decay", "patch_layers")
-METHODS = ("vanilla", "cat")
+NOT_VANILLA = ("alpha", "gamma", "gamma_decay", "patch_layers", "copies")  # fields a vanilla run ignores
+METHODS = {"cat": ("vanilla", "cat"), "pretrained": ("vanilla", "cat"), "capt-pretrained": ("vanilla", "capt")}
 
 
 def run_key(setting: dict, method: str, seed: int) -> str:
-    fields = {k: v for k, v in setting.items() if k != "name" and (method == "cat" or k not in CAT_ONLY)}
+    fields = {k: v for k, v in setting.items() if k != "name" and (method != "vanilla" or k not in NOT_VANILLA)}
     return json.dumps(fields, sort_keys=True) + f" {method} {seed}"
 
 
@@ -39,8 +42,11 @@ def majority_line(val_size: int) -> str:
 
 def table(path: str) -> str:
     """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
-    CAT run has not finished gets a row of its own), then the majority class on the same validation records."""
+    CAT run has not finished gets a row of its own), then the majority class on the same validation records.
+    A ``capt-pretrained`` file: :func:`capt_table`."""
     rows = [json.loads(line) for line in open(path)]
+    if rows and "accuracy" in rows[0]:
+        return capt_table(rows)
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
     lines = ["| setting | recipe fields | seed | val records per split | vanilla val IID / OOD % | CAT val IID / OOD % | "
@@ -63,6 +69,33 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def capt_table(rows: list[dict]) -> str:
+    """Markdown for a ``capt-pretrained`` search: one row per CAPT run beside the vanilla run of the same setting
+    and seed, accuracy % per validation variant and CAPT's margin over vanilla on the two variants the method is
+    for (a vanilla run whose CAPT run has not finished: a row of its own)."""
+    from ..data.capt import VARIANTS
+
+    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
+    acc = lambda x: " / ".join(f"{100 * x['accuracy'][v]:.1f}" for v in VARIANTS) if x else "–"  # noqa: E731
+    lines = ["| setting | recipe fields | seed | val records per variant | vanilla % (" + " / ".join(VARIANTS) + ") | "
+             "CAPT % | CAPT - vanilla, anticommonsense / nonsense (points) | CAPT unparsed | CAPT wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "capt"}
+    for r in rows:
+        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
+            continue
+        c = r if r["method"] == "capt" else None
+        v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
+        margin = (" / ".join(f"{100 * (c['accuracy'][k] - v['accuracy'][k]):+.1f}" for k in ("anticommonsense",
+                                                                                            "nonsense"))
+                  if c and v else "–")
+        fields = {k: val for k, val in r["setting"].items() if k != "name"}
+        capt_cells = f"{c['unparsed']} | {c['seconds']:.0f}" if c else "– | –"
+        lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {r['val_size']} | "
+                     f"{acc(v)} | {acc(c)} | {margin} | {capt_cells} |")
+    return "\n".join(lines)
+
+
 def setting_part(part: str, setting: dict, seeds: list[int], args):
     """The :class:`~causal_attn.demo.part.Part` that trains ``setting`` on the validation splits."""
     fields = {k: (tuple(v) if k == "patch_layers" and v else v) for k, v in setting.items()
@@ -72,6 +105,11 @@ def setting_part(part: str, setting: dict, seeds: list[int], args):
         from .stg import CatPart
 
         return CatPart(Recipe(**fields), seeds, setting.get("extra", 0), False, "val", val_size=args.val_size)
+    if part == "capt-pretrained":
+        from .capt_pretrained import CaptPretrainedPart, CaptPretrainedRecipe
+
+        return CaptPretrainedPart(CaptPretrainedRecipe(**fields), seeds, args.model, False, "val",
+                                  eval_size=args.val_size)
     from .pretrained import PretrainedPart, PretrainedRecipe
 
     return PretrainedPart(PretrainedRecipe(**fields), seeds, args.model, False, "val", eval_size=args.val_size,
@@ -79,6 +117,10 @@ def setting_part(part: str, setting: dict, seeds: list[int], args):
 
 
 def result_line(res: dict, setting: dict, val_size: int) -> dict:
+    if "accuracy" in res:  # capt-pretrained
+        return {"setting": setting, "method": res["method"], "seed": res["seed"], "val_size": val_size,
+                "accuracy": res["accuracy"], "unparsed": res["unparsed"], "seconds": res["seconds"],
+                "train_seconds": res["train_seconds"], "final_lm_loss": res["curve"][-1].get("lm_loss")}
     return {"setting": setting, "method": res["method"], "seed": res["seed"], "val_iid": res["iid_acc"],
             "val_ood": res["ood_acc"], "val_size": val_size, "mass": res["attention_mass"],
             "seconds": res["seconds"], "final": {k: res["curve"][-1].get(k) for k in ("lm_loss", "attn_loss",
@@ -90,12 +132,13 @@ def main(argv=None) -> int:
     from .runner import run_tasks
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("cat", "pretrained"), default="cat")
+    p.add_argument("--part", choices=tuple(METHODS), default="cat")
     p.add_argument("--grid", help="JSON file: a list of settings")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", required=True, help="JSON lines, appended")
     p.add_argument("--model", default=MODEL, help="pretrained part: the checkpoint")
-    p.add_argument("--val-size", type=int, default=200, help="validation records per split (default 200)")
+    p.add_argument("--val-size", type=int, default=200, help="validation records per split (capt-pretrained: per "
+                   "variant; default 200)")
     p.add_argument("--probe", type=int, default=40, help="pretrained part: OOD validation records for the attention "
                    "mass (default 40)")
     p.add_argument("--jobs", type=int, default=2, help="cat part: runs in parallel processes (default 2)")
@@ -114,7 +157,7 @@ def main(argv=None) -> int:
     for s in grid:
         parts.append(setting_part(args.part, s, args.seeds, args))
         for seed in args.seeds:
-            for method in METHODS:
+            for method in METHODS[args.part]:
                 key = run_key(s, method, seed)
                 if key not in done:
                     done.add(key)
@@ -127,10 +170,10 @@ def main(argv=None) -> int:
             line.update(predicted_ood=res["ood_predicted"], train_seconds=res["train_seconds"])
         with open(args.out, "a") as f:
             f.write(json.dumps(line) + "\n")
-        print(f"{line['setting'].get('name')} {res['method']} seed {res['seed']}: val IID {res['iid_acc']:.3f} "
-              f"OOD {res['ood_acc']:.3f} ({res['seconds']:.0f} s)", flush=True)
+        print(f"{line['setting'].get('name')} {res['method']} seed {res['seed']}: {part.describe(res)} "
+              f"({res['seconds']:.0f} s)", flush=True)
 
-    run_tasks(parts, tasks, write, jobs=1 if args.part == "pretrained" else args.jobs)
+    run_tasks(parts, tasks, write, jobs=args.jobs if args.part == "cat" else 1)
     return 0
 
 
