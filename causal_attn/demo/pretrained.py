@@ -29,6 +29,7 @@ from .stg import FACTOR_KINDS, METHODS
 
 MODEL = "smollm2-135m"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+AUTHORS_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the CAT authors' LoRA
 PROBE = 100              # OOD records whose answer-row attention is split by factor type
 QUICK_EVAL = 6           # records per evaluation split with --quick
 QUICK_PROBE = 2
@@ -45,6 +46,8 @@ class PretrainedRecipe(TrainRecipe):
     curve_points: int = 30
     lora_r: int = 8                # 0: full fine-tuning
     lora_alpha: float = 16.0
+    lora_targets: tuple = LORA_TARGETS   # the modules LoRA adapts (AUTHORS_LORA_TARGETS: the authors')
+    loss_kind: str = "hinge"       # "hinge" or the authors' "div" (causal_attn.re_attention_loss)
 
 
 DEFAULT = PretrainedRecipe()  # chosen on the validation splits (docs/demo_pretrained.md)
@@ -147,7 +150,7 @@ def build_model(method: str, seed: int, recipe: PretrainedRecipe, base):
 
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(LORA_TARGETS)))
+                                                 target_modules=list(recipe.lora_targets)))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -237,7 +240,7 @@ class PretrainedPart(Part):
             check_method(method)
         t0 = time.perf_counter()
         model, _ = build_model(method, seed, recipe, setup.base)
-        handle = patch_model(model, alpha=recipe.alpha,
+        handle = patch_model(model, alpha=recipe.alpha, kind=recipe.loss_kind,
                              layers="all" if recipe.patch_layers is None else list(recipe.patch_layers))
         decoder, head = lm_and_head(handle)
         curve = []

@@ -19,7 +19,8 @@ import argparse
 import json
 import os
 
-NOT_VANILLA = ("alpha", "gamma", "gamma_decay", "patch_layers", "copies")  # fields a vanilla run ignores
+# the recipe fields a vanilla run ignores: settings that differ only there share their vanilla runs
+NOT_VANILLA = ("alpha", "gamma", "gamma_decay", "patch_layers", "loss_kind", "copies")
 METHODS = {"cat": ("vanilla", "cat"), "pretrained": ("vanilla", "cat"), "capt-pretrained": ("vanilla", "capt")}
 
 
@@ -98,7 +99,7 @@ def capt_table(rows: list[dict]) -> str:
 
 def setting_part(part: str, setting: dict, seeds: list[int], args):
     """The :class:`~causal_attn.demo.part.Part` that trains ``setting`` on the validation splits."""
-    fields = {k: (tuple(v) if k == "patch_layers" and v else v) for k, v in setting.items()
+    fields = {k: (tuple(v) if k in ("patch_layers", "lora_targets") and v else v) for k, v in setting.items()
               if k not in ("name", "extra")}
     if part == "cat":
         from .fit import Recipe
