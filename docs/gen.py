@@ -252,9 +252,9 @@ def sim_threads_table() -> str:
                + _table(["shape", "pass", *[f"{t} thread{'s' if t > 1 else ''}" for t in threads]], lines))
 
 
-def pretrained_search_table() -> str:
-    """The pretrained demo's recipe search on the validation splits (docs/pretrained_search.jsonl)."""
-    path = DOCS / "pretrained_search.jsonl"
+def search_table(name: str = "pretrained_search.jsonl") -> str:
+    """A recipe search on the validation splits (``python -m causal_attn.demo.search``): docs/<name>."""
+    path = DOCS / name
     if not path.exists():
         return _missing(path)
     from causal_attn.demo.search import table

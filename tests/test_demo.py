@@ -213,6 +213,9 @@ def test_search_trains_a_grid_on_the_validation_splits_and_resumes(tmp_path, cap
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted((x["setting"]["name"], x["method"]) for x in lines) == [("a", "cat"), ("a", "vanilla"), ("b", "cat")]
     assert all(x["val_size"] == 8 and 0 <= x["val_ood"] <= 1 and "ratio_mean" in x["final"] for x in lines)
+    from causal_attn.utils.provenance import code_hash
+
+    assert all(x["code"]["code_hash"] == code_hash() and "git_revision" in x["code"] for x in lines)
     capsys.readouterr()
     assert search.main(argv) == 0 and capsys.readouterr().out == "" and len(out.read_text().splitlines()) == 3
     rows = search.table(str(out)).splitlines()[2:]

@@ -164,19 +164,21 @@ def test_search_shares_vanilla_runs_and_tabulates_a_results_file(tmp_path):
               "val_size": 100}
              for s, m, iid, ood in ((a, "vanilla", 0.7, 0.5), (a, "cat", 0.75, 0.625), (b, "cat", 0.8, 0.7),
                                     (c, "vanilla", 0.9, 0.6))]
+    lines[2]["code"] = {"git_revision": "abcdef1234" + "0" * 30, "git_dirty": True, "code_hash": "0" * 16}
     path = tmp_path / "search.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     rows = table(str(path)).splitlines()[2:]
     assert len(rows) == 4  # one per CAT run, each beside the vanilla run it shares, a lone vanilla run, the majority
-    assert rows[2].startswith("| C |") and "| 90.0 / 60.0 | – |" in rows[2] and rows[2].endswith("| – | – |")
+    assert rows[2].startswith("| C |") and "| 90.0 / 60.0 | – |" in rows[2] and rows[2].endswith("| – | – | – |")
     assert rows[0].startswith("| A |") and "| 0 | 100 | 70.0 / 50.0 | 75.0 / 62.5 | 0.30 / 0.10 / 0.05 | 0.30 / 0.10 / 0.05 | 60 |" in rows[0]
+    assert rows[0].endswith("| 60 | – |") and rows[1].endswith("| 60 | abcdef1+dirty |")
     assert rows[1].startswith("| B |") and "| 70.0 / 50.0 | 80.0 / 70.0 |" in rows[1]
     from causal_attn.demo.stg import validation_sets
     from causal_attn.data.stg import generate_stg_e
 
     val = validation_sets({k: generate_stg_e(seed=42)[k] for k in ("test_iid", "test_ood")})
     low = [100 * sum(r["target"] == "Low Risk" for r in val[k][:100]) / 100 for k in ("iid", "ood")]
-    assert rows[3] == f"| majority class (Low Risk) | – | – | 100 | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – |"
+    assert rows[3] == f"| majority class (Low Risk) | – | – | 100 | {low[0]:.1f} / {low[1]:.1f} | – | – | – | – | – |"
 
 
 def test_capt_search_tabulates_capt_beside_vanilla(tmp_path):
@@ -191,10 +193,11 @@ def test_capt_search_tabulates_capt_beside_vanilla(tmp_path):
     rows = [{"setting": a, "method": "vanilla", "seed": 10, "val_size": 50, "accuracy": acc(1.0, 0.25, 0.5),
              "unparsed": 0, "seconds": 100.0},
             {"setting": a, "method": "capt", "seed": 10, "val_size": 50, "accuracy": acc(0.98, 0.9, 0.875),
-             "unparsed": 3, "seconds": 120.0},
+             "unparsed": 3, "seconds": 120.0, "code": {"git_revision": "1234567" + "8" * 33, "git_dirty": False}},
             {"setting": {"name": "C", "steps": 50}, "method": "vanilla", "seed": 10, "val_size": 50,
              "accuracy": acc(0.5, 0.5, 0.5), "unparsed": 1, "seconds": 10.0}]
     body = capt_table(rows).splitlines()[2:]
     assert len(body) == 2
-    assert body[0].startswith("| A |") and "| 100.0 / 25.0 / 50.0 | 98.0 / 90.0 / 87.5 | +65.0 / +37.5 | 3 | 120 |" in body[0]
-    assert body[1].startswith("| C |") and body[1].endswith("| 50.0 / 50.0 / 50.0 | – | – | – | – |")
+    assert body[0].startswith("| A |") and body[0].endswith(
+        "| 100.0 / 25.0 / 50.0 | 98.0 / 90.0 / 87.5 | +65.0 / +37.5 | 3 | 120 | 1234567 |")
+    assert body[1].startswith("| C |") and body[1].endswith("| 50.0 / 50.0 / 50.0 | – | – | – | – | – |")

@@ -5,8 +5,8 @@
 ``cat``, plus ``"extra"``: generated training records; :class:`causal_attn.demo.pretrained.PretrainedRecipe` for
 ``pretrained``); each setting is trained vanilla and CAT per seed and scored on the IID / OOD validation sets of
 :func:`causal_attn.demo.stg.validation_sets` (generator seed ``VAL_SEED``, never 42, with every released test
-prompt removed), the first ``--val-size`` records of each. One JSON line per run is appended to ``--out`` as it
-finishes; runs already there are skipped (resume), and vanilla runs that differ only in CAT-only fields are
+prompt removed), the first ``--val-size`` records of each. One JSON line per run (with the ``code`` that trained
+it: git revision, dirty flag, source hash) is appended to ``--out`` as it finishes; runs already there are skipped (resume), and vanilla runs that differ only in CAT-only fields are
 trained once. ``cat`` runs in ``--jobs`` processes; ``pretrained`` in this one (the checkpoint is loaded once).
 ``capt-pretrained`` (:class:`causal_attn.demo.capt_pretrained.CaptPretrainedRecipe`) trains ``vanilla`` and
 ``capt`` per seed and scores them on the deduction task's validation records (generator seed
@@ -38,12 +38,22 @@ def majority_line(val_size: int) -> str:
     train, val, _ = load_data(0, False, "val")
     label = statistics.mode(r["target"] for r in train)
     acc = {k: 100 * sum(r["target"] == label for r in v[:val_size]) / len(v[:val_size]) for k, v in val.items()}
-    return f"| majority class ({label}) | – | – | {val_size} | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – |"
+    return (f"| majority class ({label}) | – | – | {val_size} | {acc['iid']:.1f} / {acc['ood']:.1f} | – | – | – | – "
+            "| – |")
+
+
+def code_cell(line: dict) -> str:
+    """The git revision that trained a search line (7 digits, ``+dirty`` for uncommitted edits; – where the line
+    predates the field)."""
+    code = line.get("code") or {}
+    sha = code.get("git_revision")
+    return f"{sha[:7]}{'+dirty' if code.get('git_dirty') else ''}" if sha else "–"
 
 
 def table(path: str) -> str:
     """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
-    CAT run has not finished gets a row of its own), then the majority class on the same validation records.
+    CAT run has not finished gets a row of its own), then the majority class on the same validation records; the
+    last column is the revision that trained the row's run (:func:`code_cell`).
     A ``capt-pretrained`` file: :func:`capt_table`."""
     rows = [json.loads(line) for line in open(path)]
     if rows and "accuracy" in rows[0]:
@@ -51,8 +61,8 @@ def table(path: str) -> str:
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
     lines = ["| setting | recipe fields | seed | val records per split | vanilla val IID / OOD % | CAT val IID / OOD % | "
-             "answer-row mass vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "answer-row mass vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s | code |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
     for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
         if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
@@ -64,7 +74,8 @@ def table(path: str) -> str:
         secs = f"{c['seconds']:.0f}" if c else "–"
         n = min(x["val_size"] for x in (v, c) if x)  # a vanilla run shared by settings may have scored more
         lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {n} | "
-                     f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} |")
+                     f"{acc(v)} | {acc(c)} | {mass(v) if v else '–'} | {mass(c) if c else '–'} | {secs} | "
+                     f"{code_cell(r)} |")
     for size in sorted({r["val_size"] for r in rows}):
         lines.append(majority_line(size))
     return "\n".join(lines)
@@ -79,8 +90,8 @@ def capt_table(rows: list[dict]) -> str:
     by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     acc = lambda x: " / ".join(f"{100 * x['accuracy'][v]:.1f}" for v in VARIANTS) if x else "–"  # noqa: E731
     lines = ["| setting | recipe fields | seed | val records per variant | vanilla % (" + " / ".join(VARIANTS) + ") | "
-             "CAPT % | CAPT - vanilla, anticommonsense / nonsense (points) | CAPT unparsed | CAPT wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "CAPT % | CAPT - vanilla, anticommonsense / nonsense (points) | CAPT unparsed | CAPT wall s | code |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "capt"}
     for r in rows:
         if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
@@ -93,7 +104,7 @@ def capt_table(rows: list[dict]) -> str:
         fields = {k: val for k, val in r["setting"].items() if k != "name"}
         capt_cells = f"{c['unparsed']} | {c['seconds']:.0f}" if c else "– | –"
         lines.append(f"| {r['setting'].get('name', '')} | {json.dumps(fields)} | {r['seed']} | {r['val_size']} | "
-                     f"{acc(v)} | {acc(c)} | {margin} | {capt_cells} |")
+                     f"{acc(v)} | {acc(c)} | {margin} | {capt_cells} | {code_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -129,6 +140,7 @@ def result_line(res: dict, setting: dict, val_size: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from ..utils.provenance import provenance
     from .pretrained import MODEL
     from .runner import run_tasks
 
@@ -167,6 +179,7 @@ def main(argv=None) -> int:
 
     def write(part, res):
         line = result_line(res, settings[id(part)], args.val_size)
+        line["code"] = {k: v for k, v in provenance().items() if k != "versions"}  # what trained it
         if args.part == "pretrained":
             line.update(predicted_ood=res["ood_predicted"], train_seconds=res["train_seconds"])
         with open(args.out, "a") as f:
