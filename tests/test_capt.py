@@ -501,3 +501,22 @@ def test_cli_estimate_symbolize_score(tmp_path, capsys):
     assert main(["capt", "symbolize", "--data", str(tmp_path / "missing.jsonl"), "--out", "x"]) == 2
     assert main(["capt", "symbolize", "--data", fixture("cladder-v1-q-commonsense.json"), "--out",
                  str(tmp_path / "y.jsonl")]) == 2                           # not estimated yet: one-line error
+
+
+def test_deduction_without_chain_of_thought_keeps_the_records_and_drops_the_reasoning():
+    """``cot=False``: the same draws (inputs, answers, variants), the target is the tagged answer alone, and the
+    CAT annotation (the answer depends on the fact and the relevant rule) still relocates under CAPT's letters."""
+    from causal_attn.data.capt import parse_answer
+    from causal_attn.data.capt.deduction import generate
+
+    seed = random.randrange(10**6)
+    with_cot, without = generate(seed, n_train=50, n_test=20), generate(seed, n_train=50, n_test=20, cot=False)
+    for split in with_cot:
+        for a, b in zip(with_cot[split], without[split], strict=True):
+            assert (a["input"], a["answer"], a["world_agrees"]) == (b["input"], b["answer"], b["world_agrees"])
+            assert b["target"] == " " + a["target"].rsplit(" ", 1)[1] and b["target"].startswith(" <answer>")
+            assert parse_answer(b["target"]) == parse_answer(a["target"]) == b["answer"]
+            (key, values), = b["important"][0].items()
+            assert key == b["target"].strip() and all(v in b["input"] for v in values), f"seed {seed}"
+    replicas = capt.replicate(without["train"], 2, seed=seed, mode="random")
+    assert all(r["capt_span_stats"] == {"missing": 0, "ambiguous": 0} for r in replicas), f"seed {seed}"

@@ -65,17 +65,18 @@ class Setup:
         return test_records(self.tests, method, seed)
 
 
-def load_data(n_train: int, n_test: int, split: str = "test") -> tuple[list[dict], list[dict]]:
+def load_data(n_train: int, n_test: int, split: str = "test", cot: bool = True) -> tuple[list[dict], list[dict]]:
     """``(train, tests)``: the deduction generator's training split under :data:`DATA_SEED` and its test records
     of every variant (variant by variant), or (``split="val"``) the validation records: the variants drawn under
-    :data:`VAL_SEED`, every record whose prompt is also a test prompt removed (what a recipe is chosen on)."""
+    :data:`VAL_SEED`, every record whose prompt is also a test prompt removed (what a recipe is chosen on).
+    ``cot=False``: targets without the chain of thought (:func:`causal_attn.data.capt.deduction.generate`)."""
     from ..data.capt.deduction import generate
 
-    data = generate(DATA_SEED, n_train=n_train, n_test=n_test)
+    data = generate(DATA_SEED, n_train=n_train, n_test=n_test, cot=cot)
     tests = [r for v in VARIANTS for r in data[v]]
     if split == "val":
         held_out = {r["input"] for r in tests}
-        val = generate(VAL_SEED, n_train=0, n_test=n_test)
+        val = generate(VAL_SEED, n_train=0, n_test=n_test, cot=cot)
         tests = [r for v in VARIANTS for r in val[v] if r["input"] not in held_out]
     elif split != "test":
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")

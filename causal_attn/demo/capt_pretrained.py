@@ -44,6 +44,7 @@ class CaptPretrainedRecipe(PretrainedRecipe):
     gamma: float = 0.0
     train_records: int = N_TRAIN
     copies: int = 4             # CAPT replicas of the training set: 300 x 8 draws from 4 x 1000 lettered records
+    cot: bool = True            # False: targets are the tagged answer alone (the rule lookup happens inside the model)
 
 
 DEFAULT = CaptPretrainedRecipe()  # not yet validated
@@ -62,7 +63,7 @@ class Setup:
         self.model_name, self.copies = model_name, recipe.copies
         self.base, self.tokenizer = pretrained.load(model_name)
         n_test = eval_size or (QUICK_TEST if quick else N_TEST)
-        self.train, self.tests = capt.load_data(recipe.train_records, n_test, split)
+        self.train, self.tests = capt.load_data(recipe.train_records, n_test, split, recipe.cot)
         self._encoded: dict[str, list[dict]] = {}
 
     def encoded(self, method: str) -> list[dict]:
@@ -100,7 +101,8 @@ class CaptPretrainedPart(PretrainedPart):
                 f"{self.recipe_line()}; training about {self.eta_minutes():.0f} min on 2 CPU cores")
 
     def setup_key(self) -> tuple:
-        return self.model_name, self.quick, self.split, self.eval_size, self.recipe.train_records, self.recipe.copies
+        return (self.model_name, self.quick, self.split, self.eval_size, self.recipe.train_records, self.recipe.copies,
+                self.recipe.cot)
 
     def make_setup(self) -> Setup:
         return Setup(self.model_name, self.quick, self.split, self.eval_size, self.recipe)

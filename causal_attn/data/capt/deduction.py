@@ -53,8 +53,9 @@ def _pick(rng: random.Random, subjects, classes, truth):
     return subject, cls
 
 
-def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
-    """One record of ``variant`` (``train`` or one of :data:`VARIANTS`)."""
+def make_sample(rng: random.Random, variant: str, rho: float = RHO, cot: bool = True) -> dict:
+    """One record of ``variant`` (``train`` or one of :data:`VARIANTS`); ``cot=False``: the target is the tagged
+    answer alone (no rule, no conclusion), so the rule lookup has to happen inside the model."""
     if variant == "nonsense":
         subjects, classes = NONSENSE["subjects"], NONSENSE["classes"]
         fake = {s: classes[i % len(classes)] for i, s in enumerate(subjects)}
@@ -88,7 +89,8 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     query = f"True or false: {p} is a {q}."
     conclusion = f"So {p} {'is' if answer else LINK_NOT} a {q}."
     template_in = " ".join([fact] + [rule_text[r[0]] for r in rules] + [query]) + "\nAnswer:"
-    template_out = f" {rule_text[subject]} {conclusion} <answer>{'True' if answer else 'False'}</answer>"
+    tag = f"<answer>{'True' if answer else 'False'}</answer>"
+    template_out = f" {rule_text[subject]} {conclusion} {tag}" if cot else f" {tag}"
     from .intervention import make_assignment, render
 
     original = make_assignment(sorted(names), "original", mapping=names)
@@ -97,15 +99,17 @@ def make_sample(rng: random.Random, variant: str, rho: float = RHO) -> dict:
     return {"source": "prontoqa", "variant": None if variant == "train" else variant,
             "input": text_in, "target": text_out, "answer": "true" if answer else "false",
             "world_agrees": answer == world_says if variant != "nonsense" else None,
-            "important": [{concl_o: [fact_o, rule_o]}],
+            "important": [{concl_o if cot else tag: [fact_o, rule_o]}],
             "capt": {"templates": {"input": template_in, "target": template_out}, "symbols": dict(names)}}
 
 
-def generate(seed: int = 0, n_train: int = 2000, n_test: int = 200, rho: float = RHO) -> dict[str, list[dict]]:
+def generate(seed: int = 0, n_train: int = 2000, n_test: int = 200, rho: float = RHO,
+             cot: bool = True) -> dict[str, list[dict]]:
     """``{"train": [...], "commonsense": [...], "anticommonsense": [...], "nonsense": [...]}``; one
-    ``random.Random(seed)`` draws the splits in that order. Ids are ``<split>:<index>``."""
+    ``random.Random(seed)`` draws the splits in that order. Ids are ``<split>:<index>``. ``cot=False``: targets
+    without the chain of thought (:func:`make_sample`); the records are otherwise the same."""
     rng = random.Random(seed)
     out = {}
     for split, n in (("train", n_train),) + tuple((v, n_test) for v in VARIANTS):
-        out[split] = [{"id": f"{split}:{i}", **make_sample(rng, split, rho)} for i in range(n)]
+        out[split] = [{"id": f"{split}:{i}", **make_sample(rng, split, rho, cot)} for i in range(n)]
     return out
