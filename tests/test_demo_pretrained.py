@@ -46,7 +46,12 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
         assert res[m]["ood_per_seed"] == [res[m]["ood_acc"]]
         curve = res[m]["runs"][0]["curve"]
         assert [p["step"] for p in curve] == list(range(1, demo.QUICK.steps + 1))  # CATTrainer's logs
-        assert all(p["gamma"] == (demo.QUICK.gamma if m == "cat" else 0.0) for p in curve)
+        gammas = [p["gamma"] for p in curve]  # the default schedule: gamma exp(-gamma_decay p), p the progress
+        if m == "cat":
+            assert demo.QUICK.gamma_decay > 0 and all(0 < g <= demo.QUICK.gamma for g in gammas)
+            assert gammas == sorted(gammas, reverse=True) and gammas[-1] < gammas[0]
+        else:
+            assert gammas == [0.0] * len(gammas)
     # same initial weights and the same first batch: both methods log the same first losses
     assert res["vanilla"]["runs"][0]["curve"][0]["lm_loss"] == pytest.approx(res["cat"]["runs"][0]["curve"][0]["lm_loss"])
     assert res["vanilla"]["runs"][0]["curve"][0]["attn_loss"] == pytest.approx(res["cat"]["runs"][0]["curve"][0]["attn_loss"])
@@ -145,7 +150,8 @@ def test_both_methods_start_from_the_same_lora_weights(smollm2):
 
 
 def test_pretrained_demo_bad_arguments_give_one_line(tmp_path, capsys):
-    for bad in (["--lr", "0"], ["--lora-r", "-1"], ["--steps", "0"], ["--model", str(tmp_path / "none.gguf")]):
+    for bad in (["--lr", "0"], ["--lora-r", "-1"], ["--steps", "0"], ["--gamma-decay", "-1"],
+                ["--model", str(tmp_path / "none.gguf")]):
         assert main(["demo", "pretrained", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("causal-attn demo: error:") and len(err.splitlines()) == 1, err

@@ -36,6 +36,9 @@ def add_parser(subparsers):
                    f"{capt_pretrained.DEFAULT.steps})")
     p.add_argument("--alpha", type=float, default=None, help=f"CAT / pretrained parts: Re-Attention margin "
                    f"(default {stg.DEFAULT.alpha:g} / {pretrained.DEFAULT.alpha:g})")
+    p.add_argument("--gamma-decay", type=float, default=None, help=f"pretrained part: the Re-Attention weight falls "
+                   f"as gamma exp(-D p) over the run's progress p (default D = {pretrained.DEFAULT.gamma_decay:g}; 0: "
+                   "constant)")
     p.add_argument("--extra-train", type=int, default=None,
                    help=f"CAT part: generated STG_E training records added to STG_M (default {stg.EXTRA_TRAIN})")
     p.add_argument("--capt-steps", type=int, default=None,

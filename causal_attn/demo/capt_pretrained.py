@@ -16,7 +16,7 @@ what it knows before training.
 
 Not part of ``causal-attn demo`` / ``all``. ``--split val`` scores on validation records (the generator under
 :data:`.capt.VAL_SEED`, every prompt that is also a test prompt removed): the recipe is to be chosen there.
-The defaults (:data:`DEFAULT`) are first guesses, not yet validated (docs/demo_pretrained.md).
+The defaults (:data:`DEFAULT`) were chosen there (docs/demo_pretrained.md).
 """
 from __future__ import annotations
 
@@ -33,21 +33,23 @@ QUICK_TEST = 3          # per variant with --quick
 MAX_NEW_TOKENS = 32     # the targets: at most 28 SmolLM2 tokens (rule, conclusion, tagged answer) + EOS
 QUICK_NEW_TOKENS = 8    # --quick: the decoding and parsing path only (a trained model's answer tag comes later)
 DECODE_BATCH = 64
-SECONDS_PER_RECORD_STEP = 0.04  # a guess (deduction records are ~60 tokens, STG_M's ~250): the ETA only
+SECONDS_PER_RECORD_STEP = 0.16  # as STG_M's (both ~60-70 tokens, 1.3-1.5 s per step of 8 on 2 quiet cores); the ETA only
 
 
 @dataclass
 class CaptPretrainedRecipe(PretrainedRecipe):
-    """Everything a run depends on besides the method and the seed. The defaults are first guesses (not yet chosen
-    on the validation records): LoRA r 8 on q/k/v/o, lr 1e-3, batch 8, 300 steps; gamma 0 (no Re-Attention loss)."""
-    steps: int = 300
+    """Everything a run depends on besides the method and the seed: LoRA r 8 on q/k/v/o, lr 1e-3, batch 8, 120
+    steps (setting C2 of the validation search, docs/demo_pretrained.md: the shortest budget at which both methods
+    are at their ceiling, so a seed of three methods fits 20 minutes on 2 cores); gamma 0 (no Re-Attention loss)."""
+    steps: int = 120
     gamma: float = 0.0
+    gamma_decay: float = 0.0
     train_records: int = N_TRAIN
-    copies: int = 4             # CAPT replicas of the training set: 300 x 8 draws from 4 x 1000 lettered records
+    copies: int = 4             # CAPT replicas of the training set: 120 x 8 draws from 4 x 1000 lettered records
     cot: bool = True            # False: targets are the tagged answer alone (the rule lookup happens inside the model)
 
 
-DEFAULT = CaptPretrainedRecipe()  # not yet validated
+DEFAULT = CaptPretrainedRecipe()  # setting C2 of the validation search
 QUICK = CaptPretrainedRecipe(steps=2, batch_size=2, curve_points=2, train_records=40, copies=2)
 
 

@@ -43,6 +43,7 @@ class PretrainedRecipe(TrainRecipe):
     batch_size: int = 8
     weight_decay: float = 0.0
     alpha: float = 5.0
+    gamma_decay: float = 3.0       # gamma 1 falling to e^-3 = 0.05 by the last step (search setting K)
     curve_points: int = 30
     lora_r: int = 8                # 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -50,7 +51,7 @@ class PretrainedRecipe(TrainRecipe):
     loss_kind: str = "hinge"       # "hinge" or the authors' "div" (causal_attn.re_attention_loss)
 
 
-DEFAULT = PretrainedRecipe()  # chosen on the validation splits (docs/demo_pretrained.md)
+DEFAULT = PretrainedRecipe()  # chosen on the validation splits: setting K of docs/demo_pretrained.md's search
 QUICK = PretrainedRecipe(steps=2, batch_size=2, curve_points=2)
 
 
@@ -180,8 +181,8 @@ class PretrainedPart(Part):
         recipe = cls.quick_recipe if args.quick else cls.default_recipe
         overrides = {k: v for k, v in cls.recipe_overrides(args).items() if v is not None}
         recipe = type(recipe)(**{**recipe.__dict__, **overrides})
-        if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0:
-            raise DemoError("--steps must be >= 1, --lr > 0 and --lora-r >= 0 (0: full fine-tuning)")
+        if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0 or recipe.gamma_decay < 0:
+            raise DemoError("--steps must be >= 1, --lr > 0, --lora-r >= 0 (0: full fine-tuning) and --gamma-decay >= 0")
         try:
             part = cls(recipe, cls.seed_list(args), args.model, args.quick, args.split,
                        out=args.out)
@@ -194,14 +195,16 @@ class PretrainedPart(Part):
     @classmethod
     def recipe_overrides(cls, args) -> dict:
         """Recipe field -> the command-line value (None: not given)."""
-        return {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r}
+        return {"steps": args.steps, "alpha": args.alpha, "lr": args.lr, "lora_r": args.lora_r,
+                "gamma_decay": args.gamma_decay}
 
     def banner(self) -> str:
         """The line printed before training: data, methods, recipe, estimated time."""
         setup, recipe = self.setup, self.recipe
         return (f"demo pretrained: {self.model_name}, {len(setup.train)} training records, scored on {self.split} "
                 f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
-                f"{len(self.seeds)} seed(s) x {METHODS}, {self.recipe_line()}, alpha {recipe.alpha:g}; training "
+                f"{len(self.seeds)} seed(s) x {METHODS}, {self.recipe_line()}, alpha {recipe.alpha:g}, gamma "
+                f"{recipe.gamma:g}" + (f" x exp(-{recipe.gamma_decay:g} p)" if recipe.gamma_decay else "") + "; training "
                 f"about {self.eta_minutes():.0f} min on 2 CPU cores")
 
     def recipe_line(self) -> str:
