@@ -302,7 +302,13 @@ def headline_pretrained() -> str:
     if r is None:
         return _missing(PRETRAINED_RESULTS)
     wins = sum(c > v for c, v in zip(r["cat"]["ood_per_seed"], r["vanilla"]["ood_per_seed"]))
-    return _md([f"On a real checkpoint ({r['model']}, `make demo-pretrained`): STG_E OOD accuracy "
+    from causal_attn.demo.pretrained import DEFAULT
+
+    changed = sorted(k for k, v in DEFAULT.__dict__.items() if r["recipe"].get(k, v) != v)
+    source = ("`make demo-pretrained`" if not changed else
+              f"an earlier run whose recipe differs from `make demo-pretrained`'s in {', '.join(changed)}: "
+              "out of date, see docs/demo_pretrained.md")
+    return _md([f"On a real checkpoint ({r['model']}; {source}): STG_E OOD accuracy "
                 f"{_pct(r['vanilla']['ood_acc'])} % vanilla vs {_pct(r['cat']['ood_acc'])} % CAT (mean of "
                 f"{len(r['seeds'])} seeds; CAT higher on {wins} of {len(r['seeds'])}; majority class "
                 f"{_pct(r['majority']['ood_acc'])} %)."])
