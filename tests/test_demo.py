@@ -75,9 +75,10 @@ def test_seed_options_pick_each_parts_seeds():
     assert PretrainedPart.seed_list(args(seeds=2, first_seed=7)) == [7, 8]
     assert CatPart.seed_list(args(seeds=4, first_seed=2)) == [2, 3, 4, 5]
     assert PretrainedPart.seed_list(args(quick=True)) == [1]
-    search_log = Path(__file__).resolve().parents[1] / "docs" / "pretrained_search.jsonl"
-    search_seeds = {json.loads(line)["seed"] for line in open(search_log)}
-    assert not search_seeds & set(PretrainedPart.seed_list(args()))
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for part, log in ((PretrainedPart, "pretrained_search.jsonl"), (CaptPretrainedPart, "capt_pretrained_search.jsonl")):
+        search_seeds = {json.loads(line)["seed"] for line in open(docs / log)}
+        assert search_seeds and not search_seeds & set(part.seed_list(args())), log
 
 
 def test_factor_masses_against_a_hand_built_map():
