@@ -33,7 +33,7 @@ QUICK_TEST = 3          # per variant with --quick
 MAX_NEW_TOKENS = 32     # the targets: at most 28 SmolLM2 tokens (rule, conclusion, tagged answer) + EOS
 QUICK_NEW_TOKENS = 8    # --quick: the decoding and parsing path only (a trained model's answer tag comes later)
 DECODE_BATCH = 64
-SECONDS_PER_RECORD_STEP = 0.16  # as STG_M's (both ~60-70 tokens, 1.3-1.5 s per step of 8 on 2 quiet cores); the ETA only
+SECONDS_PER_RECORD_STEP = 0.16  # as STG_M's (both ~60-70 tokens: 1.3-1.5 s per step of 8, 2 cores); the ETA only
 
 
 @dataclass

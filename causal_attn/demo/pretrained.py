@@ -29,7 +29,6 @@ from .stg import FACTOR_KINDS, METHODS
 
 MODEL = "smollm2-135m"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-AUTHORS_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the CAT authors' LoRA
 PROBE = 100              # OOD records whose answer-row attention is split by factor type
 QUICK_EVAL = 6           # records per evaluation split with --quick
 QUICK_PROBE = 2
@@ -47,7 +46,7 @@ class PretrainedRecipe(TrainRecipe):
     curve_points: int = 30
     lora_r: int = 8                # 0: full fine-tuning
     lora_alpha: float = 16.0
-    lora_targets: tuple = LORA_TARGETS   # the modules LoRA adapts (AUTHORS_LORA_TARGETS: the authors')
+    lora_targets: tuple = LORA_TARGETS   # the modules LoRA adapts (the CAT authors': q/k/v/gate/up/down_proj)
     loss_kind: str = "hinge"       # "hinge" or the authors' "div" (causal_attn.re_attention_loss)
 
 
@@ -182,7 +181,8 @@ class PretrainedPart(Part):
         overrides = {k: v for k, v in cls.recipe_overrides(args).items() if v is not None}
         recipe = type(recipe)(**{**recipe.__dict__, **overrides})
         if recipe.steps < 1 or recipe.lr <= 0 or recipe.lora_r < 0 or recipe.gamma_decay < 0:
-            raise DemoError("--steps must be >= 1, --lr > 0, --lora-r >= 0 (0: full fine-tuning) and --gamma-decay >= 0")
+            raise DemoError("--steps must be >= 1, --lr > 0, --lora-r >= 0 (0: full fine-tuning) and "
+                            "--gamma-decay >= 0")
         try:
             part = cls(recipe, cls.seed_list(args), args.model, args.quick, args.split,
                        out=args.out)
@@ -204,8 +204,8 @@ class PretrainedPart(Part):
         return (f"demo pretrained: {self.model_name}, {len(setup.train)} training records, scored on {self.split} "
                 f"({' + '.join(str(len(v)) for v in setup.tests.values())} records, first answer token), "
                 f"{len(self.seeds)} seed(s) x {METHODS}, {self.recipe_line()}, alpha {recipe.alpha:g}, gamma "
-                f"{recipe.gamma:g}" + (f" x exp(-{recipe.gamma_decay:g} p)" if recipe.gamma_decay else "") + "; training "
-                f"about {self.eta_minutes():.0f} min on 2 CPU cores")
+                f"{recipe.gamma:g}" + (f" x exp(-{recipe.gamma_decay:g} p)" if recipe.gamma_decay else "")
+                + f"; training about {self.eta_minutes():.0f} min on 2 CPU cores")
 
     def recipe_line(self) -> str:
         recipe = self.recipe

@@ -6,8 +6,8 @@
 ``pretrained``); each setting is trained vanilla and CAT per seed and scored on the IID / OOD validation sets of
 :func:`causal_attn.demo.stg.validation_sets` (generator seed ``VAL_SEED``, never 42, with every released test
 prompt removed), the first ``--val-size`` records of each. One JSON line per run (with the ``code`` that trained
-it: git revision, dirty flag, source hash) is appended to ``--out`` as it finishes; runs already there are skipped (resume), and vanilla runs that differ only in CAT-only fields are
-trained once. ``cat`` runs in ``--jobs`` processes; ``pretrained`` in this one (the checkpoint is loaded once).
+it: git revision, dirty flag, source hash) is appended to ``--out`` as it finishes; runs already there are
+skipped (resume), and vanilla runs that differ only in CAT-only fields are trained once. ``cat`` runs in ``--jobs`` processes; ``pretrained`` in this one (the checkpoint is loaded once).
 ``capt-pretrained`` (:class:`causal_attn.demo.capt_pretrained.CaptPretrainedRecipe`) trains ``vanilla`` and
 ``capt`` per seed and scores them on the deduction task's validation records (generator seed
 :data:`causal_attn.demo.capt.VAL_SEED`, every test prompt removed), ``--val-size`` per variant.
@@ -50,6 +50,20 @@ def code_cell(line: dict) -> str:
     return f"{sha[:7]}{'+dirty' if code.get('git_dirty') else ''}" if sha else "–"
 
 
+def paired_rows(rows: list[dict], method: str) -> list[tuple[dict, dict | None, dict | None]]:
+    """``(row, vanilla, other)`` per table row: each ``method`` run beside the vanilla run of its setting and seed,
+    and a vanilla run whose ``method`` run has not finished on its own (``other`` None)."""
+    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
+    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == method}
+    out = []
+    for r in rows:
+        vanilla_key = run_key(r["setting"], "vanilla", r["seed"])
+        if r["method"] == "vanilla" and vanilla_key in paired:
+            continue
+        out.append((r, by_key.get(vanilla_key), r if r["method"] == method else None))
+    return out
+
+
 def table(path: str) -> str:
     """Markdown: one row per CAT run, beside the vanilla run of the same setting and seed (a vanilla run whose
     CAT run has not finished gets a row of its own), then the majority class on the same validation records; the
@@ -58,17 +72,11 @@ def table(path: str) -> str:
     rows = [json.loads(line) for line in open(path)]
     if rows and "accuracy" in rows[0]:
         return capt_table(rows)
-    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     mass = lambda r: " / ".join(f"{r['mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))  # noqa: E731
     lines = ["| setting | recipe fields | seed | val records per split | vanilla val IID / OOD % | CAT val IID / OOD % | "
              "answer-row mass vanilla (causal / spurious / irrelevant) | answer-row mass CAT | CAT wall s | code |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "cat"}
-    for r in rows:  # each CAT run beside its vanilla run; a vanilla run with no CAT run yet on its own
-        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
-            continue
-        c = r if r["method"] == "cat" else None
-        v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
+    for r, v, c in paired_rows(rows, "cat"):
         fields = {k: val for k, val in r["setting"].items() if k != "name"}
         acc = lambda x: f"{100 * x['val_iid']:.1f} / {100 * x['val_ood']:.1f}" if x else "–"  # noqa: E731
         secs = f"{c['seconds']:.0f}" if c else "–"
@@ -87,17 +95,11 @@ def capt_table(rows: list[dict]) -> str:
     for (a vanilla run whose CAPT run has not finished: a row of its own)."""
     from ..data.capt import VARIANTS
 
-    by_key = {run_key(r["setting"], r["method"], r["seed"]): r for r in rows}
     acc = lambda x: " / ".join(f"{100 * x['accuracy'][v]:.1f}" for v in VARIANTS) if x else "–"  # noqa: E731
     lines = ["| setting | recipe fields | seed | val records per variant | vanilla % (" + " / ".join(VARIANTS) + ") | "
              "CAPT % | CAPT - vanilla, anticommonsense / nonsense (points) | CAPT unparsed | CAPT wall s | code |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    paired = {run_key(r["setting"], "vanilla", r["seed"]) for r in rows if r["method"] == "capt"}
-    for r in rows:
-        if r["method"] == "vanilla" and run_key(r["setting"], "vanilla", r["seed"]) in paired:
-            continue
-        c = r if r["method"] == "capt" else None
-        v = by_key.get(run_key(r["setting"], "vanilla", r["seed"]))
+    for r, v, c in paired_rows(rows, "capt"):
         margin = (" / ".join(f"{100 * (c['accuracy'][k] - v['accuracy'][k]):+.1f}" for k in ("anticommonsense",
                                                                                             "nonsense"))
                   if c and v else "–")
