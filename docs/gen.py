@@ -262,6 +262,7 @@ def search_table(name: str = "pretrained_search.jsonl") -> str:
     return _md([table(str(path))])
 
 
+CAPT_VARIANTS = ("commonsense", "anticommonsense", "nonsense")
 PRETRAINED_RESULTS = DOCS / "pretrained_results.json"  # `causal-attn demo pretrained` (results.json's key "pretrained")
 
 
@@ -296,6 +297,35 @@ def pretrained_results_table() -> str:
                + _table(["model", "causal", "spurious", "irrelevant"], mass))
 
 
+CAPT_PRETRAINED_RESULTS = DOCS / "capt_pretrained_results.json"  # `causal-attn demo capt-pretrained` (key
+# "capt-pretrained")
+
+
+def capt_pretrained_results_table() -> str:
+    """The CAPT part on the checkpoint: accuracy per method and variant (per seed), and CAPT's gain per seed."""
+    r = _read_json(CAPT_PRETRAINED_RESULTS)
+    if r is None:
+        return _missing(CAPT_PRETRAINED_RESULTS)
+    from causal_attn.demo.capt import format_table
+
+    rec = r["recipe"]
+    gains = [[f"seed {s}", *(f"{100 * (r['capt'][v]['per_seed'][i] - r['vanilla'][v]['per_seed'][i]):+.1f}"
+                             for v in CAPT_VARIANTS),
+              *(f"{100 * (1 - r['vanilla'][v]['per_seed'][i]):.1f}" for v in CAPT_VARIANTS[1:])]
+             for i, s in enumerate(r["seeds"])]
+    unparsed = sum(run["unparsed"] for m in ("vanilla", "capt", "capt_order") for run in r[m]["runs"])
+    return _md([f"{r['model']}, LoRA r {rec['lora_r']}, {rec['steps']} steps of batch {rec['batch_size']}, lr "
+                f"{rec['lr']:g}, {rec['train_records']} training records (CAPT: {rec['copies']} lettered copies); "
+                f"{', '.join(f'{n} {v}' for v, n in rec['test_per_variant'].items())} test records "
+                f"({r['scoring']}); {unparsed} unparsed generations in all trained runs; "
+                f"{r['run_seconds'] / 60:.0f} min of runs in all.", "",
+                "Accuracy % per test variant: mean ± sample std over seeds, per seed in brackets.", "",
+                format_table(r), "",
+                "CAPT minus vanilla per seed (points), and the room vanilla leaves (100 - vanilla %):", ""]
+               + _table(["seed", *(f"CAPT - vanilla, {v}" for v in CAPT_VARIANTS),
+                         *(f"room, {v}" for v in CAPT_VARIANTS[1:])], gains))
+
+
 def headline_pretrained() -> str:
     """README: one line on the real-checkpoint demo."""
     r = _read_json(PRETRAINED_RESULTS)
@@ -311,7 +341,20 @@ def headline_pretrained() -> str:
     return _md([f"On a real checkpoint ({r['model']}; {source}): STG_E OOD accuracy "
                 f"{_pct(r['vanilla']['ood_acc'])} % vanilla vs {_pct(r['cat']['ood_acc'])} % CAT (mean of "
                 f"{len(r['seeds'])} seeds; CAT higher on {wins} of {len(r['seeds'])}; majority class "
-                f"{_pct(r['majority']['ood_acc'])} %)."])
+                f"{_pct(r['majority']['ood_acc'])} %)."]
+               + _capt_pretrained_headline())
+
+
+def _capt_pretrained_headline() -> list[str]:
+    r = _read_json(CAPT_PRETRAINED_RESULTS)
+    if r is None:
+        return []
+    cells = [f"{v} {_pct(r['vanilla'][v]['acc'])} % vanilla vs {_pct(r['capt'][v]['acc'])} % CAPT"
+             for v in CAPT_VARIANTS[1:]]
+    n = len(r["seeds"])
+    over = f"mean of {n} seeds" if n > 1 else "one seed"
+    return ["", f"On the same checkpoint, the CAPT deduction task ({over}): "
+            + "; ".join(cells) + "."]
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -374,9 +417,6 @@ def demo_cat_table() -> str:
                 "answer row, OOD samples.", ""] + _table(
         ["model", "IID acc %", "OOD acc %", "OOD per seed", "attention at answer row: causal / spurious / irrelevant"],
         out))
-
-
-CAPT_VARIANTS = ("commonsense", "anticommonsense", "nonsense")
 
 
 def demo_capt_table() -> str:
@@ -445,5 +485,60 @@ def run_cog(check: bool) -> int:
     return Cog().main(args + [str(p) for p in pages()])
 
 
+# --- publishing a finished run of a pretrained demo part ------------------------------------------------------
+
+PART_RESULTS = {"pretrained": PRETRAINED_RESULTS, "capt-pretrained": CAPT_PRETRAINED_RESULTS}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def import_run(out_dir: str, conditions: str) -> list[Path]:
+    """Copy the parts of a finished ``causal-attn demo pretrained`` / ``capt-pretrained`` run (``out_dir``) into
+    docs/: each part's results with the run's ``provenance`` and a ``machine`` entry (this machine's CPU and cores,
+    ``conditions`` as given, e.g. load and threads, the run's package versions), and the part's figures.
+    Run it on the machine that made the run."""
+    import datetime
+    import os
+    import shutil
+
+    src = Path(out_dir)
+    results = json.loads((src / "results.json").read_text())
+    written = []
+    for part, dest in PART_RESULTS.items():
+        if part not in results:
+            continue
+        prov = results.get("provenance", {})
+        v = prov.get("versions", {})
+        date = datetime.date.fromtimestamp((src / "results.json").stat().st_mtime).isoformat()
+        stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if k in v)
+        r = {**results[part], "provenance": prov,
+             "machine": {"description": f"{_cpu_model()}, {os.cpu_count()} cores, {conditions}, {stack}, {date}",
+                         "date": date}}
+        dest.write_text(json.dumps(r, indent=1) + "\n")
+        written.append(dest)
+        for fig in r["figures"].values():
+            shutil.copy(src / fig, DOCS / fig)
+            written.append(DOCS / fig)
+    if not written:
+        raise SystemExit(f"{src / 'results.json'} holds none of the parts {sorted(PART_RESULTS)}")
+    return written
+
+
 if __name__ == "__main__":
-    sys.exit(run_cog(check="--check" in sys.argv[1:]))
+    argv = sys.argv[1:]
+    if argv and argv[0] == "--import":
+        if len(argv) != 3:
+            raise SystemExit('usage: python docs/gen.py --import OUT_DIR "conditions (load, threads, ...)"')
+        print("\n".join(_rel(p) for p in import_run(argv[1], argv[2])))
+        sys.exit(0)
+    sys.exit(run_cog(check="--check" in argv))

@@ -1,6 +1,10 @@
 import os
 import random
+import shutil
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +72,23 @@ def pytest_configure(config):
     problem = check_stack()
     if problem:
         pytest.exit(problem, returncode=4)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_gen(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python docs/gen.py ARGS`` of the tree at ``root`` (the checkout or a :func:`docs_copy`)."""
+    return subprocess.run([sys.executable, str(root / "docs" / "gen.py"), *args], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def docs_copy(tmp_path):
+    """README, docs and the results files in a scratch tree, so the check can be made to fail and runs can be
+    published into it."""
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "__pycache__"))
+    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns(
+        "*.png", "*.txt", "gpu", "quick", "tmp", "__pycache__"))
+    return tmp_path

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from conftest import run_gen
 
 from causal_attn.cli import main
 from causal_attn.data.capt import VARIANTS
@@ -14,7 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 METHODS = ("vanilla", "capt", "capt_order")
 
 
-def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, capsys, monkeypatch):
+def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, capsys, monkeypatch, docs_copy):
     out = tmp_path / "demo"
     assert main(["demo", "capt-pretrained", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -56,6 +57,19 @@ def test_quick_capt_pretrained_demo_writes_table_results_and_figure(tmp_path, ca
         assert all(again[m][v]["acc"] == res[m][v]["acc"] for v in VARIANTS)
     assert capsys.readouterr().out.count(" s, resumed)") == 4
     assert len((out / demo.CaptPretrainedPart.run_log).read_text().splitlines()) == 4
+    # published into the docs (docs/gen.py --import, then make docs): the page's tables follow the run
+    pytest.importorskip("cogapp", reason="cogapp is in the [dev] extra (make test installs it)")
+    proc = run_gen(docs_copy, "--import", str(out), "a test machine")
+    assert proc.returncode == 0, proc.stderr
+    published = json.loads((docs_copy / "docs" / "capt_pretrained_results.json").read_text())
+    assert published["provenance"]["code_hash"] and "a test machine" in published["machine"]["description"]
+    assert (docs_copy / "docs" / res["figures"]["capt_accuracy"]).read_bytes().startswith(PNG)
+    assert run_gen(docs_copy).returncode == 0
+    page = (docs_copy / "docs" / "demo_pretrained.md").read_text()
+    assert capt.format_table(res) in page and "a test machine" in page
+    gain = 100 * (res["capt"]["nonsense"]["acc"] - res["vanilla"]["nonsense"]["acc"])
+    assert "| seed 0 | " in page and f"{gain:+.1f}" in page
+    assert "the CAPT deduction task (one seed)" in (docs_copy / "README.md").read_text()
 
 
 def test_validation_records_are_other_records_than_the_tests():

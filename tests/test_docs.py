@@ -5,22 +5,16 @@ results file that changes without `make docs` leaves a stale section, which fail
 """
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_gen
 
 pytest.importorskip("cogapp", reason="cogapp is in the [dev] extra (make test installs it)")
 
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 120
-
-
-def run_gen(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(root / "docs" / "gen.py"), *args], cwd=root, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_generated_sections_match_their_results_files():
@@ -38,16 +32,6 @@ def test_readme_links_point_to_docs_pages():
     text = (ROOT / "README.md").read_text()
     links = set(re.findall(r"\]\((docs/[^)#]+\.md)", text))
     assert {"docs/install.md", "docs/training.md", "docs/benchmarks.md", "docs/demo.md"} <= links, links
-
-
-@pytest.fixture
-def docs_copy(tmp_path):
-    """README, docs and the results files in a scratch tree, so the check can be made to fail."""
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "__pycache__"))
-    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns(
-        "*.png", "*.txt", "gpu", "quick", "tmp", "__pycache__"))
-    return tmp_path
 
 
 def test_check_fails_when_a_results_file_changes(docs_copy):
