@@ -266,6 +266,14 @@ CAPT_VARIANTS = ("commonsense", "anticommonsense", "nonsense")
 PRETRAINED_RESULTS = DOCS / "pretrained_results.json"  # `causal-attn demo pretrained` (results.json's key "pretrained")
 
 
+def _trained_by(r: dict) -> str:
+    """', trained by revision abc1234 (clean tree)' from a results file's provenance ('' where it has none)."""
+    prov = r.get("provenance") or {}
+    if not prov.get("git_revision"):
+        return f", code hash {prov['code_hash']}" if prov.get("code_hash") else ""
+    return f"; trained by revision {prov['git_revision'][:7]} ({'uncommitted edits' if prov['git_dirty'] else 'clean tree'})"
+
+
 def pretrained_results_table() -> str:
     """The pretrained demo's full run on the released tests: per seed, mean, majority class, untuned checkpoint."""
     r = _read_json(PRETRAINED_RESULTS)
@@ -273,14 +281,16 @@ def pretrained_results_table() -> str:
         return _missing(PRETRAINED_RESULTS)
     seeds = r["seeds"]
     acc = lambda m, i: f"{_pct(r[m]['iid_per_seed'][i])} / {_pct(r[m]['ood_per_seed'][i])}"  # noqa: E731
+    maj, zero = r["majority"], r["zero_shot"]
     rows = [[f"seed {s}", acc("vanilla", i), acc("cat", i),
-             f"{100 * (r['cat']['ood_per_seed'][i] - r['vanilla']['ood_per_seed'][i]):+.1f}"]
+             f"{100 * (r['cat']['ood_per_seed'][i] - r['vanilla']['ood_per_seed'][i]):+.1f}",
+             f"{100 * (r['cat']['ood_per_seed'][i] - maj['ood_acc']):+.1f}"]
             for i, s in enumerate(seeds)]
     rows.append(["mean", *(f"{_pct(r[m]['iid_acc'])} / {_pct(r[m]['ood_acc'])}" for m in ("vanilla", "cat")),
-                 f"{100 * (r['cat']['ood_acc'] - r['vanilla']['ood_acc']):+.1f}"])
-    maj, zero = r["majority"], r["zero_shot"]
-    rows.append([f"majority class ({maj['label']})", f"{_pct(maj['iid_acc'])} / {_pct(maj['ood_acc'])}", "", ""])
-    rows.append(["untuned checkpoint", f"{_pct(zero['iid_acc'])} / {_pct(zero['ood_acc'])}", "", ""])
+                 f"{100 * (r['cat']['ood_acc'] - r['vanilla']['ood_acc']):+.1f}",
+                 f"{100 * (r['cat']['ood_acc'] - maj['ood_acc']):+.1f}"])
+    rows.append([f"majority class ({maj['label']})", f"{_pct(maj['iid_acc'])} / {_pct(maj['ood_acc'])}", "", "", ""])
+    rows.append(["untuned checkpoint", f"{_pct(zero['iid_acc'])} / {_pct(zero['ood_acc'])}", "", "", ""])
     mass = [[name, *(f"{m['attention_mass'][k]:.2f}" for k in ("causal", "spurious", "irrelevant"))]
             for name, m in (("before (untuned)", zero), ("vanilla", r["vanilla"]), ("CAT", r["cat"]))]
     rec = r["recipe"]
@@ -290,8 +300,9 @@ def pretrained_results_table() -> str:
                 + (f", gamma {rec['gamma']:g} x exp(-{rec['gamma_decay']:g} p)" if rec.get("gamma_decay") else "")
                 + f"; accuracy % on the {sum(zero['iid_predicted'].values())} + "
                 f"{sum(zero['ood_predicted'].values())} released STG_E IID + OOD tests ({r['scoring']}); "
-                f"{r['run_seconds'] / 60:.0f} min of runs in all.", ""]
-               + _table(["run", "vanilla IID / OOD %", "CAT IID / OOD %", "CAT - vanilla OOD (points)"], rows)
+                f"{r['run_seconds'] / 60:.0f} min of runs in all{_trained_by(r)}.", ""]
+               + _table(["run", "vanilla IID / OOD %", "CAT IID / OOD %", "CAT - vanilla OOD (points)",
+                         "CAT - majority class OOD (points)"], rows)
                + ["", "Answer-row attention mass by factor type (layer/head average, first 100 OOD tests, mean over "
                   "seeds):", ""]
                + _table(["model", "causal", "spurious", "irrelevant"], mass))
@@ -318,7 +329,7 @@ def capt_pretrained_results_table() -> str:
                 f"{rec['lr']:g}, {rec['train_records']} training records (CAPT: {rec['copies']} lettered copies); "
                 f"{', '.join(f'{n} {v}' for v, n in rec['test_per_variant'].items())} test records "
                 f"({r['scoring']}); {unparsed} unparsed generations in all trained runs; "
-                f"{r['run_seconds'] / 60:.0f} min of runs in all.", "",
+                f"{r['run_seconds'] / 60:.0f} min of runs in all{_trained_by(r)}.", "",
                 "Accuracy % per test variant: mean ± sample std over seeds, per seed in brackets.", "",
                 format_table(r), "",
                 "CAPT minus vanilla per seed (points), and the room vanilla leaves (100 - vanilla %):", ""]
@@ -334,7 +345,8 @@ def headline_pretrained() -> str:
     wins = sum(c > v for c, v in zip(r["cat"]["ood_per_seed"], r["vanilla"]["ood_per_seed"]))
     from causal_attn.demo.pretrained import DEFAULT
 
-    changed = sorted(k for k, v in DEFAULT.__dict__.items() if r["recipe"].get(k, v) != v)
+    # through JSON, as the results file has it (tuples become lists)
+    changed = sorted(k for k, v in json.loads(json.dumps(DEFAULT.__dict__)).items() if r["recipe"].get(k, v) != v)
     source = ("`make demo-pretrained`" if not changed else
               f"an earlier run whose recipe differs from `make demo-pretrained`'s in {', '.join(changed)}: "
               "out of date, see docs/demo_pretrained.md")
