@@ -337,6 +337,24 @@ def capt_pretrained_results_table() -> str:
                          *(f"room, {v}" for v in CAPT_VARIANTS[1:])], gains))
 
 
+def pretrained_seconds() -> str:
+    """Wall time per seed of each pretrained part's published run (training, scoring and probing of its methods)."""
+    lines = []
+    for part, path, methods in (("pretrained", PRETRAINED_RESULTS, ("vanilla", "cat")),
+                                ("capt-pretrained", CAPT_PRETRAINED_RESULTS, ("vanilla", "capt", "capt_order"))):
+        r = _read_json(path)
+        if r is None:
+            lines.append(f"- `demo {part}`: " + _missing(path).strip())
+            continue
+        per_seed = [sum(run["seconds"] for m in methods for run in r[m]["runs"] if run["seed"] == s) / 60
+                    for s in r["seeds"]]
+        lines.append(f"- `demo {part}` ({' + '.join(methods)} per seed): {min(per_seed):.1f}-{max(per_seed):.1f} "
+                     f"min per seed over seeds {', '.join(map(str, r['seeds']))}; the untuned checkpoint's scoring "
+                     f"{r['zero_shot']['seconds'] / 60:.1f}"
+                     f" min once ({_machine_of(path)})")
+    return _md(lines)
+
+
 def headline_pretrained() -> str:
     """README: one line on the real-checkpoint demo."""
     r = _read_json(PRETRAINED_RESULTS)
