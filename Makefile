@@ -27,8 +27,8 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 demo: setup
 	$(VENV)/bin/causal-attn demo --out demo_out
 
-# SmolLM2-135M fine-tuned on STG_M, vanilla vs CAT on seeds 1-5 (docs/demo_pretrained.md): about 12 min per seed on 2 free cores (run seconds in docs/pretrained_results.json);
-# then on the deduction task, vanilla vs CAPT on seeds 0-2 (about 13 min per seed).
+# SmolLM2-135M fine-tuned on STG_M, vanilla vs CAT on seeds 1-5, then on the deduction task vanilla vs CAPT on
+# seeds 0-2 (docs/demo_pretrained.md; minutes per seed on 2 free cores: its "Time" section).
 # PRETRAINED_ARGS="--seeds 1" for one seed.
 PRETRAINED_ARGS ?=
 demo-pretrained: setup

@@ -46,6 +46,7 @@ def test_quick_pretrained_demo_writes_table_results_and_figures(tmp_path, capsys
         assert res[m]["ood_per_seed"] == [res[m]["ood_acc"]]
         curve = res[m]["runs"][0]["curve"]
         assert [p["step"] for p in curve] == list(range(1, demo.QUICK.steps + 1))  # CATTrainer's logs
+        assert all(0 <= p["ratio_ge_alpha"] <= 1 for p in curve)  # the share of rows at the margin, as logged
         gammas = [p["gamma"] for p in curve]  # the default schedule: gamma exp(-gamma_decay p), p the progress
         if m == "cat":
             assert demo.QUICK.gamma_decay > 0 and all(0 < g <= demo.QUICK.gamma for g in gammas)

@@ -78,7 +78,7 @@ def check_method(method: str):
         raise ValueError(f"method must be 'vanilla' or 'cat', got {method!r}")
 
 
-CURVE_KEYS = ("lm_loss", "attn_loss", "gamma", "ratio_mean", "learning_rate")
+CURVE_KEYS = ("lm_loss", "attn_loss", "gamma", "ratio_mean", "ratio_ge_alpha", "learning_rate")
 
 
 class CurveLog(TrainerCallback):
