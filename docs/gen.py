@@ -317,14 +317,14 @@ def capt_pretrained_results_table() -> str:
     r = _read_json(CAPT_PRETRAINED_RESULTS)
     if r is None:
         return _missing(CAPT_PRETRAINED_RESULTS)
-    from causal_attn.demo.capt import format_table
+    from causal_attn.demo.capt import METHODS, format_table
 
     rec = r["recipe"]
     gains = [[f"seed {s}", *(f"{100 * (r['capt'][v]['per_seed'][i] - r['vanilla'][v]['per_seed'][i]):+.1f}"
                              for v in CAPT_VARIANTS),
               *(f"{100 * (1 - r['vanilla'][v]['per_seed'][i]):.1f}" for v in CAPT_VARIANTS[1:])]
              for i, s in enumerate(r["seeds"])]
-    unparsed = sum(run["unparsed"] for m in ("vanilla", "capt", "capt_order") for run in r[m]["runs"])
+    unparsed = sum(run["unparsed"] for m in METHODS for run in r[m]["runs"])
     return _md([f"{r['model']}, LoRA r {rec['lora_r']}, {rec['steps']} steps of batch {rec['batch_size']}, lr "
                 f"{rec['lr']:g}, {rec['train_records']} training records (CAPT: {rec['copies']} lettered copies); "
                 f"{', '.join(f'{n} {v}' for v, n in rec['test_per_variant'].items())} test records "
@@ -339,9 +339,11 @@ def capt_pretrained_results_table() -> str:
 
 def pretrained_seconds() -> str:
     """Wall time per seed of each pretrained part's published run (training, scoring and probing of its methods)."""
+    from causal_attn.demo.capt import METHODS as CAPT_METHODS
+
     lines = []
     for part, path, methods in (("pretrained", PRETRAINED_RESULTS, ("vanilla", "cat")),
-                                ("capt-pretrained", CAPT_PRETRAINED_RESULTS, ("vanilla", "capt", "capt_order"))):
+                                ("capt-pretrained", CAPT_PRETRAINED_RESULTS, CAPT_METHODS)):
         r = _read_json(path)
         if r is None:
             lines.append(f"- `demo {part}`: " + _missing(path).strip())
@@ -350,8 +352,7 @@ def pretrained_seconds() -> str:
                     for s in r["seeds"]]
         lines.append(f"- `demo {part}` ({' + '.join(methods)} per seed): {min(per_seed):.1f}-{max(per_seed):.1f} "
                      f"min per seed over seeds {', '.join(map(str, r['seeds']))}; the untuned checkpoint's scoring "
-                     f"{r['zero_shot']['seconds'] / 60:.1f}"
-                     f" min once ({_machine_of(path)})")
+                     f"{r['zero_shot']['seconds'] / 60:.1f} min once ({_machine_of(path)})")
     return _md(lines)
 
 
@@ -543,17 +544,16 @@ def import_run(out_dir: str, conditions: str) -> list[Path]:
 
     src = Path(out_dir)
     results = json.loads((src / "results.json").read_text())
+    prov = results.get("provenance", {})
+    v = prov.get("versions", {})
+    date = datetime.date.fromtimestamp((src / "results.json").stat().st_mtime).isoformat()
+    stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if k in v)
+    machine = {"description": f"{_cpu_model()}, {os.cpu_count()} cores, {conditions}, {stack}, {date}", "date": date}
     written = []
     for part, dest in PART_RESULTS.items():
         if part not in results:
             continue
-        prov = results.get("provenance", {})
-        v = prov.get("versions", {})
-        date = datetime.date.fromtimestamp((src / "results.json").stat().st_mtime).isoformat()
-        stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if k in v)
-        r = {**results[part], "provenance": prov,
-             "machine": {"description": f"{_cpu_model()}, {os.cpu_count()} cores, {conditions}, {stack}, {date}",
-                         "date": date}}
+        r = {**results[part], "provenance": prov, "machine": machine}
         dest.write_text(json.dumps(r, indent=1) + "\n")
         written.append(dest)
         for fig in r["figures"].values():
